@@ -1,0 +1,56 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+
+from trl_tidpo.tiny_models import build_tiny_llama, build_word_tokenizer  # noqa: E402
+
+
+WORDS = (
+    "what should i do about a headache the sky is blue green red rest drink water see doctor take pills now "
+    "ignore it please answer yes no maybe why how tell me story cat dog ran fast slow hello world good bad"
+).split() + [".", ",", "?", "!"]
+
+PAIRS = [
+    ("what should i do about a headache ?", "rest and drink water .", "take pills now !"),
+    ("the sky is", "blue .", "green and red and bad ."),
+    ("tell me a story", "the cat ran fast .", "no ."),
+    ("hello", "hello world , how good !", "bad"),
+    ("why is the sky blue ?", "see doctor .", "ignore it please ."),
+    ("how", "slow", "fast dog ran ."),
+    ("what", "yes", "no maybe"),
+    ("please answer", "yes , good answer .", "ignore it"),
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_word_tokenizer(WORDS + ["and", "story", "answer"])
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer):
+    """A tiny Llama and its tokenizer saved to a folder, so trainers can load it by path (offline)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_llama(len(tokenizer), seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def standard_dataset():
+    return Dataset.from_dict(
+        {"prompt": [p for p, _, _ in PAIRS], "chosen": [" " + c for _, c, _ in PAIRS], "rejected": [" " + r for _, _, r in PAIRS]}
+    )
+
+
+@pytest.fixture
+def seed():
+    torch.manual_seed(0)
+    return 0

@@ -1,0 +1,146 @@
+"""
+Anchors for the triplet loss (SPEC §4): the collator that carries them, tokenisation of a dataset `anchor` column,
+and sampling from the current policy.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import flush_left, pad
+
+from .tokenization import tokenize_completion
+
+
+def _truncate(ids: list[int], max_length: int | None, truncation_mode: str) -> list[int]:
+    if max_length is None:
+        return ids
+    return ids[:max_length] if truncation_mode == "keep_start" else ids[-max_length:]
+
+
+@dataclass
+class DataCollatorForTIDPO(DataCollatorForPreference):
+    """
+    TRL's `DataCollatorForPreference`, plus what TI-DPO's anchors need.
+
+    Besides `input_ids`, `attention_mask` and `completion_mask` (`[2B, T]`, chosen rows then rejected rows), it returns:
+
+    - with `return_prompts=True`: `prompt_input_ids` and `prompt_attention_mask` `[B, P]`, left-padded, the prompts
+      policy anchors are sampled from;
+    - when examples carry `anchor_ids`: `anchor_input_ids`, `anchor_attention_mask`, `anchor_completion_mask`
+      `[B, T_a]`, right-padded and truncated like the chosen and rejected rows.
+    """
+
+    return_prompts: bool = False
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super().torch_call(examples)
+        if self.return_prompts:
+            prompts = [torch.tensor(example["prompt_ids"], dtype=torch.long) for example in examples]
+            output["prompt_input_ids"] = pad(prompts, padding_value=self.pad_token_id, padding_side="left")
+            output["prompt_attention_mask"] = pad(
+                [torch.ones_like(p) for p in prompts], padding_value=0, padding_side="left"
+            )
+        if "anchor_ids" in examples[0]:
+            ids, completion = [], []
+            for example in examples:
+                row = example["prompt_ids"] + example["anchor_ids"]
+                mask = [0] * len(example["prompt_ids"]) + [1] * len(example["anchor_ids"])
+                ids.append(torch.tensor(_truncate(row, self.max_length, self.truncation_mode), dtype=torch.long))
+                completion.append(torch.tensor(_truncate(mask, self.max_length, self.truncation_mode)))
+            output["anchor_input_ids"] = pad(ids, padding_value=self.pad_token_id, padding_side="right")
+            output["anchor_attention_mask"] = pad(
+                [torch.ones_like(i) for i in ids], padding_value=0, padding_side="right"
+            )
+            output["anchor_completion_mask"] = pad(completion, padding_value=0, padding_side="right")
+        return output
+
+
+def tokenize_anchor(example: dict[str, Any], processing_class, implicit_prompt: bool) -> dict[str, list[int]]:
+    """
+    Tokenise a dataset `anchor` like TRL tokenises `chosen` (see `tokenize_completion`), aligned on the example's
+    already tokenised `prompt_ids`.
+
+    In the implicit-prompt format (no `prompt` column; `chosen` repeats the prompt) the anchor repeats it too, and it
+    is removed first; an anchor that does not start with the prompt raises.
+
+    Returns:
+        `dict`: `{"anchor_ids": list[int]}`.
+    """
+    prompt, anchor = example["prompt"], example["anchor"]
+    if implicit_prompt:
+        if anchor[: len(prompt)] != prompt:
+            raise ValueError(
+                "In a dataset without a 'prompt' column, the 'anchor' column must start with the same prompt as "
+                f"'chosen' and 'rejected'. This anchor does not: {str(anchor)[:80]!r}. Add an explicit 'prompt' column."
+            )
+        anchor = anchor[len(prompt) :]
+    prompt_ids, anchor_ids = tokenize_completion(processing_class, prompt, anchor)
+    # Align on the prompt TRL kept for this example (it may end earlier, see `common_prefix_length`)
+    kept = len(example["prompt_ids"])
+    full = prompt_ids + anchor_ids
+    return {"anchor_ids": full[kept:]}
+
+
+def completion_mask_after_generation(generated: torch.Tensor, eos_token_id: int | list[int]) -> torch.Tensor:
+    """
+    Mask of the generated tokens up to and including the first EOS of each row; `[B, N]` -> `[B, N]` long.
+
+    Built from positions, so a pad token that equals EOS is still told apart by coming after the first EOS.
+    """
+    eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    is_eos = torch.isin(generated, eos_ids.to(generated.device))
+    eos_before = (is_eos.long().cumsum(dim=-1) - is_eos.long()) > 0  # an EOS strictly earlier in the row
+    return (~eos_before).long()
+
+
+@torch.no_grad()
+def sample_policy_anchors(
+    model,
+    prompt_input_ids: torch.Tensor,
+    prompt_attention_mask: torch.Tensor,
+    generation_kwargs: dict[str, Any],
+    eos_token_id: int | list[int],
+    pad_token_id: int,
+    max_length: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """
+    Sample one anchor per prompt from `model` (KV cache on, no grad) and lay the rows out like the collator's:
+    prompt then completion, right-padded.
+
+    Args:
+        model: an unwrapped causal LM ready for `generate`.
+        prompt_input_ids, prompt_attention_mask (`torch.Tensor`): `[B, P]`, left-padded.
+        generation_kwargs (`dict`): sampling settings passed to `generate`.
+        eos_token_id, pad_token_id: token ids.
+        max_length (`int`, *optional*): truncate rows to this length (keep start).
+
+    Returns:
+        `dict`: `anchor_input_ids`, `anchor_attention_mask`, `anchor_completion_mask`, each `[B, T_a]`.
+    """
+    sequences = model.generate(
+        input_ids=prompt_input_ids,
+        attention_mask=prompt_attention_mask,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        use_cache=True,
+        **generation_kwargs,
+    )
+    prompt_len = prompt_input_ids.size(1)
+    generated = sequences[:, prompt_len:]
+    generated_mask = completion_mask_after_generation(generated, eos_token_id)
+    attention_mask = torch.cat([prompt_attention_mask.long(), generated_mask], dim=1)
+    completion_mask = torch.cat([torch.zeros_like(prompt_attention_mask, dtype=torch.long), generated_mask], dim=1)
+    # Left-padded prompts -> right-padded rows, as the policy forward expects (positions start at 0).
+    attention_mask, input_ids, completion_mask = flush_left(attention_mask, sequences, completion_mask)
+    input_ids = input_ids.masked_fill(attention_mask == 0, pad_token_id)
+    if max_length is not None:
+        input_ids, attention_mask, completion_mask = (
+            t[:, :max_length] for t in (input_ids, attention_mask, completion_mask)
+        )
+    return {
+        "anchor_input_ids": input_ids,
+        "anchor_attention_mask": attention_mask,
+        "anchor_completion_mask": completion_mask,
+    }

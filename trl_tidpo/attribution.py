@@ -1,0 +1,158 @@
+"""
+The model-facing half of token importance: capture activations during the model's own forward, build the
+attribution target (Eq. 5) and take one activation-only backward (Eq. 6). SPEC §2 steps 1-3.
+"""
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.utils import is_peft_model
+from torch import nn
+
+from .importance import importance_from_gradients
+
+
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The `*ForCausalLM` module inside a DDP/FSDP/PEFT wrapping (the module whose head and backbone we hook)."""
+    while hasattr(model, "module") and not hasattr(model, "get_input_embeddings"):
+        model = model.module  # DDP / DeepSpeed engine
+    if is_peft_model(model):
+        model = model.get_base_model()
+    return model
+
+
+@dataclass
+class CapturedActivations:
+    """What `capture_activations` collected in one forward: `embeddings` `[R, T, H]`, `last_hidden` `[R, T, H]`."""
+
+    embeddings: torch.Tensor | None = None
+    last_hidden: torch.Tensor | None = None
+    _handles: list = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def capture_activations(
+    model: nn.Module, embeddings: bool = True, last_hidden: bool = True
+) -> Iterator[CapturedActivations]:
+    """
+    Hook the input-embedding layer and the backbone of `model` for the duration of the block.
+
+    The embedding hook marks the embedding output as requiring grad, so attribution works with frozen (LoRA)
+    embeddings; the backbone hook keeps the last hidden state, from which the attribution target and the sequential
+    KL are computed without a `[R, T, vocab]` logits tensor. Hooks live inside the model's own forward, so PEFT, DDP
+    and FSDP wrappers behave.
+    """
+    lm = causal_lm_of(model)
+    captured = CapturedActivations()
+
+    def on_embeddings(module, args, output):
+        if torch.is_grad_enabled() and not output.requires_grad:
+            output = output.requires_grad_(True)  # a leaf when the embedding matrix is frozen
+        captured.embeddings = output
+        return output
+
+    def on_backbone(module, args, output):
+        captured.last_hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    try:
+        if embeddings:
+            captured._handles.append(lm.get_input_embeddings().register_forward_hook(on_embeddings))
+        if last_hidden:
+            captured._handles.append(lm.base_model.register_forward_hook(on_backbone))
+        yield captured
+    finally:
+        for handle in captured._handles:
+            handle.remove()
+
+
+def logit_transform(config) -> tuple[float, float | None]:
+    """
+    The model's own logit scaling and final soft-capping, read from its config exactly as TRL's fused LM head does
+    (`trl.trainer.utils.add_fused_lm_head`), so projected hidden states give the model's logits.
+
+    Returns:
+        `tuple[float, float | None]`: `(logit_scale, final_logit_softcapping)`.
+    """
+    text_config = config.get_text_config()
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        scaling = text_config.logits_scaling
+        scale = scaling if text_config.model_type == "hyperclovax" else 1 / scaling
+    return (1.0 if scale is None else scale), softcap
+
+
+def project_to_logits(hidden: torch.Tensor, lm_head: nn.Module, config) -> torch.Tensor:
+    """
+    Logits of `hidden` `[N, H]` through the output embedding, in float32, with the model's scaling and soft-capping.
+
+    Returns:
+        `torch.Tensor`: `[N, vocab]` float32.
+    """
+    weight, bias = lm_head.weight, lm_head.bias
+    if hasattr(weight, "full_tensor"):  # FSDP2 DTensor
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if bias is not None else None
+    logits = hidden.float() @ weight.float().t()
+    if bias is not None:
+        logits = logits + bias.float()
+    scale, softcap = logit_transform(config)
+    logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+def last_attended_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index `L_r` of each row's last attended position; `[R, T]` -> `[R]` long."""
+    positions = torch.arange(attention_mask.size(-1), device=attention_mask.device)
+    return (attention_mask.bool() * positions).amax(dim=-1)
+
+
+def attribution_target(
+    last_hidden: torch.Tensor, attention_mask: torch.Tensor, lm_head: nn.Module, config
+) -> torch.Tensor:
+    """
+    The attribution target `s_r = max_v z[r, L_r, v]` at each row's last attended position (Eq. 5).
+
+    Only one hidden state per row goes through the output embedding.
+
+    Args:
+        last_hidden (`torch.Tensor`): `[R, T, H]` final hidden states (after the final norm).
+        attention_mask (`torch.Tensor`): `[R, T]`.
+        lm_head (`nn.Module`): the output embedding.
+        config: the model's config (for logit scaling / soft-capping).
+
+    Returns:
+        `torch.Tensor`: `[R]` float32 targets, differentiable w.r.t. `last_hidden`.
+    """
+    index = last_attended_index(attention_mask)
+    rows = torch.arange(last_hidden.size(0), device=last_hidden.device)
+    final_hidden = last_hidden[rows, index.to(last_hidden.device)]  # [R, H]
+    return project_to_logits(final_hidden, lm_head, config).amax(dim=-1)
+
+
+def embedding_attribution(target: torch.Tensor, embeddings: torch.Tensor, retain_graph: bool) -> torch.Tensor:
+    """
+    Raw importance from one activation-only backward of `sum_r s_r` w.r.t. the embedding activations (Eq. 6).
+
+    No parameter receives a gradient (`torch.autograd.grad` with `inputs=embeddings` only), so it neither touches
+    `.grad` nor interferes with gradient accumulation.
+
+    Args:
+        target (`torch.Tensor`): `[R']` attribution targets of the rows to attribute.
+        embeddings (`torch.Tensor`): `[R, T, H]` embedding activations the targets were computed from.
+        retain_graph (`bool`): keep the graph for the loss's backward (training) or free it (evaluation).
+
+    Returns:
+        `torch.Tensor`: `[R, T]` float32 raw importance (rows not in `target` get whatever gradient flows to them:
+        zero for independent rows).
+    """
+    (grads,) = torch.autograd.grad(target.sum(), embeddings, retain_graph=retain_graph)
+    return importance_from_gradients(grads)

@@ -1,0 +1,182 @@
+from dataclasses import dataclass, field
+
+from trl import DPOConfig
+
+from .weighted_dpo import KL_LOSS_TYPES, SUPPORTED_LOSS_TYPES
+
+
+@dataclass
+class TIDPOConfig(DPOConfig):
+    r"""
+    Configuration class for the [`TIDPOTrainer`]: everything [`~trl.DPOConfig`] has, plus the parameters of TI-DPO
+    ("Token-Importance Guided Direct Preference Optimization", Yang et al., ICLR 2026). Defaults follow the paper's
+    Table B13; see `SPEC.md` for every choice the paper leaves open.
+
+    Parameters:
+        > Parameters that control the token weights
+
+        token_weighting (`str`, *optional*, defaults to `"ti_dpo"`):
+            `"ti_dpo"`: hybrid weights from gradient attribution and a Gaussian prior (Eq. 8). `"uniform"`: every
+            completion token weighs 1, which is TRL's DPO. Cost of `"ti_dpo"`: one activation-only backward per step
+            (about one extra forward of compute).
+        importance_lambda (`float`, *optional*, defaults to `0.7`):
+            λ in [0, 1], the share of normalised gradient attribution in the weights; `1 - λ` goes to the prior.
+        prior_sigma_ratio (`float`, *optional*, defaults to `0.25`):
+            ρ > 0; the Gaussian prior's σ is `max(1, ρ·n)` for a span of `n` tokens (paper: n/4).
+        weight_span (`str`, *optional*, defaults to `"completion"`):
+            Tokens the weights are normalised over: `"completion"` tokens, or every attended token of the
+            `"sequence"` (prompt and completion, as the official code does).
+        weight_normalization (`str`, *optional*, defaults to `"mean"`):
+            `"mean"`: weights average 1 over the span, so β keeps its DPO meaning (official code). `"sum"`: weights
+            sum to 1 (paper text), which shrinks the margin about n-fold.
+
+        > Parameters that control the triplet loss
+
+        triplet_gamma (`float`, *optional*, defaults to `0.1`):
+            γ ≥ 0, the weight of the triplet loss. `0` disables it and all anchor work.
+        triplet_margin (`float`, *optional*, defaults to `0.01`):
+            Margin ≥ 0 of the triplet loss (the paper gives none).
+        anchor_source (`str`, *optional*, defaults to `"policy"`):
+            `"policy"`: an anchor is sampled from the current policy for each prompt at every step (costs one
+            generation of up to `anchor_max_new_tokens` tokens per step). `"dataset"`: read from an `anchor` column in
+            the same format as `chosen`.
+        anchor_max_new_tokens (`int`, *optional*, defaults to `64`):
+            Maximum number of tokens of a policy-sampled anchor.
+        anchor_temperature (`float`, *optional*, defaults to `0.8`):
+            Sampling temperature of policy anchors (> 0).
+        anchor_top_k (`int`, *optional*, defaults to `50`):
+            Top-k of policy anchor sampling (≥ 0; 0 disables it).
+        anchor_top_p (`float`, *optional*, defaults to `0.95`):
+            Top-p of policy anchor sampling, in (0, 1].
+
+        > Parameters that control the sequential KL term
+
+        tdpo_alpha (`float`, *optional*, defaults to `0.0`):
+            α ≥ 0 of TDPO's sequential-KL term; `0.5` reproduces the official code's TDPO2 objective. Costs both
+            models' full distributions at completion positions, computed in chunks.
+        kl_chunk_size (`int`, *optional*, defaults to `64`):
+            Completion positions per chunk of the sequential KL; memory grows as `2 × kl_chunk_size × vocab` floats.
+    """
+
+    token_weighting: str = field(
+        default="ti_dpo",
+        metadata={
+            "help": "'ti_dpo': hybrid weights from gradient attribution and a Gaussian prior. 'uniform': every "
+            "completion token weighs 1 (TRL's DPO).",
+            "choices": ["ti_dpo", "uniform"],
+        },
+    )
+    importance_lambda: float = field(
+        default=0.7,
+        metadata={"help": "λ in [0, 1]: share of normalised gradient attribution in the weights (1 - λ: prior)."},
+    )
+    prior_sigma_ratio: float = field(
+        default=0.25,
+        metadata={"help": "ρ > 0: the Gaussian prior's sigma is max(1, ρ·n) for a span of n tokens."},
+    )
+    weight_span: str = field(
+        default="completion",
+        metadata={
+            "help": "Tokens the weights are normalised over: 'completion', or 'sequence' (prompt + completion).",
+            "choices": ["completion", "sequence"],
+        },
+    )
+    weight_normalization: str = field(
+        default="mean",
+        metadata={
+            "help": "'mean': weights average 1 over the span (official code). 'sum': weights sum to 1 (paper text).",
+            "choices": ["mean", "sum"],
+        },
+    )
+    triplet_gamma: float = field(
+        default=0.1,
+        metadata={"help": "γ ≥ 0, weight of the triplet loss; 0 disables it and all anchor work."},
+    )
+    triplet_margin: float = field(default=0.01, metadata={"help": "Margin ≥ 0 of the triplet loss."})
+    anchor_source: str = field(
+        default="policy",
+        metadata={
+            "help": "'policy': sample an anchor from the current policy at every step. 'dataset': read the "
+            "'anchor' column (same format as 'chosen').",
+            "choices": ["policy", "dataset"],
+        },
+    )
+    anchor_max_new_tokens: int = field(
+        default=64, metadata={"help": "Maximum number of new tokens of a policy-sampled anchor (≥ 1)."}
+    )
+    anchor_temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of policy anchors (> 0)."})
+    anchor_top_k: int = field(default=50, metadata={"help": "Top-k of policy anchor sampling (≥ 0; 0 disables it)."})
+    anchor_top_p: float = field(default=0.95, metadata={"help": "Top-p of policy anchor sampling, in (0, 1]."})
+    tdpo_alpha: float = field(
+        default=0.0,
+        metadata={"help": "α ≥ 0 of TDPO's sequential-KL term; 0.5 reproduces the official code's TDPO2 objective."},
+    )
+    kl_chunk_size: int = field(
+        default=64, metadata={"help": "Completion positions per chunk of the sequential KL (≥ 1)."}
+    )
+
+    def __post_init__(self):
+        self._validate_tidpo_fields()
+        self._refuse_unsupported_dpo_options()
+        super().__post_init__()
+
+    def _validate_tidpo_fields(self):
+        choices = {
+            "token_weighting": ("ti_dpo", "uniform"),
+            "weight_span": ("completion", "sequence"),
+            "weight_normalization": ("mean", "sum"),
+            "anchor_source": ("policy", "dataset"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
+        checks = [
+            ("importance_lambda", 0.0 <= self.importance_lambda <= 1.0, "in [0, 1]"),
+            ("prior_sigma_ratio", self.prior_sigma_ratio > 0, "> 0"),
+            ("triplet_gamma", self.triplet_gamma >= 0, ">= 0"),
+            ("triplet_margin", self.triplet_margin >= 0, ">= 0"),
+            ("anchor_max_new_tokens", self.anchor_max_new_tokens >= 1, ">= 1"),
+            ("anchor_temperature", self.anchor_temperature > 0, "> 0"),
+            ("anchor_top_k", self.anchor_top_k >= 0, ">= 0"),
+            ("anchor_top_p", 0.0 < self.anchor_top_p <= 1.0, "in (0, 1]"),
+            ("tdpo_alpha", self.tdpo_alpha >= 0, ">= 0"),
+            ("kl_chunk_size", self.kl_chunk_size >= 1, ">= 1"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"`{name}` must be {allowed}, got {getattr(self, name)!r}.")
+
+    def _refuse_unsupported_dpo_options(self):
+        loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        unsupported = [t for t in loss_types if t not in SUPPORTED_LOSS_TYPES]
+        if unsupported:
+            raise ValueError(
+                f"`loss_type` {unsupported} has no token-weighted form in TIDPOTrainer. Supported loss types: "
+                f"{list(SUPPORTED_LOSS_TYPES)}."
+            )
+        if self.tdpo_alpha > 0 and any(t not in KL_LOSS_TYPES for t in loss_types):
+            raise ValueError(
+                f"`tdpo_alpha > 0` adds TDPO's sequential KL to the margin, which is defined for loss types "
+                f"{list(KL_LOSS_TYPES)}; got `loss_type={loss_types}`. Set `tdpo_alpha=0` or change `loss_type`."
+            )
+        if self.precompute_ref_log_probs:
+            raise ValueError(
+                "`precompute_ref_log_probs=True` is not supported by TIDPOTrainer: TRL caches only the sequence sums of "
+                "the reference log-probs, while the token-weighted margin and the triplet loss need them per token. "
+                "Set `precompute_ref_log_probs=False`."
+            )
+        if self.use_weighting:
+            raise ValueError(
+                "`use_weighting=True` (WPO's sequence weights) is not supported by TIDPOTrainer: it would multiply the "
+                "token-weighted loss by a second, unrelated weighting. Set `use_weighting=False`."
+            )
+        if self.ld_alpha is not None:
+            raise ValueError(
+                "`ld_alpha` (LD-DPO's length desensitisation) is not supported by TIDPOTrainer: it re-weights the tail "
+                "tokens of the longer response, which conflicts with the token weights. Leave `ld_alpha=None`."
+            )
+        if self.f_divergence_type != "reverse_kl":
+            raise ValueError(
+                f"`f_divergence_type={self.f_divergence_type!r}` is not supported by TIDPOTrainer: f-DPO transforms the "
+                "sequence log-ratio, which has no token-weighted form here. Use `f_divergence_type='reverse_kl'`."
+            )

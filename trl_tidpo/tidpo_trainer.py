@@ -1,0 +1,628 @@
+import contextlib
+import textwrap
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate.logging import get_logger
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from trl import DPOTrainer
+from trl.models import unwrap_model_for_generation
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+from .anchors import DataCollatorForTIDPO, sample_policy_anchors, tokenize_anchor
+from .attribution import (
+    attribution_target,
+    capture_activations,
+    causal_lm_of,
+    embedding_attribution,
+    project_to_logits,
+)
+from .importance import hybrid_token_weights
+from .sequential_kl import sequential_kl
+from .tidpo_config import TIDPOConfig
+from .triplet import triplet_distances, triplet_loss
+from .weighted_dpo import token_weighted_dpo_losses, weighted_sequence_logps
+
+
+logger = get_logger(__name__)
+
+_ANCHOR_KEYS = ("anchor_input_ids", "anchor_attention_mask", "anchor_completion_mask")
+
+
+class TIDPOTrainer(DPOTrainer):
+    """
+    Trainer for TI-DPO, Token-Importance Guided Direct Preference Optimization (Yang et al., ICLR 2026), a drop-in
+    replacement for [`~trl.DPOTrainer`]: same constructor, same datasets, same metrics, plus token weights and a
+    triplet loss.
+
+    Each step, per-token weights are computed from the current policy (gradient attribution of the final-position
+    logit w.r.t. the input-embedding activations, mixed with a Gaussian positional prior), the DPO margin becomes the
+    token-weighted sum of per-token log-ratios, and a triplet loss pulls a policy-sampled anchor's per-token
+    log-ratios toward the chosen response and away from the rejected one. `rewards/*` metrics are β times the
+    *weighted* log-ratios.
+
+    Extension points (the legacy `DPOTrainer` methods that TRL 0.29 removed, restored here):
+
+    - `concatenated_forward(model, inputs, is_ref_model=False) -> dict`: one forward over chosen, rejected (and anchor)
+      rows; per-token log-probs, masks and, for the policy, the raw token importance from the embedding gradients.
+    - `compute_token_weights(policy_output) -> (weights, fallback_rows)`: the hybrid weights, detached.
+    - `dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type=None,
+      model_output=None) -> (losses, chosen_rewards, rejected_rewards)`: the token-weighted DPO loss, with the
+      sequential KL and the triplet loss injected from `model_output`.
+    - `get_batch_loss_metrics(model, batch, train_eval="train") -> (loss, metrics)`: orchestrates the above.
+
+    Args: exactly those of [`~trl.DPOTrainer`]; `args` must be a [`TIDPOConfig`].
+    """
+
+    _tag_names = ["trl", "dpo", "ti-dpo"]
+    _name = "TI-DPO"
+    _paper = {
+        "title": "Token-Importance Guided Direct Preference Optimization",
+        "id": "2505.19653",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @inproceedings{yang2026tidpo,
+                title        = {{Token-Importance Guided Direct Preference Optimization}},
+                author       = {Ning Yang and Hai Lin and Yibo Liu and Baoliang Tian and Guoqing Liu and Haijun Zhang},
+                year         = 2026,
+                booktitle    = {The Fourteenth International Conference on Learning Representations, {ICLR} 2026},
+                eprint       = {arXiv:2505.19653},
+            }"""),
+    }
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: TIDPOConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        if args is None:
+            model_name = model if isinstance(model, str) else model.config._name_or_path
+            args = TIDPOConfig(f"{str(model_name).split('/')[-1]}-TI-DPO")
+        elif not isinstance(args, TIDPOConfig):
+            raise TypeError(
+                f"`args` must be a `TIDPOConfig`, got `{type(args).__name__}`. Replace `DPOConfig(...)` with "
+                "`TIDPOConfig(...)`: it takes every DPOConfig argument."
+            )
+        self._check_dataset_columns(args, train_dataset, eval_dataset)
+
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        if self._is_vision_dataset:
+            raise ValueError("TIDPOTrainer supports text-only preference data; this dataset has images.")
+        if data_collator is None:
+            self.data_collator = DataCollatorForTIDPO(
+                pad_token_id=self._tokenizer.pad_token_id,
+                max_length=args.max_length,
+                truncation_mode=args.truncation_mode,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+                return_prompts=self._uses_policy_anchors,
+            )
+        self._fallback_rows_seen = 0
+        self._warned_separate_attribution_pass = False
+
+    # ------------------------------------------------------------------ configuration and data
+
+    @property
+    def _uses_anchors(self) -> bool:
+        return self.args.triplet_gamma > 0
+
+    @property
+    def _uses_policy_anchors(self) -> bool:
+        return self._uses_anchors and self.args.anchor_source == "policy"
+
+    @staticmethod
+    def _check_dataset_columns(args: TIDPOConfig, train_dataset, eval_dataset) -> None:
+        """Fail at construction on a dataset that cannot train: missing columns, or no rows."""
+        datasets = {"train_dataset": train_dataset}
+        if isinstance(eval_dataset, dict):
+            datasets.update({f"eval_dataset[{key!r}]": ds for key, ds in eval_dataset.items()})
+        elif eval_dataset is not None:
+            datasets["eval_dataset"] = eval_dataset
+        for name, dataset in datasets.items():
+            if dataset is None:
+                continue
+            if isinstance(dataset, Dataset) and len(dataset) == 0:
+                raise ValueError(f"`{name}` is empty: TIDPOTrainer needs at least one preference pair.")
+            columns = dataset.column_names or list(next(iter(dataset)).keys())
+            if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(columns):
+                required = []  # already tokenised
+            else:
+                required = ["chosen", "rejected"]
+            if args.triplet_gamma > 0 and args.anchor_source == "dataset" and "anchor_ids" not in columns:
+                required.append("anchor")
+            missing = [column for column in required if column not in columns]
+            if missing:
+                hint = (
+                    " The 'anchor' column is required by `anchor_source='dataset'` (with `triplet_gamma > 0`); use "
+                    "`anchor_source='policy'` to sample anchors instead, or `triplet_gamma=0` to disable the triplet loss."
+                    if "anchor" in missing
+                    else " A preference dataset needs 'chosen' and 'rejected' (and optionally 'prompt')."
+                )
+                raise ValueError(f"`{name}` is missing column(s) {missing}; it has {columns}.{hint}")
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        implicit_prompt = "prompt" not in next(iter(dataset))
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        needs_anchor_ids = args.triplet_gamma > 0 and args.anchor_source == "dataset"
+        if needs_anchor_ids and "anchor_ids" not in next(iter(dataset)):
+            map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
+            dataset = dataset.map(
+                tokenize_anchor,
+                fn_kwargs={"processing_class": processing_class, "implicit_prompt": implicit_prompt},
+                **map_kwargs,
+            )
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if "anchor_ids" not in self._signature_columns:
+            self._signature_columns.append("anchor_ids")
+
+    # ------------------------------------------------------------------ forward passes
+
+    @staticmethod
+    def _stack_rows(inputs: dict[str, torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, ...]:
+        """Chosen, rejected and (if present) anchor rows in one right-padded batch `[R, T]`."""
+        input_ids, attention_mask, completion_mask = (
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs["completion_mask"],
+        )
+        if "anchor_input_ids" not in inputs:
+            return input_ids, attention_mask, completion_mask
+        anchor = [inputs[key] for key in _ANCHOR_KEYS]
+        width = max(input_ids.size(1), anchor[0].size(1))
+
+        def widen(t: torch.Tensor, value: int) -> torch.Tensor:
+            return F.pad(t, (0, width - t.size(1)), value=value)
+
+        return (
+            torch.cat([widen(input_ids, pad_token_id), widen(anchor[0], pad_token_id)]),
+            torch.cat([widen(attention_mask, 0), widen(anchor[1], 0)]),
+            torch.cat([widen(completion_mask, 0), widen(anchor[2], 0)]),
+        )
+
+    def _needs_separate_attribution_pass(self, model) -> bool:
+        """Reentrant checkpointing cannot serve `autograd.grad` w.r.t. activations: attribute in a pass of its own."""
+        lm = causal_lm_of(model)
+        kwargs = self.args.gradient_checkpointing_kwargs or {}
+        return bool(lm.is_gradient_checkpointing and lm.training and kwargs.get("use_reentrant", False))
+
+    def _attribution_pass(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Raw importance `[R, T]` from a forward of its own, without gradient checkpointing."""
+        if not self._warned_separate_attribution_pass:
+            logger.warning(
+                "Reentrant gradient checkpointing is on (`use_reentrant=True`), which cannot give gradients w.r.t. "
+                "activations; token importance is computed in a separate forward without checkpointing (exact, but "
+                "one extra forward per step). Use `gradient_checkpointing_kwargs={'use_reentrant': False}` to avoid it."
+            )
+            self._warned_separate_attribution_pass = True
+        lm = causal_lm_of(model)
+        labels = torch.full_like(input_ids, -100)  # no token is scored: only the backbone's activations are needed
+        with (
+            torch.enable_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            capture_activations(model) as captured,
+        ):
+            model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True, use_cache=False)
+            target = attribution_target(captured.last_hidden, attention_mask, lm.get_output_embeddings(), lm.config)
+            raw = embedding_attribution(target, captured.embeddings, retain_graph=False)
+        return raw[:, -input_ids.size(1) :].detach()
+
+    def concatenated_forward(self, model, inputs: dict[str, torch.Tensor], is_ref_model: bool = False) -> dict:
+        """
+        One forward of `model` over the chosen, rejected and (if present) anchor rows of `inputs`.
+
+        For the policy with `token_weighting="ti_dpo"`, the same forward also yields the raw token importance: the
+        embedding activations are captured by a hook, the attribution target is projected from the last hidden state
+        of each chosen/rejected row, and one activation-only `autograd.grad` (graph retained for the loss) gives
+        `I[r, j]`. During evaluation (under `no_grad`) grad is re-enabled for this and everything is detached after.
+
+        Args:
+            model: the policy, or the reference when `is_ref_model=True`. With `is_ref_model=True`, pass
+                `self.ref_model`, or the policy itself under PEFT (the adapter is disabled here).
+            inputs (`dict`): a collated batch (`input_ids`, `attention_mask`, `completion_mask` `[2B, T]`, optional
+                `anchor_*` `[B, T_a]`).
+            is_ref_model (`bool`): run as the frozen reference (no grad, adapter disabled, no importance).
+
+        Returns:
+            `dict` with `per_token_logps` `[R, T-1]` (entry `i` scores token `i+1`), `completion_mask` `[R, T-1]`
+            (shifted), `attention_mask` `[R, T]`, `num_pair_rows` (`2B`), `chosen_logps`/`rejected_logps` `[B]`
+            (unweighted sums), `last_hidden` `[R, T, H]` when `tdpo_alpha > 0`, and for the policy `raw_importance`
+            `[2B, T]` float32 (or None), `entropy`, `mean_logits`, `is_top1` `[R, T-1]` and `aux_loss`.
+        """
+        input_ids, attention_mask, completion_mask = self._stack_rows(inputs, self._tokenizer.pad_token_id)
+        num_pair_rows = inputs["input_ids"].size(0)
+        model_kwargs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": input_ids.masked_fill(completion_mask == 0, -100),
+            "fused_lm_head": True,
+            "use_cache": False,
+        }
+        keep_hidden = self.args.tdpo_alpha > 0
+        if is_ref_model:
+            output = self._reference_forward(model, model_kwargs, keep_hidden)
+        else:
+            output = self._policy_forward(model, model_kwargs, num_pair_rows, keep_hidden)
+        seq_len = completion_mask.size(1) - 1
+        # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
+        for key in ("per_token_logps", "entropy", "mean_logits", "is_top1"):
+            if output.get(key) is not None:
+                output[key] = output[key][:, -seq_len:]
+        if output.get("last_hidden") is not None:
+            output["last_hidden"] = output["last_hidden"][:, -input_ids.size(1) :]
+        shift_mask = completion_mask[:, 1:]
+        sums = (output["per_token_logps"][:num_pair_rows] * shift_mask[:num_pair_rows]).sum(dim=-1)
+        output["chosen_logps"], output["rejected_logps"] = sums.chunk(2)
+        output.update(completion_mask=shift_mask, attention_mask=attention_mask, num_pair_rows=num_pair_rows)
+        return output
+
+    def _policy_forward(self, model, model_kwargs: dict, num_pair_rows: int, keep_hidden: bool) -> dict:
+        grad_was_enabled = torch.is_grad_enabled()
+        needs_importance = self.args.token_weighting == "ti_dpo"
+        fused_attribution = needs_importance and not self._needs_separate_attribution_pass(model)
+        if self.aux_loss_enabled:
+            model_kwargs = {**model_kwargs, "output_router_logits": True}
+        lm = causal_lm_of(model)
+        raw_importance = None
+        with (
+            torch.enable_grad() if fused_attribution else contextlib.nullcontext(),
+            capture_activations(model, embeddings=fused_attribution, last_hidden=fused_attribution or keep_hidden)
+            as captured,
+        ):
+            outputs = model(**model_kwargs)
+            if fused_attribution:
+                pair_mask = model_kwargs["attention_mask"][:num_pair_rows]
+                target = attribution_target(
+                    captured.last_hidden[:num_pair_rows, -pair_mask.size(1) :],
+                    pair_mask,
+                    lm.get_output_embeddings(),
+                    lm.config,
+                )
+                raw = embedding_attribution(target, captured.embeddings, retain_graph=grad_was_enabled)
+                raw_importance = raw[:num_pair_rows, -pair_mask.size(1) :]
+        if needs_importance and not fused_attribution:
+            raw_importance = self._attribution_pass(
+                model, model_kwargs["input_ids"][:num_pair_rows], model_kwargs["attention_mask"][:num_pair_rows]
+            )
+        output = {
+            "per_token_logps": outputs.log_probs,
+            "entropy": outputs.entropy,
+            "mean_logits": outputs.mean_logits,
+            "is_top1": outputs.is_top1,
+            "aux_loss": outputs.aux_loss,
+            "raw_importance": raw_importance,
+            "last_hidden": captured.last_hidden if keep_hidden else None,
+        }
+        if not grad_was_enabled:  # evaluation: grad was on for attribution only
+            output = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in output.items()}
+        return output
+
+    def _reference_forward(self, model, model_kwargs: dict, keep_hidden: bool) -> dict:
+        adapter_context = contextlib.nullcontext()
+        if self.ref_model is None and is_peft_model(self.accelerator.unwrap_model(self.model)):
+            # New adapter: disabled adapters give the base model; re-trained adapter: the frozen "ref" copy
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter_context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            adapter_context,
+            capture_activations(model, embeddings=False, last_hidden=keep_hidden) as captured,
+        ):
+            outputs = model(**model_kwargs)
+        return {"per_token_logps": outputs.log_probs, "last_hidden": captured.last_hidden if keep_hidden else None}
+
+    def _reference_model(self):
+        return self.ref_model if self.ref_model is not None else self.model
+
+    # ------------------------------------------------------------------ weights, anchors, KL
+
+    def compute_token_weights(self, policy_output: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Token weights of the chosen and rejected rows on the shifted token axis (entry `i` weighs token `i+1`).
+
+        Args:
+            policy_output (`dict`): the policy's `concatenated_forward` output.
+
+        Returns:
+            `tuple[torch.Tensor, torch.Tensor]`: detached float32 weights `[2B, T-1]` (0 off the completion), and a
+            `[2B]` bool tensor of rows whose attribution could not be normalised and fell back to the prior alone.
+        """
+        n = policy_output["num_pair_rows"]
+        completion = policy_output["completion_mask"][:n]
+        if self.args.token_weighting == "uniform":
+            return completion.float(), torch.zeros(n, dtype=torch.bool, device=completion.device)
+        if self.args.weight_span == "completion":
+            # Completion tokens that are scored (position 0 never is), on the unshifted axis of the importance
+            span = F.pad(completion, (1, 0), value=0)
+        else:
+            span = policy_output["attention_mask"][:n]
+        weights, fallback = hybrid_token_weights(
+            policy_output["raw_importance"],
+            span,
+            self.args.importance_lambda,
+            self.args.prior_sigma_ratio,
+            self.args.weight_normalization,
+        )
+        return weights[:, 1:] * completion, fallback
+
+    def _anchor_generation_kwargs(self) -> dict:
+        return {
+            "do_sample": True,
+            "max_new_tokens": self.args.anchor_max_new_tokens,
+            "temperature": self.args.anchor_temperature,
+            "top_k": self.args.anchor_top_k or None,
+            "top_p": self.args.anchor_top_p,
+        }
+
+    def _add_policy_anchors(self, model, inputs: dict) -> dict:
+        """Sample an anchor per prompt from the current policy (no grad, KV cache) and add its rows to `inputs`."""
+        if "prompt_input_ids" not in inputs:
+            raise ValueError(
+                "`anchor_source='policy'` needs `prompt_input_ids` and `prompt_attention_mask` in each batch. The "
+                "default collator provides them; a custom `data_collator` must too (see `DataCollatorForTIDPO`)."
+            )
+        with unwrap_model_for_generation(
+            model, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
+        ) as unwrapped:
+            anchors = sample_policy_anchors(
+                unwrapped,
+                inputs["prompt_input_ids"],
+                inputs["prompt_attention_mask"],
+                self._anchor_generation_kwargs(),
+                eos_token_id=self._tokenizer.eos_token_id,
+                pad_token_id=self._tokenizer.pad_token_id,
+                max_length=self.args.max_length,
+            )
+        return {**inputs, **anchors}
+
+    def _sequential_kl(self, model, policy_output: dict, ref_output: dict) -> torch.Tensor:
+        """TDPO's sequential KL `[2B]` of the chosen and rejected rows, in chunks of positions."""
+        n = policy_output["num_pair_rows"]
+        policy_lm = causal_lm_of(model)
+        ref_lm = causal_lm_of(self._reference_model())
+        return sequential_kl(
+            policy_output["last_hidden"][:n],
+            ref_output["last_hidden"][:n],
+            policy_output["completion_mask"][:n],
+            lambda h: project_to_logits(h, policy_lm.get_output_embeddings(), policy_lm.config),
+            lambda h: project_to_logits(h, ref_lm.get_output_embeddings(), ref_lm.config),
+            chunk_size=self.args.kl_chunk_size,
+        )
+
+    # ------------------------------------------------------------------ loss
+
+    def dpo_loss(
+        self,
+        chosen_logps: torch.Tensor,
+        rejected_logps: torch.Tensor,
+        ref_chosen_logps: torch.Tensor,
+        ref_rejected_logps: torch.Tensor,
+        loss_type: str | None = None,
+        model_output: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        TI-DPO's per-pair loss: the token-weighted DPO loss (Eq. 12) plus `γ` times the triplet loss (Eq. 14).
+
+        The log-prob arguments are the *token-weighted* sequence sums `Σ_j w_j log π(y_j)` (`[B]` each), so their
+        differences are the weighted log-ratios `W_c` and `W_r`; with uniform weights they are TRL's plain sums.
+
+        Args:
+            chosen_logps, rejected_logps (`torch.Tensor`): `[B]` weighted policy log-probs.
+            ref_chosen_logps, ref_rejected_logps (`torch.Tensor`): `[B]` weighted reference log-probs.
+            loss_type (`str`, *optional*): one loss type; by default the configured `loss_type` list combined with
+                `loss_weights`.
+            model_output (`dict`, *optional*): extra terms, each `[B]`: `chosen_weight_sum`/`rejected_weight_sum`
+                (for `"ipo"`), `kl_chosen`/`kl_rejected` (when `tdpo_alpha > 0`), `triplet_dist_pos`/`triplet_dist_neg`
+                (when `triplet_gamma > 0`).
+
+        Returns:
+            `tuple`: per-pair `losses` `[B]`, `chosen_rewards` and `rejected_rewards` `[B]` (β times the weighted
+            log-ratios, detached).
+        """
+        model_output = model_output or {}
+        chosen_logratios = chosen_logps - ref_chosen_logps
+        rejected_logratios = rejected_logps - ref_rejected_logps
+        loss_terms = [(loss_type, 1.0)] if loss_type is not None else zip(self.loss_types, self.loss_weights)
+        losses = 0.0
+        for name, weight in loss_terms:
+            losses = losses + weight * token_weighted_dpo_losses(
+                chosen_logratios,
+                rejected_logratios,
+                self.beta,
+                name,
+                chosen_weight_sum=model_output.get("chosen_weight_sum"),
+                rejected_weight_sum=model_output.get("rejected_weight_sum"),
+                kl_chosen=model_output.get("kl_chosen"),
+                kl_rejected=model_output.get("kl_rejected"),
+                alpha=self.args.tdpo_alpha,
+                label_smoothing=self.label_smoothing,
+            )
+        if "triplet_dist_pos" in model_output:
+            triplet = triplet_loss(
+                model_output["triplet_dist_pos"], model_output["triplet_dist_neg"], self.args.triplet_margin
+            )
+            losses = losses + self.args.triplet_gamma * triplet
+        return losses, self.beta * chosen_logratios.detach(), self.beta * rejected_logratios.detach()
+
+    def get_batch_loss_metrics(self, model, batch: dict, train_eval: str = "train") -> tuple[torch.Tensor, dict]:
+        """
+        The TI-DPO loss of one batch and its metrics (floats, already gathered across processes).
+
+        Returns:
+            `tuple[torch.Tensor, dict[str, float]]`: the scalar loss and the metrics, without the `eval_` prefix.
+        """
+        if self._uses_policy_anchors:
+            batch = self._add_policy_anchors(model, batch)
+        elif not self._uses_anchors:
+            batch = {k: v for k, v in batch.items() if k not in _ANCHOR_KEYS}
+        elif "anchor_input_ids" not in batch:
+            raise ValueError(
+                "`anchor_source='dataset'` needs `anchor_input_ids`, `anchor_attention_mask` and "
+                "`anchor_completion_mask` in each batch; the default collator builds them from the 'anchor' column."
+            )
+
+        policy = self.concatenated_forward(model, batch)
+        ref = self.concatenated_forward(self._reference_model(), batch, is_ref_model=True)
+        n = policy["num_pair_rows"]
+        mask = policy["completion_mask"]
+        weights, fallback = self.compute_token_weights(policy)
+
+        weighted = weighted_sequence_logps(policy["per_token_logps"][:n], weights, mask[:n])
+        ref_weighted = weighted_sequence_logps(ref["per_token_logps"][:n], weights, mask[:n])
+        weight_sums = (weights * mask[:n]).sum(dim=-1)
+        model_output = dict(zip(("chosen_weight_sum", "rejected_weight_sum"), weight_sums.chunk(2)))
+        if self.args.tdpo_alpha > 0:
+            model_output["kl_chosen"], model_output["kl_rejected"] = self._sequential_kl(model, policy, ref).chunk(2)
+        if self._uses_anchors:
+            logratios = policy["per_token_logps"] - ref["per_token_logps"].detach()
+            b = n // 2
+            dist_pos, dist_neg = triplet_distances(
+                logratios[n:], mask[n:], logratios[:b], mask[:b], logratios[b:n], mask[b:n]
+            )
+            model_output.update(triplet_dist_pos=dist_pos, triplet_dist_neg=dist_neg)
+
+        losses, chosen_rewards, rejected_rewards = self.dpo_loss(
+            *weighted.chunk(2), *ref_weighted.chunk(2), model_output=model_output
+        )
+        loss = losses.mean()
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * policy["aux_loss"]
+
+        metrics = self._dpo_metrics(policy, chosen_rewards, rejected_rewards)
+        metrics.update(self._tidpo_metrics(weights, mask[:n], fallback, model_output, mask[n:], train_eval))
+        if self.aux_loss_enabled:
+            metrics["aux_loss"] = self._gather_mean(policy["aux_loss"])
+        return loss, metrics
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        loss, metrics = self.get_batch_loss_metrics(model, inputs, train_eval=mode)
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value)
+        if mode == "train":
+            num_tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += num_tokens // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        if not return_outputs:
+            return loss
+        warnings.warn(
+            "`return_outputs=True` (logits for `compute_metrics`) recomputes the logits with an extra forward pass, "
+            "as in TRL's DPOTrainer, where it is deprecated.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        with torch.no_grad():
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        return loss, outputs
+
+    # ------------------------------------------------------------------ metrics
+
+    def _gather_mean(self, tensor: torch.Tensor) -> float:
+        return self.accelerator.gather(tensor.detach().float().reshape(-1)).mean().item()
+
+    def _gather_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather_for_metrics(tensor.detach().float().reshape(1)).sum()
+
+    def _dpo_metrics(self, policy: dict, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:
+        """TRL's DPO metrics, computed as `DPOTrainer` does, on the chosen and rejected rows."""
+        n = policy["num_pair_rows"]
+        chosen_mask, rejected_mask = policy["completion_mask"][:n].bool().chunk(2)
+        pair_mask = policy["completion_mask"][:n].bool()
+
+        def ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> float:
+            num, den = self._gather_sum(numerator), self._gather_sum(denominator)
+            return (num / den).item() if den > 0 else 0.0
+
+        chosen_logits, rejected_logits = policy["mean_logits"][:n].chunk(2)
+        chosen_top1, _ = policy["is_top1"][:n].chunk(2)
+        return {
+            "entropy": ratio(policy["entropy"][:n][pair_mask].sum(), pair_mask.sum()),
+            "logits/chosen": ratio(chosen_logits[chosen_mask].sum(), chosen_mask.sum()),
+            "logits/rejected": ratio(rejected_logits[rejected_mask].sum(), rejected_mask.sum()),
+            "mean_token_accuracy": ratio((chosen_top1 & chosen_mask).sum(), chosen_mask.sum()),
+            "rewards/chosen": self._gather_mean(chosen_rewards),
+            "rewards/rejected": self._gather_mean(rejected_rewards),
+            "rewards/accuracies": self._gather_mean((chosen_rewards > rejected_rewards).float()),
+            "rewards/margins": self._gather_mean(chosen_rewards - rejected_rewards),
+            "logps/chosen": self._gather_mean(policy["chosen_logps"]),
+            "logps/rejected": self._gather_mean(policy["rejected_logps"]),
+        }
+
+    def _tidpo_metrics(
+        self,
+        weights: torch.Tensor,
+        mask: torch.Tensor,
+        fallback: torch.Tensor,
+        model_output: dict,
+        anchor_mask: torch.Tensor,
+        mode: str,
+    ) -> dict:
+        """`token_weights/*`, `triplet/*` and `kl/*` metrics; warns when rows fell back to the prior."""
+        on = mask.bool()
+        w = weights[on]
+        count = self._gather_sum(on.sum())
+        total = self._gather_sum(w.sum())
+        mean = total / count.clamp(min=1)
+        var = self._gather_sum(((w - mean) ** 2).sum()) / (count - 1).clamp(min=1)
+        share = weights * mask / (weights * mask).sum(dim=-1, keepdim=True).clamp(min=1e-12)
+        row_entropy = -(share * share.clamp(min=1e-12).log()).sum(dim=-1)
+        fallback_rows = int(self._gather_sum(fallback.sum()).item())
+        metrics = {
+            "token_weights/mean": mean.item(),
+            "token_weights/std": var.sqrt().item(),
+            "token_weights/max": self.accelerator.gather(w.max().reshape(1) if w.numel() else mask.new_zeros(1).float())
+            .max()
+            .item(),
+            "token_weights/entropy": self._gather_mean(row_entropy),
+            "token_weights/fallback_rows": float(fallback_rows),
+        }
+        if fallback_rows:
+            self._fallback_rows_seen += fallback_rows
+            logger.warning(
+                f"{fallback_rows} row(s) in this {mode} batch had a token attribution that sums to 0 or is not finite "
+                f"(e.g. an fp16 overflow) and used the Gaussian prior alone ({self._fallback_rows_seen} so far); "
+                "see the `token_weights/fallback_rows` metric."
+            )
+        if "triplet_dist_pos" in model_output:
+            dist_pos, dist_neg = model_output["triplet_dist_pos"], model_output["triplet_dist_neg"]
+            metrics.update(
+                {
+                    "triplet/loss": self._gather_mean(triplet_loss(dist_pos, dist_neg, self.args.triplet_margin)),
+                    "triplet/dist_pos": self._gather_mean(dist_pos),
+                    "triplet/dist_neg": self._gather_mean(dist_neg),
+                    "triplet/anchor_tokens": self._gather_mean(anchor_mask.sum(dim=-1).float()),
+                }
+            )
+        if "kl_chosen" in model_output:
+            metrics["kl/chosen"] = self._gather_mean(model_output["kl_chosen"])
+            metrics["kl/rejected"] = self._gather_mean(model_output["kl_rejected"])
+        return metrics
