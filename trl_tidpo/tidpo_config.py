@@ -17,8 +17,18 @@ class TIDPOConfig(DPOConfig):
 
         token_weighting (`str`, *optional*, defaults to `"ti_dpo"`):
             `"ti_dpo"`: hybrid weights from gradient attribution and a Gaussian prior (Eq. 8). `"uniform"`: every
-            completion token weighs 1, which is TRL's DPO. Cost of `"ti_dpo"`: one activation-only backward per step
-            (about one extra forward of compute).
+            completion token weighs 1, which is TRL's DPO. `"dataset"`: weights read from the `chosen_token_weights`
+            and `rejected_token_weights` columns (one non-negative float per tokenised completion token). Cost of
+            `"ti_dpo"` with `importance_model="policy"`: one activation-only backward per step (about one extra forward
+            of compute).
+        importance_model (`str`, *optional*, defaults to `"policy"`):
+            Model whose gradient attribution gives the `"ti_dpo"` weights: the current `"policy"` at every step
+            (paper), or the frozen `"reference"` (a deviation from the paper that costs nothing per step when the
+            weights are precomputed).
+        precompute_token_weights (`bool`, *optional*, defaults to `True`):
+            With `importance_model="reference"`: compute the weights once over each dataset before training and cache
+            them as dataset columns (Arrow files keyed by the dataset and reference model, like TRL's reference
+            log-prob cache); `False` recomputes them from the reference at every step.
         importance_lambda (`float`, *optional*, defaults to `0.7`):
             λ in [0, 1], the share of normalised gradient attribution in the weights; `1 - λ` goes to the prior.
         prior_sigma_ratio (`float`, *optional*, defaults to `0.25`):
@@ -62,8 +72,24 @@ class TIDPOConfig(DPOConfig):
         default="ti_dpo",
         metadata={
             "help": "'ti_dpo': hybrid weights from gradient attribution and a Gaussian prior. 'uniform': every "
-            "completion token weighs 1 (TRL's DPO).",
-            "choices": ["ti_dpo", "uniform"],
+            "completion token weighs 1 (TRL's DPO). 'dataset': read the 'chosen_token_weights' and "
+            "'rejected_token_weights' columns.",
+            "choices": ["ti_dpo", "uniform", "dataset"],
+        },
+    )
+    importance_model: str = field(
+        default="policy",
+        metadata={
+            "help": "Model whose gradient attribution gives the 'ti_dpo' weights: the current 'policy' (paper) or the "
+            "frozen 'reference' (cheaper; precomputed once when `precompute_token_weights`).",
+            "choices": ["policy", "reference"],
+        },
+    )
+    precompute_token_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "With importance_model='reference': compute the weights once per dataset before training and cache "
+            "them as dataset columns (False: recompute from the reference every step)."
         },
     )
     importance_lambda: float = field(
@@ -122,7 +148,8 @@ class TIDPOConfig(DPOConfig):
 
     def _validate_tidpo_fields(self):
         choices = {
-            "token_weighting": ("ti_dpo", "uniform"),
+            "token_weighting": ("ti_dpo", "uniform", "dataset"),
+            "importance_model": ("policy", "reference"),
             "weight_span": ("completion", "sequence"),
             "weight_normalization": ("mean", "sum"),
             "anchor_source": ("policy", "dataset"),
@@ -145,6 +172,11 @@ class TIDPOConfig(DPOConfig):
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"`{name}` must be {allowed}, got {getattr(self, name)!r}.")
+        if self.importance_model == "reference" and self.token_weighting != "ti_dpo":
+            raise ValueError(
+                f"`importance_model='reference'` selects the model of the 'ti_dpo' attribution, but `token_weighting` is "
+                f"{self.token_weighting!r}. Set `token_weighting='ti_dpo'` or leave `importance_model='policy'`."
+            )
 
     def _refuse_unsupported_dpo_options(self):
         loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)

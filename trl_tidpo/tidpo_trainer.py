@@ -1,4 +1,5 @@
 import contextlib
+import os
 import textwrap
 import warnings
 from typing import Any
@@ -7,11 +8,13 @@ import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
-from datasets import Dataset, IterableDataset
+from datasets import Dataset, IterableDataset, concatenate_datasets
+from datasets.fingerprint import Hasher
 from trl import DPOTrainer
 from trl.models import unwrap_model_for_generation
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import use_adapter
+from torch.utils.data import DataLoader
+from trl.trainer.utils import hash_module, use_adapter
 
 from .anchors import DataCollatorForTIDPO, sample_policy_anchors, tokenize_anchor
 from .attribution import (
@@ -25,6 +28,7 @@ from .importance import hybrid_token_weights
 from .sequential_kl import sequential_kl
 from .tidpo_config import TIDPOConfig
 from .triplet import triplet_distances, triplet_loss
+from .weight_columns import WEIGHT_COLUMNS, validate_token_weight_columns, weights_to_lists
 from .weighted_dpo import token_weighted_dpo_losses, weighted_sequence_logps
 
 
@@ -125,6 +129,12 @@ class TIDPOTrainer(DPOTrainer):
             )
         self._fallback_rows_seen = 0
         self._warned_separate_attribution_pass = False
+        if self._precomputes_reference_weights:
+            self.train_dataset = self._precompute_token_weights(self.train_dataset, "train")
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {k: self._precompute_token_weights(v, k) for k, v in self.eval_dataset.items()}
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self._precompute_token_weights(self.eval_dataset, "eval")
 
     # ------------------------------------------------------------------ configuration and data
 
@@ -135,6 +145,17 @@ class TIDPOTrainer(DPOTrainer):
     @property
     def _uses_policy_anchors(self) -> bool:
         return self._uses_anchors and self.args.anchor_source == "policy"
+
+    @property
+    def _precomputes_reference_weights(self) -> bool:
+        args = self.args
+        return args.token_weighting == "ti_dpo" and args.importance_model == "reference" and args.precompute_token_weights
+
+    def _attribution_source(self) -> str | None:
+        """Which forward computes raw importance each step: "policy", "reference", or None (weights from the batch)."""
+        if self.args.token_weighting != "ti_dpo" or self._precomputes_reference_weights:
+            return None
+        return self.args.importance_model
 
     @staticmethod
     def _check_dataset_columns(args: TIDPOConfig, train_dataset, eval_dataset) -> None:
@@ -156,12 +177,16 @@ class TIDPOTrainer(DPOTrainer):
                 required = ["chosen", "rejected"]
             if args.triplet_gamma > 0 and args.anchor_source == "dataset" and "anchor_ids" not in columns:
                 required.append("anchor")
+            if args.token_weighting == "dataset":
+                required.extend(WEIGHT_COLUMNS)
             missing = [column for column in required if column not in columns]
             if missing:
                 hint = (
                     " The 'anchor' column is required by `anchor_source='dataset'` (with `triplet_gamma > 0`); use "
                     "`anchor_source='policy'` to sample anchors instead, or `triplet_gamma=0` to disable the triplet loss."
                     if "anchor" in missing
+                    else " `token_weighting='dataset'` reads one weight per completion token from these columns."
+                    if set(WEIGHT_COLUMNS) & set(missing)
                     else " A preference dataset needs 'chosen' and 'rejected' (and optionally 'prompt')."
                 )
                 raise ValueError(f"`{name}` is missing column(s) {missing}; it has {columns}.{hint}")
@@ -177,12 +202,79 @@ class TIDPOTrainer(DPOTrainer):
                 fn_kwargs={"processing_class": processing_class, "implicit_prompt": implicit_prompt},
                 **map_kwargs,
             )
+        if args.token_weighting == "dataset" and isinstance(dataset, Dataset):
+            validate_token_weight_columns(dataset, dataset_name)
         return dataset
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if "anchor_ids" not in self._signature_columns:
-            self._signature_columns.append("anchor_ids")
+        for column in ("anchor_ids", *WEIGHT_COLUMNS):
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
+
+    def _precompute_token_weights(self, dataset: Dataset, name: str) -> Dataset:
+        """
+        Reference-side TI-DPO weights for every pair of `dataset`, computed once and cached as the
+        `chosen_token_weights`/`rejected_token_weights` columns (an Arrow file keyed by the dataset's fingerprint, the
+        reference model's hash and the weight settings, like TRL's reference log-prob cache).
+        """
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(
+                "`importance_model='reference'` with `precompute_token_weights=True` needs a map-style `Dataset`; "
+                "set `precompute_token_weights=False` for an `IterableDataset`."
+            )
+        reference = self._reference_model()
+        settings = tuple(
+            getattr(self.args, k)
+            for k in ("importance_lambda", "prior_sigma_ratio", "weight_span", "weight_normalization", "max_length")
+        )
+        fingerprint = Hasher.hash((dataset._fingerprint, hash_module(reference), settings, "tidpo-reference-weights"))
+        cache_file = dataset._get_cache_file_path(fingerprint)
+        if not os.path.exists(cache_file):
+            self._write_reference_weights(dataset, name, reference, fingerprint, cache_file)
+        self.accelerator.wait_for_everyone()
+        return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+
+    def _write_reference_weights(self, dataset: Dataset, name: str, reference, fingerprint: str, cache_file: str):
+        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
+        collator = DataCollatorForTIDPO(
+            pad_token_id=self._tokenizer.pad_token_id,
+            max_length=self.args.max_length,
+            truncation_mode=self.args.truncation_mode,
+        )
+        columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
+        loader = DataLoader(dataset.select_columns(columns), batch_size=batch_size, collate_fn=collator, shuffle=False)
+        chosen, rejected, fallback_rows = [], [], 0
+        device = self.accelerator.device
+        for start, batch in zip(range(0, len(dataset), batch_size), loader, strict=True):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            forward_output = {
+                "num_pair_rows": batch["input_ids"].size(0),
+                "completion_mask": batch["completion_mask"][:, 1:],
+                "attention_mask": batch["attention_mask"],
+            }
+            with self._reference_context():
+                forward_output["raw_importance"] = self._attribution_pass(
+                    reference, batch["input_ids"], batch["attention_mask"]
+                )
+            weights, fallback = self._hybrid_weights(forward_output)
+            fallback_rows += int(fallback.sum())
+            full = F.pad(weights, (1, 0), value=0.0)  # back to the unshifted axis of `input_ids`
+            rows = dataset[start : start + batch_size]
+            lengths = [len(ids) for ids in rows["chosen_ids"]] + [len(ids) for ids in rows["rejected_ids"]]
+            lists = weights_to_lists(full, batch["completion_mask"], lengths)
+            b = len(rows["chosen_ids"])
+            chosen.extend(lists[:b])
+            rejected.extend(lists[b:])
+        if fallback_rows:
+            logger.warning(
+                f"{fallback_rows} row(s) of the {name} dataset had a reference attribution that sums to 0 or is not "
+                "finite and use the Gaussian prior alone."
+            )
+        if self.accelerator.is_main_process:
+            Dataset.from_dict({"chosen_token_weights": chosen, "rejected_token_weights": rejected}).map(
+                new_fingerprint=fingerprint, cache_file_name=cache_file, desc=f"Caching token weights of {name}"
+            )
 
     # ------------------------------------------------------------------ forward passes
 
@@ -216,7 +308,7 @@ class TIDPOTrainer(DPOTrainer):
 
     def _attribution_pass(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Raw importance `[R, T]` from a forward of its own, without gradient checkpointing."""
-        if not self._warned_separate_attribution_pass:
+        if self._needs_separate_attribution_pass(self.model) and not self._warned_separate_attribution_pass:
             logger.warning(
                 "Reentrant gradient checkpointing is on (`use_reentrant=True`), which cannot give gradients w.r.t. "
                 "activations; token importance is computed in a separate forward without checkpointing (exact, but "
@@ -268,7 +360,7 @@ class TIDPOTrainer(DPOTrainer):
         }
         keep_hidden = self.args.tdpo_alpha > 0
         if is_ref_model:
-            output = self._reference_forward(model, model_kwargs, keep_hidden)
+            output = self._reference_forward(model, model_kwargs, keep_hidden, num_pair_rows)
         else:
             output = self._policy_forward(model, model_kwargs, num_pair_rows, keep_hidden)
         seq_len = completion_mask.size(1) - 1
@@ -286,7 +378,7 @@ class TIDPOTrainer(DPOTrainer):
 
     def _policy_forward(self, model, model_kwargs: dict, num_pair_rows: int, keep_hidden: bool) -> dict:
         grad_was_enabled = torch.is_grad_enabled()
-        needs_importance = self.args.token_weighting == "ti_dpo"
+        needs_importance = self._attribution_source() == "policy"
         fused_attribution = needs_importance and not self._needs_separate_attribution_pass(model)
         if self.aux_loss_enabled:
             model_kwargs = {**model_kwargs, "output_router_logits": True}
@@ -325,48 +417,75 @@ class TIDPOTrainer(DPOTrainer):
             output = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in output.items()}
         return output
 
-    def _reference_forward(self, model, model_kwargs: dict, keep_hidden: bool) -> dict:
-        adapter_context = contextlib.nullcontext()
+    def _reference_context(self):
+        """Under PEFT without a `ref_model`: disabled adapters (new adapter) or the frozen "ref" copy (re-trained)."""
         if self.ref_model is None and is_peft_model(self.accelerator.unwrap_model(self.model)):
-            # New adapter: disabled adapters give the base model; re-trained adapter: the frozen "ref" copy
             unwrapped = self.accelerator.unwrap_model(self.model)
-            adapter_context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+            return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        return contextlib.nullcontext()
+
+    def _reference_forward(self, model, model_kwargs: dict, keep_hidden: bool, num_pair_rows: int) -> dict:
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            adapter_context,
+            self._reference_context(),
             capture_activations(model, embeddings=False, last_hidden=keep_hidden) as captured,
         ):
             outputs = model(**model_kwargs)
-        return {"per_token_logps": outputs.log_probs, "last_hidden": captured.last_hidden if keep_hidden else None}
+        output = {"per_token_logps": outputs.log_probs, "last_hidden": captured.last_hidden if keep_hidden else None}
+        if self._attribution_source() == "reference":
+            with self._reference_context():
+                output["raw_importance"] = self._attribution_pass(
+                    model, model_kwargs["input_ids"][:num_pair_rows], model_kwargs["attention_mask"][:num_pair_rows]
+                )
+        return output
 
     def _reference_model(self):
         return self.ref_model if self.ref_model is not None else self.model
 
     # ------------------------------------------------------------------ weights, anchors, KL
 
-    def compute_token_weights(self, policy_output: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute_token_weights(
+        self, forward_output: dict, inputs: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Token weights of the chosen and rejected rows on the shifted token axis (entry `i` weighs token `i+1`).
 
         Args:
-            policy_output (`dict`): the policy's `concatenated_forward` output.
+            forward_output (`dict`): the `concatenated_forward` output that carries `raw_importance` (the policy's,
+                or the reference's with `importance_model="reference"` and no precomputation).
+            inputs (`dict`, *optional*): the batch; its `token_weights` `[2B, T]` are used with
+                `token_weighting="dataset"` and with precomputed reference weights.
 
         Returns:
             `tuple[torch.Tensor, torch.Tensor]`: detached float32 weights `[2B, T-1]` (0 off the completion), and a
             `[2B]` bool tensor of rows whose attribution could not be normalised and fell back to the prior alone.
         """
-        n = policy_output["num_pair_rows"]
-        completion = policy_output["completion_mask"][:n]
+        n = forward_output["num_pair_rows"]
+        completion = forward_output["completion_mask"][:n]
+        no_fallback = torch.zeros(n, dtype=torch.bool, device=completion.device)
         if self.args.token_weighting == "uniform":
-            return completion.float(), torch.zeros(n, dtype=torch.bool, device=completion.device)
+            return completion.float(), no_fallback
+        if self._attribution_source() is None:  # dataset weights, or cached reference weights
+            if inputs is None or "token_weights" not in inputs:
+                raise ValueError(
+                    "This configuration reads token weights from the batch (`token_weights`), which is missing: the "
+                    "default collator builds it from the 'chosen_token_weights'/'rejected_token_weights' columns."
+                )
+            return inputs["token_weights"][:n, 1:].float() * completion, no_fallback
+        return self._hybrid_weights(forward_output)
+
+    def _hybrid_weights(self, forward_output: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hybrid weights `[2B, T-1]` (shifted axis) and fallback rows `[2B]` from `forward_output["raw_importance"]`."""
+        n = forward_output["num_pair_rows"]
+        completion = forward_output["completion_mask"][:n]
         if self.args.weight_span == "completion":
             # Completion tokens that are scored (position 0 never is), on the unshifted axis of the importance
             span = F.pad(completion, (1, 0), value=0)
         else:
-            span = policy_output["attention_mask"][:n]
+            span = forward_output["attention_mask"][:n]
         weights, fallback = hybrid_token_weights(
-            policy_output["raw_importance"],
+            forward_output["raw_importance"],
             span,
             self.args.importance_lambda,
             self.args.prior_sigma_ratio,
@@ -494,7 +613,8 @@ class TIDPOTrainer(DPOTrainer):
         ref = self.concatenated_forward(self._reference_model(), batch, is_ref_model=True)
         n = policy["num_pair_rows"]
         mask = policy["completion_mask"]
-        weights, fallback = self.compute_token_weights(policy)
+        weight_source = ref if self._attribution_source() == "reference" else policy
+        weights, fallback = self.compute_token_weights(weight_source, batch)
 
         weighted = weighted_sequence_logps(policy["per_token_logps"][:n], weights, mask[:n])
         ref_weighted = weighted_sequence_logps(ref["per_token_logps"][:n], weights, mask[:n])

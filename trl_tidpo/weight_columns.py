@@ -1,0 +1,64 @@
+"""
+Per-token weights stored as dataset columns: `chosen_token_weights` and `rejected_token_weights`, one float per
+tokenised completion token (`chosen_ids` / `rejected_ids`). Used by `token_weighting="dataset"`, by the cached
+reference weights (`importance_model="reference"`) and by TIS-DPO.
+"""
+
+import math
+
+import torch
+from datasets import Dataset
+
+
+WEIGHT_COLUMNS = ("chosen_token_weights", "rejected_token_weights")
+
+
+def validate_token_weight_columns(dataset: Dataset, dataset_name: str) -> None:
+    """
+    Check that each weight list matches its tokenised completion and holds finite, non-negative floats.
+
+    Raises:
+        ValueError: naming the dataset, column, row index and lengths of the first bad row.
+    """
+    missing = [column for column in WEIGHT_COLUMNS if column not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"`token_weighting='dataset'` needs the columns {list(WEIGHT_COLUMNS)}; `{dataset_name}` lacks {missing}."
+        )
+    for side in ("chosen", "rejected"):
+        column = f"{side}_token_weights"
+        for index, (weights, ids) in enumerate(zip(dataset[column], dataset[f"{side}_ids"], strict=True)):
+            if weights is None or len(weights) != len(ids):
+                length = None if weights is None else len(weights)
+                raise ValueError(
+                    f"`{dataset_name}` row {index}: `{column}` has {length} weights but the tokenised {side} completion "
+                    f"has {len(ids)} tokens. Give one weight per completion token as the trainer tokenises it (EOS "
+                    f"included for plain-text data); `trl_tidpo.weight_columns` documents the layout."
+                )
+            bad = [w for w in weights if not math.isfinite(w) or w < 0]
+            if bad:
+                raise ValueError(
+                    f"`{dataset_name}` row {index}: `{column}` holds {bad[0]!r}; token weights must be finite and >= 0."
+                )
+
+
+def weights_to_lists(
+    token_weights: torch.Tensor, completion_mask: torch.Tensor, completion_lengths: list[int]
+) -> list[list[float]]:
+    """
+    One weight list per row, over the row's completion tokens, padded with 0.0 to `completion_lengths[row]` (the
+    untruncated tokenised length, so the column matches `*_ids` even where the collator truncated the row).
+
+    Args:
+        token_weights (`torch.Tensor`): `[R, T]` weights aligned with the collated `input_ids`.
+        completion_mask (`torch.Tensor`): `[R, T]` collated completion mask.
+        completion_lengths (`list[int]`): `R` untruncated completion lengths.
+
+    Returns:
+        `list[list[float]]`.
+    """
+    rows = []
+    for weights, mask, length in zip(token_weights.cpu(), completion_mask.cpu().bool(), completion_lengths, strict=True):
+        values = weights[mask].tolist()
+        rows.append(values + [0.0] * (length - len(values)))
+    return rows
