@@ -27,7 +27,8 @@ def left_align(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     keep = mask.bool()
     order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)  # kept entries first, original order
     aligned_mask = torch.gather(keep, -1, order)
-    aligned = torch.gather(values, -1, order) * aligned_mask.to(values.dtype)
+    aligned = torch.gather(values, -1, order)
+    aligned = torch.where(aligned_mask, aligned, torch.zeros_like(aligned))  # where, not *: inf outside stays out
     return aligned, aligned_mask
 
 
@@ -36,8 +37,9 @@ def _prefix_sq_distance(
 ) -> torch.Tensor:
     """Sum over the overlapping aligned prefix of `(a_t - b_t)^2`; inputs `[B, L_a]`, `[B, L_b]`; returns `[B]`."""
     width = min(a.size(-1), b.size(-1))
-    overlap = (a_mask[:, :width] & b_mask[:, :width]).to(a.dtype)
-    return (((a[:, :width] - b[:, :width]) ** 2) * overlap).sum(dim=-1)
+    overlap = a_mask[:, :width] & b_mask[:, :width]
+    sq = (a[:, :width] - b[:, :width]) ** 2
+    return torch.where(overlap, sq, torch.zeros_like(sq)).sum(dim=-1)
 
 
 def triplet_distances(

@@ -1,0 +1,142 @@
+"""Tests of `TIDPOConfig`: validation of every TI-DPO field, refusal of DPO options without a token-weighted form,
+and the paper's Table B13 defaults."""
+
+import pytest
+
+from trl_tidpo import TIDPOConfig
+
+
+def _config(tmp_path, **kwargs) -> TIDPOConfig:
+    return TIDPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to=[], **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("token_weighting", "random"),
+        ("importance_model", "critic"),
+        ("importance_lambda", -0.1),
+        ("importance_lambda", 1.1),
+        ("prior_sigma_ratio", 0.0),
+        ("prior_sigma_ratio", -0.25),
+        ("weight_span", "prompt"),
+        ("weight_normalization", "max"),
+        ("triplet_gamma", -0.1),
+        ("triplet_margin", -0.01),
+        ("anchor_source", "reference"),
+        ("anchor_max_new_tokens", 0),
+        ("anchor_temperature", 0.0),
+        ("anchor_top_k", -1),
+        ("anchor_top_p", 0.0),
+        ("anchor_top_p", 1.5),
+        ("tdpo_alpha", -0.5),
+        ("kl_chunk_size", 0),
+    ],
+)
+def test_invalid_value_raises_naming_the_field(tmp_path, field, value):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        _config(tmp_path, **{field: value})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("importance_lambda", 0.0),
+        ("importance_lambda", 1.0),
+        ("triplet_gamma", 0.0),
+        ("triplet_margin", 0.0),
+        ("anchor_max_new_tokens", 1),
+        ("anchor_top_k", 0),
+        ("anchor_top_p", 1.0),
+        ("kl_chunk_size", 1),
+        ("token_weighting", "uniform"),
+        ("weight_span", "sequence"),
+        ("weight_normalization", "sum"),
+        ("anchor_source", "dataset"),
+    ],
+)
+def test_boundary_values_are_accepted(tmp_path, field, value):
+    assert getattr(_config(tmp_path, **{field: value}), field) == value
+
+
+@pytest.mark.parametrize(
+    "loss_type", ["exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "apo_zero", "discopop", "sft"]
+)
+def test_unsupported_loss_type_raises(tmp_path, loss_type):
+    with pytest.raises(ValueError, match="loss_type") as excinfo:
+        _config(tmp_path, loss_type=loss_type)
+    assert loss_type in str(excinfo.value)
+
+
+def test_unsupported_loss_type_in_a_combination_raises(tmp_path):
+    with pytest.raises(ValueError, match="apo_zero"):
+        _config(tmp_path, loss_type=["sigmoid", "apo_zero"], loss_weights=[1.0, 1.0])
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "robust"])
+def test_supported_loss_types_are_accepted(tmp_path, loss_type):
+    assert _config(tmp_path, loss_type=loss_type).loss_type == [loss_type]
+
+
+def test_tdpo_alpha_with_ipo_raises(tmp_path):
+    with pytest.raises(ValueError, match="tdpo_alpha"):
+        _config(tmp_path, loss_type="ipo", tdpo_alpha=0.5)
+
+
+def test_tdpo_alpha_with_ipo_in_a_combination_raises(tmp_path):
+    with pytest.raises(ValueError, match="tdpo_alpha"):
+        _config(tmp_path, loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 1.0], tdpo_alpha=0.5)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "robust"])
+def test_tdpo_alpha_with_margin_losses_is_accepted(tmp_path, loss_type):
+    assert _config(tmp_path, loss_type=loss_type, tdpo_alpha=0.5).tdpo_alpha == 0.5
+
+
+@pytest.mark.parametrize(
+    ("option", "kwargs"),
+    [
+        ("precompute_ref_log_probs", {"precompute_ref_log_probs": True}),
+        ("use_weighting", {"use_weighting": True}),
+        ("ld_alpha", {"ld_alpha": 0.5}),
+        ("f_divergence_type", {"f_divergence_type": "forward_kl"}),
+        ("f_divergence_type", {"f_divergence_type": "js_divergence"}),
+    ],
+)
+def test_dpo_options_without_token_weighted_form_raise(tmp_path, option, kwargs):
+    with pytest.raises(ValueError, match=option):
+        _config(tmp_path, **kwargs)
+
+
+def test_defaults_follow_table_b13(tmp_path):
+    config = _config(tmp_path)
+    assert config.token_weighting == "ti_dpo"
+    assert config.importance_lambda == 0.7
+    assert config.prior_sigma_ratio == 0.25
+    assert config.weight_span == "completion"
+    assert config.weight_normalization == "mean"
+    assert config.triplet_gamma == 0.1
+    assert config.triplet_margin == 0.01
+    assert config.anchor_source == "policy"
+    assert config.anchor_max_new_tokens == 64
+    assert config.anchor_temperature == 0.8
+    assert config.anchor_top_k == 50
+    assert config.anchor_top_p == 0.95
+    assert config.tdpo_alpha == 0.0
+    assert config.kl_chunk_size == 64
+    # Inherited DPO settings the method relies on.
+    assert config.loss_type == ["sigmoid"]
+    assert config.beta == 0.1
+
+
+def test_every_tidpo_field_has_help(tmp_path):
+    """TRL convention: every field carries `metadata={"help": ...}` (feeds the CLI parser)."""
+    import dataclasses
+
+    from trl import DPOConfig
+
+    dpo_fields = {f.name for f in dataclasses.fields(DPOConfig)}
+    own = [f for f in dataclasses.fields(TIDPOConfig) if f.name not in dpo_fields]
+    assert {"token_weighting", "importance_lambda", "triplet_gamma", "tdpo_alpha"} <= {f.name for f in own}
+    for f in own:
+        assert f.metadata.get("help"), f.name
