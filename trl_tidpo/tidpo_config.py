@@ -1,3 +1,4 @@
+import math
 from dataclasses import dataclass, field
 
 from trl import DPOConfig
@@ -18,9 +19,10 @@ class TIDPOConfig(DPOConfig):
         token_weighting (`str`, *optional*, defaults to `"ti_dpo"`):
             `"ti_dpo"`: hybrid weights from gradient attribution and a Gaussian prior (Eq. 8). `"uniform"`: every
             completion token weighs 1, which is TRL's DPO. `"dataset"`: weights read from the `chosen_token_weights`
-            and `rejected_token_weights` columns (one non-negative float per tokenised completion token). Cost of
-            `"ti_dpo"` with `importance_model="policy"`: one activation-only backward per step (about one extra forward
-            of compute).
+            and `rejected_token_weights` columns (one non-negative float per tokenised completion token). `"tis_dpo"`:
+            TIS-DPO's weights from two contrastive models (see the `tis_*` parameters), computed once before training,
+            cached as those columns, then used like `"dataset"`. Cost of `"ti_dpo"` with `importance_model="policy"`:
+            one activation-only backward per step (about one extra forward of compute).
         importance_model (`str`, *optional*, defaults to `"policy"`):
             Model whose gradient attribution gives the `"ti_dpo"` weights: the current `"policy"` at every step
             (paper), or the frozen `"reference"` (a deviation from the paper that costs nothing per step when the
@@ -39,6 +41,23 @@ class TIDPOConfig(DPOConfig):
         weight_normalization (`str`, *optional*, defaults to `"mean"`):
             `"mean"`: weights average 1 over the span, so β keeps its DPO meaning (official code). `"sum"`: weights
             sum to 1 (paper text), which shrinks the margin about n-fold.
+
+        > Parameters that control the TIS-DPO weights (`token_weighting="tis_dpo"`)
+
+        tis_positive_model (`str`, *optional*):
+            Path or hub id of π+ (e.g. a DPO model). A loaded model can be passed instead as the trainer's
+            `tis_positive_model=` argument. With `tis_system_prompts` and no model, the frozen reference is used.
+        tis_negative_model (`str`, *optional*):
+            Path or hub id of π− (e.g. a reverse-DPO model: chosen and rejected swapped). With `tis_system_prompts`,
+            defaults to π+'s model. Also accepted loaded, as the trainer's `tis_negative_model=` argument.
+        tis_system_prompts (`list[str]`, *optional*):
+            `[positive, negative]` system prompts of the prompt-based variant (conversational data only): π+ sees the
+            first before each prompt, π− the second.
+        tis_clamp (`list[float]`, *optional*, defaults to `[-0.5, 1.5]`):
+            `[L, U]` of `w = exp(μ·clamp(r̂, L, U))` (TIS-DPO Eq. 19; μ = +1 chosen, −1 rejected).
+        tis_transform (`str`, *optional*, defaults to `"exp_clamp"`):
+            `"exp_clamp"` (paper Eq. 19) or `"rank"` (official code: each response's ranks of μ·r̂ mapped linearly onto
+            [0.7, 1.3], EOS weight 0). Cost: one forward of π+ and one of π− over each dataset, once (cached).
 
         > Parameters that control the triplet loss
 
@@ -73,8 +92,9 @@ class TIDPOConfig(DPOConfig):
         metadata={
             "help": "'ti_dpo': hybrid weights from gradient attribution and a Gaussian prior. 'uniform': every "
             "completion token weighs 1 (TRL's DPO). 'dataset': read the 'chosen_token_weights' and "
-            "'rejected_token_weights' columns.",
-            "choices": ["ti_dpo", "uniform", "dataset"],
+            "'rejected_token_weights' columns. 'tis_dpo': TIS-DPO weights from two contrastive models (tis_* "
+            "options), computed once before training.",
+            "choices": ["ti_dpo", "uniform", "dataset", "tis_dpo"],
         },
     )
     importance_model: str = field(
@@ -114,6 +134,38 @@ class TIDPOConfig(DPOConfig):
             "choices": ["mean", "sum"],
         },
     )
+    tis_positive_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Path or hub id of TIS-DPO's π+ (e.g. a DPO model). With tis_system_prompts and no model, the "
+            "frozen reference is used."
+        },
+    )
+    tis_negative_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Path or hub id of TIS-DPO's π- (e.g. a reverse-DPO model). With tis_system_prompts, defaults to "
+            "π+'s model."
+        },
+    )
+    tis_system_prompts: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Positive and negative system prompts of the prompt-based TIS-DPO variant (conversational data)."
+        },
+    )
+    tis_clamp: list[float] = field(
+        default_factory=lambda: [-0.5, 1.5],
+        metadata={"help": "[L, U] of TIS-DPO's w = exp(μ·clamp(r̂, L, U)), L < U."},
+    )
+    tis_transform: str = field(
+        default="exp_clamp",
+        metadata={
+            "help": "'exp_clamp' (TIS-DPO paper, Eq. 19) or 'rank' (official code: ranks mapped onto [0.7, 1.3], "
+            "EOS 0).",
+            "choices": ["exp_clamp", "rank"],
+        },
+    )
     triplet_gamma: float = field(
         default=0.1,
         metadata={"help": "γ ≥ 0, weight of the triplet loss; 0 disables it and all anchor work."},
@@ -148,7 +200,8 @@ class TIDPOConfig(DPOConfig):
 
     def _validate_tidpo_fields(self):
         choices = {
-            "token_weighting": ("ti_dpo", "uniform", "dataset"),
+            "token_weighting": ("ti_dpo", "uniform", "dataset", "tis_dpo"),
+            "tis_transform": ("exp_clamp", "rank"),
             "importance_model": ("policy", "reference"),
             "weight_span": ("completion", "sequence"),
             "weight_normalization": ("mean", "sum"),
@@ -176,6 +229,40 @@ class TIDPOConfig(DPOConfig):
             raise ValueError(
                 f"`importance_model='reference'` selects the model of the 'ti_dpo' attribution, but `token_weighting` is "
                 f"{self.token_weighting!r}. Set `token_weighting='ti_dpo'` or leave `importance_model='policy'`."
+            )
+        self._validate_tis_fields()
+
+    def _validate_tis_fields(self):
+        tis_sources = ("tis_positive_model", "tis_negative_model", "tis_system_prompts")
+        if self.token_weighting != "tis_dpo":
+            given = [name for name in tis_sources if getattr(self, name) is not None]
+            if given:
+                raise ValueError(
+                    f"{given} only apply to `token_weighting='tis_dpo'`, but `token_weighting` is "
+                    f"{self.token_weighting!r}. Set `token_weighting='tis_dpo'` or leave them unset."
+                )
+        clamp = list(self.tis_clamp) if isinstance(self.tis_clamp, (list, tuple)) else None
+        finite = clamp is not None and all(isinstance(v, (int, float)) and math.isfinite(v) for v in clamp)
+        if not finite or len(clamp) != 2:
+            raise ValueError(f"`tis_clamp` must be two finite numbers [L, U], got {self.tis_clamp!r}.")
+        if not clamp[0] < clamp[1]:
+            raise ValueError(f"`tis_clamp` [L, U] needs L < U, got {self.tis_clamp!r}.")
+        prompts = self.tis_system_prompts
+        if prompts is not None:
+            if (
+                not isinstance(prompts, (list, tuple))
+                or len(prompts) != 2
+                or not all(isinstance(p, str) and p.strip() for p in prompts)
+            ):
+                raise ValueError(
+                    f"`tis_system_prompts` must be two non-empty strings [positive, negative], got {prompts!r}."
+                )
+            if prompts[0] == prompts[1]:
+                raise ValueError("`tis_system_prompts` are identical, so π+ and π− would agree and every weight be 1.")
+        elif self.tis_positive_model is not None and self.tis_positive_model == self.tis_negative_model:
+            raise ValueError(
+                "`tis_positive_model` and `tis_negative_model` are the same model and no `tis_system_prompts` tell "
+                "them apart, so every TIS-DPO log-ratio would be 0."
             )
 
     def _refuse_unsupported_dpo_options(self):

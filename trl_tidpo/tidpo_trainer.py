@@ -1,5 +1,7 @@
 import contextlib
+import gc
 import os
+import shutil
 import textwrap
 import warnings
 from typing import Any
@@ -7,14 +9,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
-from accelerate.utils import is_peft_model
+from accelerate.utils import broadcast_object_list, is_peft_model
+from accelerate.utils.memory import clear_device_cache
 from datasets import Dataset, IterableDataset, concatenate_datasets
-from datasets.fingerprint import Hasher
+from datasets.fingerprint import Hasher, get_temporary_cache_files_directory, is_caching_enabled
 from trl import DPOTrainer
 from trl.models import unwrap_model_for_generation
 from trl.models.utils import disable_gradient_checkpointing
 from torch.utils.data import DataLoader
-from trl.trainer.utils import hash_module, use_adapter
+from trl.trainer.utils import create_model_from_path, hash_module, use_adapter
 
 from .anchors import DataCollatorForTIDPO, sample_policy_anchors, tokenize_anchor
 from .attribution import (
@@ -27,6 +30,7 @@ from .attribution import (
 from .importance import hybrid_token_weights
 from .sequential_kl import sequential_kl
 from .tidpo_config import TIDPOConfig
+from .tis_dpo import columns_fingerprint, tis_dpo_weight_lists
 from .triplet import triplet_distances, triplet_loss
 from .weight_columns import WEIGHT_COLUMNS, validate_token_weight_columns, weights_to_lists
 from .weighted_dpo import token_weighted_dpo_losses, weighted_sequence_logps
@@ -59,7 +63,10 @@ class TIDPOTrainer(DPOTrainer):
       sequential KL and the triplet loss injected from `model_output`.
     - `get_batch_loss_metrics(model, batch, train_eval="train") -> (loss, metrics)`: orchestrates the above.
 
-    Args: exactly those of [`~trl.DPOTrainer`]; `args` must be a [`TIDPOConfig`].
+    Args: exactly those of [`~trl.DPOTrainer`]; `args` must be a [`TIDPOConfig`]. With `token_weighting="tis_dpo"`,
+    also `tis_positive_model` and `tis_negative_model`: TIS-DPO's π+ and π− as loaded models (or paths), in place of
+    the config fields of the same names. They are run once over each dataset at construction (the weights are cached
+    with the dataset) and the trainer keeps no reference to them; models it loads from a path are freed.
     """
 
     _tag_names = ["trl", "dpo", "ti-dpo"]
@@ -92,6 +99,8 @@ class TIDPOTrainer(DPOTrainer):
         optimizers=(None, None),
         quantization_config=None,
         peft_config=None,
+        tis_positive_model=None,
+        tis_negative_model=None,
     ):
         if args is None:
             model_name = model if isinstance(model, str) else model.config._name_or_path
@@ -102,6 +111,7 @@ class TIDPOTrainer(DPOTrainer):
                 "`TIDPOConfig(...)`: it takes every DPOConfig argument."
             )
         self._check_dataset_columns(args, train_dataset, eval_dataset)
+        self._check_tis_models(args, tis_positive_model, tis_negative_model)
 
         super().__init__(
             model=model,
@@ -135,6 +145,8 @@ class TIDPOTrainer(DPOTrainer):
                 self.eval_dataset = {k: self._precompute_token_weights(v, k) for k, v in self.eval_dataset.items()}
             elif self.eval_dataset is not None:
                 self.eval_dataset = self._precompute_token_weights(self.eval_dataset, "eval")
+        if args.token_weighting == "tis_dpo":
+            self._add_tis_dpo_weights(tis_positive_model, tis_negative_model)
 
     # ------------------------------------------------------------------ configuration and data
 
@@ -179,6 +191,11 @@ class TIDPOTrainer(DPOTrainer):
                 required.append("anchor")
             if args.token_weighting == "dataset":
                 required.extend(WEIGHT_COLUMNS)
+            if args.token_weighting == "tis_dpo" and set(WEIGHT_COLUMNS) & set(columns):
+                raise ValueError(
+                    f"`{name}` already has token weight columns, which `token_weighting='tis_dpo'` computes itself. "
+                    "Use `token_weighting='dataset'` to train on them, or remove them to recompute."
+                )
             missing = [column for column in required if column not in columns]
             if missing:
                 hint = (
@@ -193,7 +210,18 @@ class TIDPOTrainer(DPOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         implicit_prompt = "prompt" not in next(iter(dataset))
-        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        num_rows = len(dataset) if isinstance(dataset, Dataset) else None
+        # TRL 1.16 always re-tokenises from the text columns, which an already tokenised dataset may not have
+        if not {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(next(iter(dataset))):
+            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if num_rows is not None and len(dataset) < num_rows:
+            # TRL drops them silently; they would train on nothing, so say it before anything is written
+            raise ValueError(
+                f"{num_rows - len(dataset)} of the {num_rows} pairs of the {dataset_name} dataset have a prompt of "
+                f"`max_length={args.max_length}` tokens or more, so `truncation_mode='keep_start'` leaves their "
+                "completions empty. Raise `max_length`, shorten or filter those prompts, or set "
+                "`truncation_mode='keep_end'`."
+            )
         needs_anchor_ids = args.triplet_gamma > 0 and args.anchor_source == "dataset"
         if needs_anchor_ids and "anchor_ids" not in next(iter(dataset)):
             map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
@@ -212,11 +240,40 @@ class TIDPOTrainer(DPOTrainer):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 
+    def _cached_weight_columns(self, dataset: Dataset, name: str, key, compute) -> Dataset:
+        """
+        `dataset` plus its `chosen_token_weights`/`rejected_token_weights` columns, read from an Arrow cache file or
+        computed by `compute()` (a dict of the two lists) and written there by the main process.
+
+        The file is keyed by the contents of the tokenised columns and `key` (models, settings), not by
+        `dataset._fingerprint`, which after TRL's preparation hashes the whole training config. Its path is
+        deterministic (TRL's `_get_cache_file_path` draws a random one for in-memory datasets) and every rank takes the
+        same branch, so later runs and other processes reuse it.
+        """
+        fingerprint = [Hasher.hash((columns_fingerprint(dataset, ["prompt_ids", "chosen_ids", "rejected_ids"]), key))]
+        broadcast_object_list(fingerprint, from_process=0)  # one cache file for all ranks
+        directory = (
+            os.path.dirname(dataset.cache_files[0]["filename"])
+            if is_caching_enabled() and dataset.cache_files
+            else get_temporary_cache_files_directory()
+        )
+        cache_file = os.path.join(directory, f"cache-{fingerprint[0]}.arrow")
+        self.accelerator.wait_for_everyone()  # every rank takes the same branch below
+        if os.path.exists(cache_file):
+            weights = Dataset.from_file(cache_file)
+        else:
+            weights = Dataset.from_dict(compute())
+            if self.accelerator.is_main_process:
+                weights = weights.map(
+                    new_fingerprint=fingerprint[0], cache_file_name=cache_file, desc=f"Caching token weights of {name}"
+                )
+        return concatenate_datasets([dataset, weights], axis=1)
+
     def _precompute_token_weights(self, dataset: Dataset, name: str) -> Dataset:
         """
-        Reference-side TI-DPO weights for every pair of `dataset`, computed once and cached as the
-        `chosen_token_weights`/`rejected_token_weights` columns (an Arrow file keyed by the dataset's fingerprint, the
-        reference model's hash and the weight settings, like TRL's reference log-prob cache).
+        Reference-side TI-DPO weights for every pair of `dataset`, computed once before training and cached as the
+        `chosen_token_weights`/`rejected_token_weights` columns (keyed by the data, the reference model's hash and
+        the weight settings).
         """
         if isinstance(dataset, IterableDataset):
             raise ValueError(
@@ -226,16 +283,18 @@ class TIDPOTrainer(DPOTrainer):
         reference = self._reference_model()
         settings = tuple(
             getattr(self.args, k)
-            for k in ("importance_lambda", "prior_sigma_ratio", "weight_span", "weight_normalization", "max_length")
+            for k in (
+                "importance_lambda", "prior_sigma_ratio", "weight_span", "weight_normalization", "max_length",
+                "truncation_mode",
+            )
+        )  # fmt: skip
+        key = (hash_module(reference), settings, "tidpo-reference-weights")
+        return self._cached_weight_columns(
+            dataset, name, key, lambda: self._reference_weight_lists(dataset, name, reference)
         )
-        fingerprint = Hasher.hash((dataset._fingerprint, hash_module(reference), settings, "tidpo-reference-weights"))
-        cache_file = dataset._get_cache_file_path(fingerprint)
-        if not os.path.exists(cache_file):
-            self._write_reference_weights(dataset, name, reference, fingerprint, cache_file)
-        self.accelerator.wait_for_everyone()
-        return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
 
-    def _write_reference_weights(self, dataset: Dataset, name: str, reference, fingerprint: str, cache_file: str):
+    def _reference_weight_lists(self, dataset: Dataset, name: str, reference) -> dict[str, list[list[float]]]:
+        """The reference's hybrid weights of every pair, as the two weight columns (one list per row)."""
         batch_size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
         collator = DataCollatorForTIDPO(
             pad_token_id=self._tokenizer.pad_token_id,
@@ -271,10 +330,105 @@ class TIDPOTrainer(DPOTrainer):
                 f"{fallback_rows} row(s) of the {name} dataset had a reference attribution that sums to 0 or is not "
                 "finite and use the Gaussian prior alone."
             )
-        if self.accelerator.is_main_process:
-            Dataset.from_dict({"chosen_token_weights": chosen, "rejected_token_weights": rejected}).map(
-                new_fingerprint=fingerprint, cache_file_name=cache_file, desc=f"Caching token weights of {name}"
+        return {"chosen_token_weights": chosen, "rejected_token_weights": rejected}
+
+    # ------------------------------------------------------------------ TIS-DPO weights
+
+    @staticmethod
+    def _check_tis_models(args: TIDPOConfig, positive, negative) -> None:
+        """Fail before any model loads when `token_weighting="tis_dpo"` lacks π+ or π−."""
+        if args.token_weighting != "tis_dpo":
+            if positive is not None or negative is not None:
+                raise ValueError(
+                    "`tis_positive_model`/`tis_negative_model` only apply to `token_weighting='tis_dpo'`, but "
+                    f"`token_weighting` is {args.token_weighting!r}."
+                )
+            return
+        positive = positive if positive is not None else args.tis_positive_model
+        negative = negative if negative is not None else args.tis_negative_model
+        if args.tis_system_prompts is None and (positive is None or negative is None):
+            raise ValueError(
+                "`token_weighting='tis_dpo'` needs two contrastive models: set `tis_positive_model` and "
+                "`tis_negative_model` (paths in TIDPOConfig, or loaded models as TIDPOTrainer arguments), or "
+                "`tis_system_prompts` for the prompt-based variant (one model under two system prompts)."
             )
+        if args.tis_system_prompts is None and positive is negative:
+            raise ValueError(
+                "`tis_positive_model` and `tis_negative_model` are the same model and no `tis_system_prompts` tell "
+                "them apart, so every TIS-DPO log-ratio would be 0."
+            )
+
+    def _load_tis_model(self, model):
+        """A path/hub id is loaded like TRL loads the reference (the policy's dtype); a loaded model is used as is."""
+        if not isinstance(model, str):
+            return model
+        init_kwargs = dict(self.args.model_init_kwargs or {})
+        init_kwargs["device_map"] = None
+        init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
+        init_kwargs.setdefault("dtype", self.model.dtype)
+        return create_model_from_path(model, **init_kwargs).to(self.accelerator.device)
+
+    def _add_tis_dpo_weights(self, positive, negative) -> None:
+        """
+        TIS-DPO (SPEC §7): add the weight columns to the train and eval datasets (one pass of π+ and π− over each,
+        cached), then drop the contrastive models so that training runs exactly like `token_weighting="dataset"`.
+        """
+        args = self.args
+        positive = positive if positive is not None else args.tis_positive_model
+        negative = negative if negative is not None else args.tis_negative_model
+        uses_reference = positive is None  # prompt-based variant on the frozen reference
+        positive = self._reference_model() if uses_reference else self._load_tis_model(positive)
+        negative = positive if negative is None else self._load_tis_model(negative)
+        context = self._reference_context if uses_reference else contextlib.nullcontext
+        model_hash = (hash_module(positive), hash_module(negative) if negative is not positive else None)
+
+        def add(dataset, name):
+            return self._tis_dpo_weights(dataset, name, positive, negative, context, model_hash)
+
+        self.train_dataset = add(self.train_dataset, "train")
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {key: add(dataset, key) for key, dataset in self.eval_dataset.items()}
+        elif self.eval_dataset is not None:
+            self.eval_dataset = add(self.eval_dataset, "eval")
+        del positive, negative
+        gc.collect()
+        clear_device_cache()
+
+    def _tis_dpo_weights(self, dataset, name: str, positive, negative, context, model_hash) -> Dataset:
+        """`dataset` plus its TIS-DPO weight columns, from the cache (keyed by data, models, settings) or computed."""
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(
+                "`token_weighting='tis_dpo'` computes the weights over the whole dataset before training and needs a "
+                "map-style `Dataset`. For an `IterableDataset`, compute the columns with "
+                "`trl_tidpo.tis_dpo.compute_tis_dpo_weight_columns` and train with `token_weighting='dataset'`."
+            )
+        args = self.args
+        columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
+        if args.tis_system_prompts is not None:  # the contexts are re-rendered from the messages
+            columns += ["prompt", "chosen", "rejected"]
+        settings = (
+            args.tis_system_prompts, list(args.tis_clamp), args.tis_transform, args.max_length, args.truncation_mode,
+            self._tokenizer.eos_token_id, self._tokenizer.chat_template,
+        )  # fmt: skip
+        key = (columns_fingerprint(dataset, columns), model_hash, settings, "tis-dpo-weights")
+
+        def compute() -> dict:
+            logger.info(f"Computing TIS-DPO token weights of the {name} dataset ({len(dataset)} pairs).")
+            with context():
+                return tis_dpo_weight_lists(
+                    dataset,
+                    positive,
+                    negative,
+                    self._tokenizer,
+                    system_prompts=args.tis_system_prompts,
+                    clamp=args.tis_clamp,
+                    transform=args.tis_transform,
+                    max_length=args.max_length,
+                    truncation_mode=args.truncation_mode,
+                    batch_size=args.precompute_ref_batch_size or args.per_device_train_batch_size,
+                )
+
+        return self._cached_weight_columns(dataset, name, key, compute)
 
     # ------------------------------------------------------------------ forward passes
 
@@ -663,6 +817,23 @@ class TIDPOTrainer(DPOTrainer):
         with torch.no_grad():
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         return loss, outputs
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """
+        [`~transformers.Trainer.save_model`], plus the model card (`README.md`, naming TI-DPO and citing its paper) in
+        `output_dir`. Checkpoints get theirs from `DPOTrainer._save_checkpoint`, `push_to_hub` from `Trainer`.
+        """
+        super().save_model(output_dir, _internal_call)
+        if _internal_call:
+            return
+        if self.args.hub_model_id is None:
+            model_name = os.path.basename(os.path.abspath(self.args.output_dir))
+        else:
+            model_name = self.args.hub_model_id.split("/")[-1]
+        self.create_model_card(model_name=model_name)  # writes `args.output_dir/README.md` on the main process
+        elsewhere = output_dir is not None and os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir)
+        if elsewhere and self.is_world_process_zero():
+            shutil.copy(os.path.join(self.args.output_dir, "README.md"), os.path.join(output_dir, "README.md"))
 
     # ------------------------------------------------------------------ metrics
 

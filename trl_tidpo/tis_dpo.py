@@ -1,0 +1,443 @@
+"""
+TIS-DPO token weights (Liu et al., "TIS-DPO: Token-level Importance Sampling for Direct Preference Optimization",
+ICLR 2025; SPEC §7), estimated once, before training, from two contrastive models π+ and π−:
+
+    r̂_t = log π+(y_t | x, y_<t) − log π−(y_t | x, y_<t)                 # per completion token
+    exp_clamp (paper Eq. 19):  w_t = k · exp(μ · clamp(r̂_t, L, U))       # μ = +1 chosen, −1 rejected
+    rank (official code):      ranks of μ · r̂_t within the response, mapped linearly onto [0.7, 1.3]; EOS weighs 0
+
+π+ and π− are two models (the paper found DPO and reverse DPO from the same start best) or one model under two
+system prompts (the prompt-based variant, conversational data only). The weights become the
+`chosen_token_weights` / `rejected_token_weights` columns (layout in `weight_columns.py`), on which
+`token_weighting="dataset"` trains; `token_weighting="tis_dpo"` computes and caches them inside the trainer.
+"""
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from types import SimpleNamespace
+
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+import xxhash
+from datasets import Dataset, concatenate_datasets
+from torch import nn
+from trl import DPOTrainer
+from trl.data_utils import is_conversational
+
+from .attribution import causal_lm_of, project_to_logits
+from .tokenization import tokenize_completion
+from .weight_columns import WEIGHT_COLUMNS
+
+
+TIS_TRANSFORMS = ("exp_clamp", "rank")
+DEFAULT_CLAMP = (-0.5, 1.5)  # (L, U) of TIS-DPO Eq. 19
+RANK_RANGE = (0.7, 1.3)  # the official code's rank-based range
+
+
+# ---------------------------------------------------------------------------------------------------- transforms
+
+
+def exp_clamp(
+    log_ratios: torch.Tensor,
+    sign: float | torch.Tensor,
+    clamp: Sequence[float] = DEFAULT_CLAMP,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """
+    TIS-DPO's weights (paper Eq. 19): `w = k · exp(μ · clamp(r̂, L, U))`.
+
+    Args:
+        log_ratios (`torch.Tensor`): `[..., T]` contrastive log-ratios `r̂ = log π+ − log π−`.
+        sign (`float` or `torch.Tensor`): μ, `+1` for chosen and `−1` for rejected tokens; a float, or a tensor that
+            broadcasts against `log_ratios` (e.g. `[R, 1]`).
+        clamp (`Sequence[float]`): `(L, U)`, default `(-0.5, 1.5)`.
+        scale (`float`): `k`, default 1.
+
+    Returns:
+        `torch.Tensor`: float32 weights, the shape of `log_ratios`.
+    """
+    low, high = clamp
+    return scale * torch.exp(sign * log_ratios.float().clamp(low, high))
+
+
+def rank(
+    log_ratios: torch.Tensor,
+    mask: torch.Tensor,
+    sign: float | torch.Tensor,
+    weight_range: Sequence[float] = RANK_RANGE,
+) -> torch.Tensor:
+    """
+    The official TIS-DPO code's rank-based weights: within each row, the `n` masked tokens sorted by `μ · r̂`
+    (ascending; ties keep their order) get `low + (high − low) · i / (n − 1)` for the `i`-th of them (1.0 when
+    `n = 1`); every other position (the EOS, padding, tokens never scored) gets 0.
+
+    Example: `r̂ = [0.3, −1.0, 2.0]`, `μ = +1`, all masked → ranks `[1, 0, 2]` → weights `[1.0, 0.7, 1.3]`.
+
+    Args:
+        log_ratios (`torch.Tensor`): `[R, T]` contrastive log-ratios.
+        mask (`torch.Tensor`): `[R, T]`, True on the tokens to rank.
+        sign (`float` or `torch.Tensor`): μ, a float or `[R, 1]`.
+        weight_range (`Sequence[float]`): `(low, high)`, default `(0.7, 1.3)`.
+
+    Returns:
+        `torch.Tensor`: `[R, T]` float32 weights.
+    """
+    low, high = weight_range
+    mask = mask.bool()
+    keys = (sign * log_ratios.float()).masked_fill(~mask, math.inf)  # unranked positions sort last
+    order = keys.argsort(dim=-1, stable=True)
+    positions = torch.arange(keys.size(-1), device=keys.device).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(-1, order, positions).float()  # rank of each position in its row
+    n = mask.sum(dim=-1, keepdim=True).float()
+    weights = low + (high - low) * ranks / (n - 1).clamp(min=1)
+    weights = torch.where(n == 1, torch.ones_like(weights), weights)
+    return weights * mask
+
+
+# ---------------------------------------------------------------------------------------------------- log-ratios
+
+
+@contextlib.contextmanager
+def _eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Dropout off for the duration; each model's training flag is restored after."""
+    flags = [model.training for model in models]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for model, flag in zip(models, flags, strict=True):
+            model.train(flag)
+
+
+@torch.no_grad()
+def completion_logps(
+    model: nn.Module,
+    contexts: list[list[int]],
+    completions: list[list[int]],
+    pad_token_id: int,
+    batch_size: int = 8,
+    chunk_size: int = 1024,
+) -> list[torch.Tensor]:
+    """
+    `log π(y_t | context, y_<t)` of every completion token, row by row.
+
+    Rows are right-padded in batches of `batch_size`; only the hidden states that predict completion tokens go through
+    the output embedding, `chunk_size` positions at a time, so no `[rows, T, vocab]` tensor is built. The first token
+    of a completion with an empty context cannot be scored (the trainer never scores it either) and gets 0.
+
+    Args:
+        model: a causal LM (plain, PEFT or wrapped), used on its own device.
+        contexts (`list[list[int]]`): token ids before each completion.
+        completions (`list[list[int]]`): completion token ids.
+        pad_token_id (`int`): id used for padding.
+
+    Returns:
+        `list[torch.Tensor]`: one float32 CPU tensor `[len(completion)]` per row.
+    """
+    lm = causal_lm_of(model)
+    device = lm.get_input_embeddings().weight.device
+    results = [torch.zeros(len(completion)) for completion in completions]
+    todo = [i for i, (c, y) in enumerate(zip(contexts, completions, strict=True)) if len(c) + len(y) > 1 and y]
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        rows = [contexts[i] + completions[i] for i in batch]
+        input_ids = torch.full((len(rows), max(map(len, rows))), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        row_index, position, target = [], [], []
+        for r, (i, row) in enumerate(zip(batch, rows)):
+            input_ids[r, : len(row)] = torch.tensor(row)
+            attention_mask[r, : len(row)] = 1
+            for j in range(max(len(contexts[i]), 1), len(row)):  # hidden state j-1 predicts token j
+                row_index.append(r)
+                position.append(j - 1)
+                target.append(row[j])
+        hidden = lm.base_model(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
+        ).last_hidden_state  # [b, T, H]
+        scored = hidden[torch.tensor(row_index, device=hidden.device), torch.tensor(position, device=hidden.device)]
+        targets = torch.tensor(target, device=hidden.device)[:, None]
+        logps = []
+        for k in range(0, len(target), chunk_size):  # [chunk, vocab] logits at a time
+            logits = project_to_logits(scored[k : k + chunk_size], lm.get_output_embeddings(), lm.config)
+            logps.append(F.log_softmax(logits, dim=-1).gather(-1, targets[k : k + chunk_size]).squeeze(-1))
+        flat = torch.cat(logps).cpu()
+        offset = 0
+        for i in batch:
+            n = len(contexts[i]) + len(completions[i]) - max(len(contexts[i]), 1)
+            results[i][len(completions[i]) - n :] = flat[offset : offset + n]
+            offset += n
+    return results
+
+
+def contrastive_log_ratios(
+    positive_model: nn.Module,
+    negative_model: nn.Module,
+    positive_contexts: list[list[int]],
+    negative_contexts: list[list[int]],
+    completions: list[list[int]],
+    pad_token_id: int,
+    batch_size: int = 8,
+) -> list[torch.Tensor]:
+    """
+    `r̂_t = log π+(y_t | ·) − log π−(y_t | ·)` of every completion token (dropout off in both models).
+
+    Returns:
+        `list[torch.Tensor]`: one float32 tensor `[len(completion)]` per row.
+
+    Raises:
+        ValueError: when a log-ratio is not finite (a model gave a token zero probability, or overflowed).
+    """
+    with _eval_mode(positive_model, negative_model):
+        positive = completion_logps(positive_model, positive_contexts, completions, pad_token_id, batch_size)
+        negative = completion_logps(negative_model, negative_contexts, completions, pad_token_id, batch_size)
+    ratios = [p - n for p, n in zip(positive, negative, strict=True)]
+    for index, ratio in enumerate(ratios):
+        if not torch.isfinite(ratio).all():
+            raise ValueError(
+                f"Row {index}: the TIS-DPO log-ratio log π+ − log π− is not finite ({ratio.tolist()}); one of the "
+                "contrastive models gives a completion token zero probability or overflows (try float32)."
+            )
+    return ratios
+
+
+# ---------------------------------------------------------------------------------------------------- datasets
+
+
+def tokenize_preference_dataset(dataset: Dataset, tokenizer) -> Dataset:
+    """
+    `prompt_ids`, `chosen_ids` and `rejected_ids` exactly as `TIDPOTrainer` (TRL's `DPOTrainer._prepare_dataset`)
+    tokenises them: implicit prompts extracted, EOS appended to plain-text completions, chat templates applied. Rows
+    are never dropped (no `max_length` here).
+
+    Returns:
+        `Dataset`: `dataset` with `prompt`, `chosen`, `rejected` as TRL rewrites them and the three id columns.
+    """
+    # TRL's own method, not a copy, so the ids cannot drift from the trainer's; it reads only `_tokenizer` from self
+    trainer_view = SimpleNamespace(_tokenizer=tokenizer)
+    args = SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
+    return DPOTrainer._prepare_dataset(trainer_view, dataset, tokenizer, args, "TIS-DPO")
+
+
+def columns_fingerprint(dataset: Dataset, columns: Sequence[str]) -> str:
+    """
+    A hash of the contents of `columns`, to key cached weights. Not `dataset._fingerprint`: after TRL's preparation
+    that hashes the dataset's history, which includes the whole training config (TRL's `max_length` filter closes over
+    it), so a new `output_dir` or learning rate would miss the cache.
+
+    Returns:
+        `str`: a hex digest.
+    """
+    hasher = xxhash.xxh64()
+    for table in dataset.select_columns(list(columns)).with_format("arrow").iter(batch_size=10_000):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:  # IPC writes only the rows of a sliced table
+            writer.write_table(table)
+        hasher.update(sink.getvalue().to_pybytes())
+    return hasher.hexdigest()
+
+
+def kept_completion_length(
+    prompt_length: int, completion_length: int, max_length: int | None, truncation_mode: str
+) -> int:
+    """
+    How many completion tokens to score so that every token the collator keeps is covered: with `keep_start` the row
+    `prompt + completion` is cut to its first `max_length` tokens; with `keep_end` the kept tail needs the whole
+    completion as context, so all of it is scored.
+    """
+    if max_length is None or truncation_mode == "keep_end":
+        return completion_length
+    return max(0, min(completion_length, max_length - prompt_length))
+
+
+def _system_contexts(
+    dataset: Dataset, system_prompt: str, tokenizer, side: str, completion_ids: list[list[int]]
+) -> list[list[int]]:
+    """Token ids before each `side` completion once `system_prompt` leads the conversation (prompt-based variant)."""
+    contexts = []
+    for index, (prompt, completion, expected) in enumerate(
+        zip(dataset["prompt"], dataset[side], completion_ids, strict=True)
+    ):
+        if prompt and prompt[0]["role"] == "system":  # merge with the data's own system message
+            messages = [{"role": "system", "content": f"{system_prompt}\n\n{prompt[0]['content']}"}] + prompt[1:]
+        else:
+            messages = [{"role": "system", "content": system_prompt}] + prompt
+        context, ids = tokenize_completion(tokenizer, messages, completion)
+        if ids != expected:
+            raise ValueError(
+                f"Row {index}: with the system prompt {system_prompt!r}, the {side} completion tokenises to "
+                f"{len(ids)} tokens {ids[:8]}… instead of the trainer's {len(expected)} tokens {expected[:8]}…; the "
+                "chat template renders the completion differently after a system message, so the weights could not "
+                "be aligned."
+            )
+        contexts.append(context)
+    return contexts
+
+
+def tis_dpo_weight_lists(
+    dataset: Dataset,
+    positive_model: nn.Module,
+    negative_model: nn.Module | None,
+    tokenizer,
+    system_prompts: Sequence[str] | None = None,
+    clamp: Sequence[float] = DEFAULT_CLAMP,
+    transform: str = "exp_clamp",
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    batch_size: int = 8,
+) -> dict[str, list[list[float]]]:
+    """
+    TIS-DPO weights of a tokenised preference dataset (`prompt_ids`, `chosen_ids`, `rejected_ids`), one list per row
+    and side, as long as the row's `chosen_ids` / `rejected_ids`. Tokens beyond `max_length` (never trained on) weigh
+    0.
+
+    Args: see [`compute_tis_dpo_weight_columns`].
+
+    Returns:
+        `dict[str, list[list[float]]]`: `{"chosen_token_weights": ..., "rejected_token_weights": ...}`.
+    """
+    if transform not in TIS_TRANSFORMS:
+        raise ValueError(f"`transform` must be one of {TIS_TRANSFORMS}, got {transform!r}.")
+    if negative_model is None:
+        if system_prompts is None:
+            raise ValueError(
+                "TIS-DPO needs two contrastive distributions: a `negative_model`, or `system_prompts` (one model "
+                "under a positive and a negative system prompt)."
+            )
+        negative_model = positive_model
+    conversational = "prompt" in dataset.column_names and is_conversational({"prompt": dataset[0]["prompt"]})
+    if system_prompts is not None and not conversational:
+        raise ValueError(
+            "`system_prompts` (the prompt-based TIS-DPO variant) need conversational data: a 'prompt' column of "
+            "messages. This dataset's prompts are plain text (or absent); give two models instead."
+        )
+    prompt_ids = dataset["prompt_ids"]
+    columns = {}
+    for side, sign in (("chosen", 1.0), ("rejected", -1.0)):  # μ of Eq. 19
+        ids = dataset[f"{side}_ids"]
+        kept = [kept_completion_length(len(p), len(c), max_length, truncation_mode) for p, c in zip(prompt_ids, ids)]
+        completions = [c[:n] for c, n in zip(ids, kept)]
+        if system_prompts is None:
+            contexts = (prompt_ids, prompt_ids)
+        else:
+            contexts = tuple(_system_contexts(dataset, text, tokenizer, side, ids) for text in system_prompts)
+        ratios = contrastive_log_ratios(
+            positive_model, negative_model, *contexts, completions, tokenizer.pad_token_id, batch_size
+        )
+        columns[f"{side}_token_weights"] = [
+            _transform_row(ratio, completion, sign, clamp, transform, tokenizer.eos_token_id) + [0.0] * (len(c) - n)
+            for ratio, completion, c, n in zip(ratios, completions, ids, kept)
+        ]
+    return columns
+
+
+def _transform_row(
+    ratio: torch.Tensor, completion: list[int], sign: float, clamp: Sequence[float], transform: str, eos_token_id
+) -> list[float]:
+    if transform == "exp_clamp":
+        return exp_clamp(ratio, sign, clamp).tolist()
+    not_eos = torch.tensor([token != eos_token_id for token in completion], dtype=torch.bool)
+    return rank(ratio[None], not_eos[None], sign)[0].tolist()
+
+
+def compute_tis_dpo_weight_columns(
+    dataset: Dataset,
+    positive_model: nn.Module,
+    negative_model: nn.Module | None,
+    tokenizer,
+    *,
+    system_prompts: Sequence[str] | None = None,
+    clamp: Sequence[float] = DEFAULT_CLAMP,
+    transform: str = "exp_clamp",
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    batch_size: int = 8,
+) -> Dataset:
+    """
+    Compute TIS-DPO token weights offline and add them to `dataset` as the `chosen_token_weights` and
+    `rejected_token_weights` columns, to inspect, save, and train on with `token_weighting="dataset"`.
+
+    Completions are tokenised exactly as `TIDPOTrainer` tokenises them (one weight per token of `chosen_ids` /
+    `rejected_ids`, EOS included for plain text), so the columns pass the trainer's length check.
+
+    Args:
+        dataset (`Dataset`): a preference dataset (`prompt`/`chosen`/`rejected`, plain text or conversational, or the
+            implicit-prompt format), or one already tokenised by the trainer (`prompt_ids`, `chosen_ids`,
+            `rejected_ids`).
+        positive_model (`nn.Module`): π+, a loaded causal LM (used on its own device, dropout off).
+        negative_model (`nn.Module` or `None`): π−; `None` with `system_prompts` uses `positive_model` for both.
+        tokenizer: the tokenizer the trainer will use (its pad, EOS and chat template).
+        system_prompts (`Sequence[str]`, *optional*): `(positive, negative)` system prompts of the prompt-based
+            variant: π+ sees the first before each prompt, π− the second. Conversational data only.
+        clamp (`Sequence[float]`): `(L, U)` of `"exp_clamp"`.
+        transform (`str`): `"exp_clamp"` (paper Eq. 19) or `"rank"` (official code: ranks onto [0.7, 1.3], EOS 0).
+        max_length (`int`, *optional*), truncation_mode (`str`): the trainer's; with `keep_start` only the tokens
+            training keeps are scored (the others weigh 0). `None` scores every token.
+        batch_size (`int`): rows per forward.
+
+    Returns:
+        `Dataset`: `dataset` with the two weight columns added.
+    """
+    present = [column for column in WEIGHT_COLUMNS if column in dataset.column_names]
+    if present:
+        raise ValueError(f"The dataset already has {present}; remove them (`dataset.remove_columns`) to recompute.")
+    tokenised = {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names)
+    prepared = dataset if tokenised else tokenize_preference_dataset(dataset, tokenizer)
+    columns = tis_dpo_weight_lists(
+        prepared,
+        positive_model,
+        negative_model,
+        tokenizer,
+        system_prompts=system_prompts,
+        clamp=clamp,
+        transform=transform,
+        max_length=max_length,
+        truncation_mode=truncation_mode,
+        batch_size=batch_size,
+    )
+    return concatenate_datasets([dataset, Dataset.from_dict(columns)], axis=1)
+
+
+def weight_columns_page(
+    dataset: Dataset, tokenizer, indices: Sequence[int] | None = None, title: str = "TIS-DPO token weights"
+) -> str:
+    """
+    A self-contained HTML page (`trl_tidpo.visualize`) of the weight columns of `dataset`: each selected pair's chosen
+    and rejected completion tokens shaded by their weight. Works for any dataset with the two columns (TIS-DPO,
+    user-supplied or cached reference weights).
+
+    Args:
+        dataset (`Dataset`): with `chosen_token_weights` / `rejected_token_weights`, tokenised or not.
+        tokenizer: the tokenizer the weights were computed with.
+        indices (`Sequence[int]`, *optional*): rows to show; the first 10 by default.
+
+    Returns:
+        `str`: the HTML document.
+    """
+    from .visualize import PairView, TokenRow, pairs_page  # only here: training never needs the HTML view
+
+    missing = [column for column in WEIGHT_COLUMNS if column not in dataset.column_names]
+    if missing:
+        raise ValueError(f"The dataset has no {missing} column(s) to show.")
+    subset = dataset.select(range(min(len(dataset), 10)) if indices is None else indices)
+    if not {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(subset.column_names):
+        subset = tokenize_preference_dataset(subset, tokenizer)
+    pairs = []
+    for index, row in zip(indices or range(len(subset)), subset, strict=True):
+        sides = {
+            side: TokenRow(
+                tokens=[tokenizer.decode([token]) for token in row[f"{side}_ids"]],
+                weights=row[f"{side}_token_weights"],
+                caption=f"mean weight {sum(row[f'{side}_token_weights']) / max(1, len(row[f'{side}_ids'])):.3f}",
+            )
+            for side in ("chosen", "rejected")
+        }
+        prompt = tokenizer.decode(row["prompt_ids"])
+        pairs.append(PairView(prompt, sides["chosen"], sides["rejected"], f"pair {index}"))
+    intro = (
+        "Per-token weights from the chosen_token_weights / rejected_token_weights columns. TIS-DPO: "
+        "w = exp(μ·clamp(log π+ − log π−, L, U)), μ = +1 on chosen and −1 on rejected tokens."
+    )
+    return pairs_page(pairs, title, intro=intro)
