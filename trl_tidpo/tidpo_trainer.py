@@ -432,27 +432,51 @@ class TIDPOTrainer(DPOTrainer):
 
     # ------------------------------------------------------------------ forward passes
 
-    @staticmethod
-    def _stack_rows(inputs: dict[str, torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, ...]:
-        """Chosen, rejected and (if present) anchor rows in one right-padded batch `[R, T]`."""
-        input_ids, attention_mask, completion_mask = (
-            inputs["input_ids"],
-            inputs["attention_mask"],
-            inputs["completion_mask"],
-        )
-        if "anchor_input_ids" not in inputs:
-            return input_ids, attention_mask, completion_mask
-        anchor = [inputs[key] for key in _ANCHOR_KEYS]
-        width = max(input_ids.size(1), anchor[0].size(1))
+    def _forward_with_anchors(self, model, inputs: dict[str, torch.Tensor], is_ref_model: bool) -> dict:
+        """
+        `concatenated_forward` of the chosen/rejected rows, then the anchor rows scored in a forward of their own and
+        appended, every per-row tensor right-padded to the wider of the two.
 
-        def widen(t: torch.Tensor, value: int) -> torch.Tensor:
-            return F.pad(t, (0, width - t.size(1)), value=value)
-
-        return (
-            torch.cat([widen(input_ids, pad_token_id), widen(anchor[0], pad_token_id)]),
-            torch.cat([widen(attention_mask, 0), widen(anchor[1], 0)]),
-            torch.cat([widen(completion_mask, 0), widen(anchor[2], 0)]),
-        )
+        Not one stacked forward: there the anchors would be padded to the pairs' width and carried through the
+        attribution backward, which only the chosen/rejected rows need (full TI-DPO with dataset anchors: 1.83x DPO's
+        FLOPs stacked, 1.5x apart; docs/benchmarks.md, "Step cost").
+        """
+        pairs = {k: v for k, v in inputs.items() if k not in _ANCHOR_KEYS}
+        output = self.concatenated_forward(model, pairs, is_ref_model=is_ref_model)
+        input_ids, attention_mask, completion_mask = (inputs[key] for key in _ANCHOR_KEYS)
+        model_kwargs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": input_ids.masked_fill(completion_mask == 0, -100),
+            "fused_lm_head": True,
+            "use_cache": False,
+        }
+        if is_ref_model:
+            with (
+                torch.no_grad(),
+                disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+                self._reference_context(),
+            ):
+                outputs = model(**model_kwargs)
+        else:
+            outputs = model(**model_kwargs)
+        seq_len = input_ids.size(1) - 1
+        anchor = {"completion_mask": completion_mask[:, 1:], "attention_mask": attention_mask}
+        for key, name in (("per_token_logps", "log_probs"), ("entropy", "entropy"), ("mean_logits", "mean_logits")):
+            if output.get(key) is not None:
+                anchor[key] = getattr(outputs, name)[:, -seq_len:]  # real tokens only (prompt-learning PEFT)
+        if output.get("is_top1") is not None:
+            anchor["is_top1"] = outputs.is_top1[:, -seq_len:]
+        width = max(output["attention_mask"].size(1), attention_mask.size(1))
+        for key, value in anchor.items():
+            axis_width = width if key == "attention_mask" else width - 1
+            output[key] = torch.cat([F.pad(t, (0, axis_width - t.size(1))) for t in (output[key], value)])
+        for key in ("raw_importance", "last_hidden"):  # chosen/rejected rows only, widened to the common axis
+            value = output.get(key)
+            if value is not None and value.size(1) < width:
+                padding = (0, 0, 0, width - value.size(1)) if value.dim() == 3 else (0, width - value.size(1))
+                output[key] = F.pad(value, padding)
+        return output
 
     def _needs_separate_attribution_pass(self, model) -> bool:
         """Reentrant checkpointing cannot serve `autograd.grad` w.r.t. activations: attribute in a pass of its own."""
@@ -483,7 +507,8 @@ class TIDPOTrainer(DPOTrainer):
 
     def concatenated_forward(self, model, inputs: dict[str, torch.Tensor], is_ref_model: bool = False) -> dict:
         """
-        One forward of `model` over the chosen, rejected and (if present) anchor rows of `inputs`.
+        One forward of `model` over the chosen and rejected rows of `inputs`, and one over the anchor rows if present
+        (see `_forward_with_anchors`; the anchors' rows follow the pairs' in every per-row output).
 
         For the policy with `token_weighting="ti_dpo"`, the same forward also yields the raw token importance: the
         embedding activations are captured by a hook, the attribution target is projected from the last hidden state
@@ -500,11 +525,18 @@ class TIDPOTrainer(DPOTrainer):
         Returns:
             `dict` with `per_token_logps` `[R, T-1]` (entry `i` scores token `i+1`), `completion_mask` `[R, T-1]`
             (shifted), `attention_mask` `[R, T]`, `num_pair_rows` (`2B`), `chosen_logps`/`rejected_logps` `[B]`
-            (unweighted sums), `last_hidden` `[R, T, H]` when `tdpo_alpha > 0`, and for the policy `raw_importance`
-            `[2B, T]` float32 (or None), `entropy`, `mean_logits`, `is_top1` `[R, T-1]` and `aux_loss`.
+            (unweighted sums), `last_hidden` `[2B, T, H]` when `tdpo_alpha > 0`, and for the policy `raw_importance`
+            `[2B, T]` float32 (or None), `entropy`, `mean_logits`, `is_top1` `[R, T-1]` and `aux_loss` (of the
+            chosen/rejected rows). With anchors, `T` is the wider of the pairs' and the anchors' widths.
         """
-        input_ids, attention_mask, completion_mask = self._stack_rows(inputs, self._tokenizer.pad_token_id)
-        num_pair_rows = inputs["input_ids"].size(0)
+        if "anchor_input_ids" in inputs:
+            return self._forward_with_anchors(model, inputs, is_ref_model)
+        input_ids, attention_mask, completion_mask = (
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs["completion_mask"],
+        )
+        num_pair_rows = input_ids.size(0)
         model_kwargs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -626,7 +658,9 @@ class TIDPOTrainer(DPOTrainer):
                     "This configuration reads token weights from the batch (`token_weights`), which is missing: the "
                     "default collator builds it from the 'chosen_token_weights'/'rejected_token_weights' columns."
                 )
-            return inputs["token_weights"][:n, 1:].float() * completion, no_fallback
+            weights = inputs["token_weights"][:n, 1:].float()
+            weights = F.pad(weights, (0, completion.size(1) - weights.size(1)))  # anchor rows may widen the batch
+            return weights * completion, no_fallback
         return self._hybrid_weights(forward_output)
 
     def _hybrid_weights(self, forward_output: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,452 @@
+"""
+The TI-DPO training script: TRL's `trl dpo` script (`trl/scripts/dpo.py`) with [`TIDPOTrainer`] in place of
+`DPOTrainer`. `examples/tidpo.py` and `trl-tidpo train` run this same code.
+
+Every [`TIDPOConfig`] field (and so every `DPOConfig` / `TrainingArguments` field) is a flag, as are TRL's
+`ScriptArguments`, `ModelConfig` (`--use_peft`, `--lora_r`, `--load_in_4bit`, ...) and `DatasetMixtureConfig`;
+`--config recipe.yaml` sets their defaults and flags override it. `--help` lists them all.
+
+# QLoRA on one GPU (the paper's setting, see `examples/recipes/`)
+```bash
+trl-tidpo train --config examples/recipes/llama31_8b_qlora_ultrafeedback.yaml
+```
+
+# Several GPUs (DDP; or `fsdp2`, `zero2`, `zero3`, or a path to your own accelerate config)
+```bash
+trl-tidpo train --accelerate_config multi_gpu --num_processes 8 \
+    --model_name_or_path Qwen/Qwen2-0.5B-Instruct --dataset_name trl-lib/ultrafeedback_binarized \
+    --use_peft --lora_r 16 --lora_alpha 32 --output_dir Qwen2-0.5B-TI-DPO
+```
+Flags that are not the script's (`--num_processes 8`) go to `accelerate launch`, as with TRL's CLI.
+
+# Two processes on CPU (DDP over gloo)
+```bash
+OMP_NUM_THREADS=1 ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
+    --mixed_precision no --dynamo_backend no --main_process_port 0 examples/tidpo.py \
+    --model_name_or_path ./tiny-model --dataset_name ./pairs.jsonl --use_cpu --bf16 False --output_dir out
+```
+`accelerate launch --cpu --num_processes 2` silently starts one process; `--multi_gpu` without
+`ACCELERATE_USE_CPU=true` starts two unsynchronised processes that each train on all the data.
+
+`--dataset_name` is a hub id or a local path: a JSON / JSONL / parquet / CSV file (its rows are the training
+split), a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a folder of data files.
+
+`precompute_ref_log_probs=True` is refused: TRL caches only the sequence sums of the reference log-probs, while
+TI-DPO's token-weighted margin and triplet loss need them per token (and the weights change every step).
+"""
+
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+import transformers
+from accelerate import PartialState
+from accelerate.logging import get_logger
+from datasets import Dataset, DatasetDict, IterableDatasetDict, load_dataset, load_from_disk
+from packaging.version import Version
+from transformers.utils import is_bitsandbytes_available
+from trl import (
+    DatasetMixtureConfig,
+    ModelConfig,
+    ScriptArguments,
+    TrlParser,
+    get_dataset,
+    get_peft_config,
+    get_quantization_config,
+)
+
+from .tidpo_config import TIDPOConfig
+from .tidpo_trainer import TIDPOTrainer
+
+
+logger = get_logger(__name__)
+
+# Set in the processes `accelerate launch` starts for us, so they train instead of launching again
+LAUNCHED_ENV = "TRL_TIDPO_LAUNCHED"
+SCRIPT_MODULE = "trl_tidpo.train_script"
+ACCELERATE_CONFIG_NAMES = ("single_gpu", "multi_gpu", "fsdp2", "zero2", "zero3")
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class TIDPOScriptArguments(ScriptArguments):
+    """
+    TRL's [`~trl.ScriptArguments`] plus `accelerate_config`.
+
+    Args:
+        accelerate_config (`str`, *optional*):
+            Run under `accelerate launch` with this config: a file path, or the name of one shipped with trl-tidpo
+            (`single_gpu`, `multi_gpu`, `fsdp2`, `zero2`, `zero3`). Unknown flags go to `accelerate launch`.
+    """
+
+    accelerate_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "Run under `accelerate launch` with this config: a path, or one shipped with trl-tidpo "
+            f"({', '.join(ACCELERATE_CONFIG_NAMES)}). Flags the script does not know (e.g. `--num_processes 8`) "
+            "go to `accelerate launch`."
+        },
+    )
+
+
+def make_parser(prog: str | None = "trl-tidpo train") -> TrlParser:
+    """The script's parser: `TrlParser` over the script, training, model and dataset-mixture arguments."""
+    return TrlParser((TIDPOScriptArguments, TIDPOConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """
+    Parse `argv` (default: `sys.argv[1:]`) and train, or re-run under `accelerate launch` when asked to.
+
+    Returns:
+        `int`: the exit status, 0 on success. Bad input raises (`ValueError`, `ImportError`, `FileNotFoundError`)
+        before anything is written to `output_dir`.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser()
+    script_args, training_args, model_args, dataset_args, config_remaining, cli_remaining = (
+        parser.parse_args_and_config(argv, return_remaining_strings=True, separate_remaining_strings=True)
+    )
+    if inside_launcher():
+        # The launcher already applied its flags: a recipe's launch keys and `accelerate_config` come back here
+        if cli_remaining:
+            raise ValueError(
+                f"Unknown argument(s) {cli_remaining}: not `trl-tidpo train` flags. This process was started by a "
+                "launcher, so launch flags go before the script name in its command line."
+            )
+        ignored = config_remaining + (["accelerate_config"] if script_args.accelerate_config else [])
+        if ignored and os.environ.get(LAUNCHED_ENV) != "1":
+            logger.warning(f"Already running under a launcher: ignoring the launch settings {ignored}.")
+        return train(script_args, training_args, model_args, dataset_args)
+    launch_args = config_remaining + cli_remaining
+    if script_args.accelerate_config is not None or launch_args:
+        check_arguments(training_args, model_args)  # here too, so that these fail before any process starts
+        return launch(argv, script_args.accelerate_config, launch_args, cli_remaining)
+    return train(script_args, training_args, model_args, dataset_args)
+
+
+# ---------------------------------------------------------------------------------------------- accelerate launch
+
+
+def inside_launcher() -> bool:
+    """Whether this process was started by `accelerate launch` (ours or the user's) or `torchrun`."""
+    return (
+        os.environ.get(LAUNCHED_ENV) == "1"
+        or "LOCAL_RANK" in os.environ  # torchrun, and accelerate's multi-process launchers
+        or "ACCELERATE_DYNAMO_BACKEND" in os.environ  # set by every `accelerate launch`, one process included
+    )
+
+
+def resolve_accelerate_config(name_or_path: str) -> str:
+    """
+    The accelerate config file for `--accelerate_config`: `name_or_path` itself if it is a file, else the config of
+    that name shipped in `trl_tidpo/accelerate_configs/`.
+
+    Returns:
+        `str`: a path to a YAML file.
+    """
+    if Path(name_or_path).is_file():
+        return name_or_path
+    candidate = resources.files("trl_tidpo").joinpath("accelerate_configs", f"{name_or_path}.yaml")
+    if not candidate.is_file():
+        raise ValueError(
+            f"`--accelerate_config {name_or_path}` is neither a file nor a config shipped with trl-tidpo "
+            f"({', '.join(ACCELERATE_CONFIG_NAMES)}). Pass one of those names or the path to an accelerate config."
+        )
+    return str(candidate)
+
+
+def _drop_flag(argv: list[str], flag: str) -> list[str]:
+    """`argv` without `flag VALUE` / `flag=VALUE`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(flag + "="):
+            out.append(arg)
+    return out
+
+
+def _subtract_subsequence(argv: list[str], subsequence: list[str]) -> list[str]:
+    """`argv` with the ordered `subsequence` removed (the launch flags, which the parser returned in order)."""
+    rest, it = [], iter(subsequence)
+    current = next(it, None)
+    for arg in argv:
+        if current is not None and arg == current:
+            current = next(it, None)
+        else:
+            rest.append(arg)
+    return rest
+
+
+def build_launch_args(
+    argv: list[str], accelerate_config: str | None, launch_args: list[str], cli_remaining: list[str]
+) -> list[str]:
+    """
+    The `accelerate launch` command line (without the program name) that re-runs this script under `accelerate`.
+
+    Args:
+        argv (`list[str]`): the script's own command line.
+        accelerate_config (`str`, *optional*): `--accelerate_config`, a name or a path.
+        launch_args (`list[str]`): arguments the script's parser did not know (from the recipe and the command
+            line), meant for `accelerate launch`.
+        cli_remaining (`list[str]`): those of `launch_args` that came from `argv`.
+
+    Returns:
+        `list[str]`: `[launch flags..., "-m", "trl_tidpo.train_script", script flags...]`.
+    """
+    from accelerate.commands.launch import launch_command_parser
+
+    known = launch_command_parser()._option_string_actions
+    unknown = [arg for arg in launch_args if arg.startswith("--") and arg.split("=")[0] not in known]
+    if unknown:
+        raise ValueError(
+            f"Unknown argument(s) {unknown}: neither a `trl-tidpo train` flag (see `--help`) nor an `accelerate "
+            "launch` flag."
+        )
+    if accelerate_config is not None:
+        launch_args = ["--config_file", resolve_accelerate_config(accelerate_config)] + launch_args
+    script_argv = _drop_flag(_subtract_subsequence(argv, cli_remaining), "--accelerate_config")
+    script_argv = _drop_flag(script_argv, "--accelerate-config")  # the parser's dashed alias
+    return [*launch_args, "-m", SCRIPT_MODULE, *script_argv]
+
+
+def launch(argv: list[str], accelerate_config: str | None, launch_args: list[str], cli_remaining: list[str]) -> int:
+    """Re-run the script under `accelerate launch` (in processes of its own); returns 0 once they succeeded."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    command = build_launch_args(argv, accelerate_config, launch_args, cli_remaining)
+    os.environ[LAUNCHED_ENV] = "1"  # inherited by the launched processes
+    try:
+        launch_command(launch_command_parser().parse_args(command))
+    finally:
+        os.environ.pop(LAUNCHED_ENV, None)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def check_arguments(training_args: TIDPOConfig, model_args: ModelConfig) -> str | bool | None:
+    """The checks that need neither data nor a model; returns `resume_from_checkpoint` for `Trainer.train`."""
+    if model_args.model_name_or_path is None:
+        raise ValueError("`--model_name_or_path` is required: a hub model id or a local folder.")
+    check_quantization(model_args)
+    return check_resume(training_args)
+
+
+def check_quantization(model_args: ModelConfig) -> None:
+    """Fail early when `--load_in_4bit` / `--load_in_8bit` cannot work: no LoRA, no bitsandbytes, no backend."""
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return
+    flag = "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit"
+    if not model_args.use_peft:
+        raise ValueError(
+            f"`{flag}` freezes the base model in low precision, so only LoRA adapters can train: add `--use_peft` "
+            f"(QLoRA), or drop `{flag}` to fine-tune the full model."
+        )
+    if not is_bitsandbytes_available():
+        raise ImportError(
+            f"`{flag}` needs bitsandbytes (>= 0.46.1), which is not installed or too old. Install it with "
+            f"`pip install -U 'trl-tidpo[quantization]'` (or `pip install -U bitsandbytes`), or drop `{flag}`."
+        )
+    from transformers.integrations.bitsandbytes import validate_bnb_backend_availability
+
+    try:
+        validate_bnb_backend_availability(raise_exception=True)
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"`{flag}`: {error} Install a bitsandbytes build for your device, or drop `{flag}`."
+        ) from error
+
+
+def check_resume(training_args: TIDPOConfig) -> str | bool | None:
+    """
+    `resume_from_checkpoint` for `Trainer.train`: a checkpoint folder that must exist, or `"true"`/`"last"` for the
+    last checkpoint in `output_dir`.
+    """
+    resume = training_args.resume_from_checkpoint
+    if resume is None:
+        return None
+    if resume.lower() in ("true", "last"):
+        return True
+    if not Path(resume).is_dir():
+        raise FileNotFoundError(
+            f"`--resume_from_checkpoint {resume}`: no such checkpoint folder. Pass a `checkpoint-N` folder written by "
+            "a previous run, `last` for the latest one in `output_dir`, or drop the flag."
+        )
+    return resume
+
+
+# ---------------------------------------------------------------------------------------------- data and model
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).suffix in DATA_FILE_BUILDERS or name.count("/") > 1
+
+
+def load_preference_dataset(
+    name: str, config: str | None = None, train_split: str = "train", streaming: bool = False
+) -> DatasetDict | IterableDatasetDict:
+    """
+    Load `--dataset_name`: a hub id, or a local file / folder.
+
+    A JSON, JSONL, parquet or CSV file becomes the `train_split` split; a folder written by `save_to_disk` is loaded
+    with `load_from_disk` (a single `Dataset` becomes `train_split`); any other folder goes to `load_dataset`, which
+    reads split names from its file names (`train.jsonl`, `test.jsonl`, ...).
+
+    Returns:
+        `DatasetDict` (`IterableDatasetDict` when `streaming`).
+    """
+    path = Path(name).expanduser()
+    if path.is_file():
+        builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(
+                f"`--dataset_name {name}`: unsupported file type {path.suffix!r}. Use one of "
+                f"{sorted(DATA_FILE_BUILDERS)}, a folder written by `save_to_disk`, or a hub dataset id."
+            )
+        if path.stat().st_size == 0:  # `datasets` fails on it with a bare StopIteration
+            raise ValueError(
+                f"`--dataset_name {name}` is an empty file: TI-DPO needs at least one preference pair (`prompt`, "
+                "`chosen`, `rejected`)."
+            )
+        return load_dataset(builder, data_files={train_split: str(path)}, streaming=streaming)
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        dataset = load_from_disk(str(path))
+        if isinstance(dataset, Dataset):
+            dataset = DatasetDict({train_split: dataset})
+        if streaming:
+            dataset = IterableDatasetDict({split: ds.to_iterable_dataset() for split, ds in dataset.items()})
+        return dataset
+    if path.is_dir():
+        return load_dataset(str(path), name=config, streaming=streaming)
+    if _looks_like_path(name):
+        raise FileNotFoundError(
+            f"`--dataset_name {name}`: no such file or folder. Pass a JSON/JSONL/parquet/CSV file, a folder written "
+            "by `save_to_disk`, or a hub dataset id."
+        )
+    return load_dataset(name, name=config, streaming=streaming)
+
+
+def load_splits(script_args: TIDPOScriptArguments, training_args: TIDPOConfig, dataset_args: DatasetMixtureConfig):
+    """
+    The training and (when `eval_strategy != "no"`) evaluation datasets, checked for their splits, columns and rows.
+
+    Returns:
+        `tuple`: `(train_dataset, eval_dataset or None)`.
+    """
+    if dataset_args.datasets:
+        if script_args.dataset_name:
+            logger.warning("Both `datasets` and `dataset_name` are given: `datasets` is used, `dataset_name` ignored.")
+        dataset = get_dataset(dataset_args)
+    elif script_args.dataset_name:
+        dataset = load_preference_dataset(
+            script_args.dataset_name,
+            script_args.dataset_config,
+            script_args.dataset_train_split,
+            script_args.dataset_streaming,
+        )
+    else:
+        raise ValueError("No data: pass `--dataset_name` (a hub id or a local file/folder) or `datasets` in a recipe.")
+
+    def split(name: str, flag: str):
+        if name not in dataset:
+            raise ValueError(
+                f"The dataset has no split {name!r} (it has {list(dataset)}). Set `{flag}` to one of them."
+                + (" Or set `--eval_strategy no`." if flag == "--dataset_test_split" else "")
+            )
+        return dataset[name]
+
+    train_dataset = split(script_args.dataset_train_split, "--dataset_train_split")
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        eval_dataset = split(script_args.dataset_test_split, "--dataset_test_split")
+    TIDPOTrainer._check_dataset_columns(training_args, train_dataset, eval_dataset)
+    return train_dataset, eval_dataset
+
+
+def load_quantized_model(model_args: ModelConfig, training_args: TIDPOConfig):
+    """
+    The base model in 4-bit (NF4 by default) or 8-bit through bitsandbytes, prepared for QLoRA with
+    `peft.prepare_model_for_kbit_training` (norms and head in float32, input gradients on, optional checkpointing).
+    """
+    from peft import prepare_model_for_kbit_training
+    from trl.trainer.utils import create_model_from_path
+
+    model_init_kwargs = dict(training_args.model_init_kwargs or {})
+    model_init_kwargs["quantization_config"] = get_quantization_config(model_args)
+    if torch.cuda.is_available() and not training_args.use_cpu:
+        model_init_kwargs["device_map"] = {"": PartialState().local_process_index}  # one GPU per process
+    model = create_model_from_path(model_args.model_name_or_path, **model_init_kwargs)
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=training_args.gradient_checkpointing,
+        gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def train(
+    script_args: TIDPOScriptArguments,
+    training_args: TIDPOConfig,
+    model_args: ModelConfig,
+    dataset_args: DatasetMixtureConfig,
+) -> int:
+    """
+    Validate everything that can be validated without a model, then load, train, save and (optionally) push.
+
+    Returns:
+        `int`: 0.
+    """
+    resume = check_arguments(training_args, model_args)
+    train_dataset, eval_dataset = load_splits(script_args, training_args, dataset_args)
+
+    model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+    }
+    model_init_kwargs.update(training_args.model_init_kwargs or {})
+    training_args.model_init_kwargs = model_init_kwargs
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        model = load_quantized_model(model_args, training_args)
+        training_args.model_init_kwargs = None  # used above; the trainer receives a loaded model
+    else:
+        model = model_args.model_name_or_path
+
+    trainer = TIDPOTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        peft_config=get_peft_config(model_args),
+    )
+    if script_args.ignore_bias_buffers:
+        # torch distributed hack, as in TRL's script
+        trainer.model._ddp_params_and_buffers_to_ignore = [
+            name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
+        ]
+
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.accelerator.print("Training completed.")
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.accelerator.print(f"Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
+    if Version(transformers.__version__) >= Version("5.18.0"):
+        trainer.end()  # finish the trackers and destroy the process group
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
