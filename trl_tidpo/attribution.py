@@ -11,6 +11,9 @@ import torch
 from accelerate.utils import is_peft_model
 from torch import nn
 
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
 from .importance import importance_from_gradients
 
 
@@ -67,6 +70,23 @@ def capture_activations(
             handle.remove()
 
 
+def uses_reentrant_checkpointing(model: nn.Module) -> bool:
+    """
+    Whether `model` is in training mode with *reentrant* activation checkpointing, which cannot give gradients w.r.t.
+    activations (`torch.autograd.grad`). Read from the checkpoint function transformers installed on the model, so it
+    holds whichever argument (`gradient_checkpointing_kwargs` or `activation_checkpointing_kwargs`) set it; torch's
+    `checkpoint` is reentrant when `use_reentrant` is not given.
+    """
+    lm = causal_lm_of(model)
+    if not (lm.is_gradient_checkpointing and lm.training):
+        return False
+    for module in lm.modules():
+        checkpoint_func = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) and checkpoint_func is not None:
+            return bool(getattr(checkpoint_func, "keywords", {}).get("use_reentrant", True))
+    return False
+
+
 def logit_transform(config) -> tuple[float, float | None]:
     """
     The model's own logit scaling and final soft-capping, read from its config exactly as TRL's fused LM head does
@@ -96,12 +116,18 @@ def project_to_logits(hidden: torch.Tensor, lm_head: nn.Module, config) -> torch
         `torch.Tensor`: `[N, vocab]` float32.
     """
     weight, bias = lm_head.weight, lm_head.bias
-    if hasattr(weight, "full_tensor"):  # FSDP2 DTensor
-        weight = weight.full_tensor()
-        bias = bias.full_tensor() if bias is not None else None
-    logits = hidden.float() @ weight.float().t()
-    if bias is not None:
-        logits = logits + bias.float()
+    # ZeRO-3 keeps the head partitioned outside its own forward: gather it for this direct read. The product is taken
+    # in the head's dtype (as the model does) and upcast after, so a bf16 head is never copied to float32 whole.
+    with maybe_gather_lm_head_ctx(weight, bias):
+        if hasattr(weight, "full_tensor"):  # FSDP2 DTensor
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if bias is not None else None
+        if is_deepspeed_zero3_enabled():  # autograd must not keep a parameter that is re-partitioned on exit
+            weight = weight.detach().clone()
+            bias = bias.detach().clone() if bias is not None else None
+        logits = (hidden.to(weight.dtype) @ weight.t()).float()
+        if bias is not None:
+            logits = logits + bias.float()
     scale, softcap = logit_transform(config)
     logits = logits * scale
     if softcap is not None:

@@ -193,10 +193,24 @@ class TIDPOConfig(DPOConfig):
         default=64, metadata={"help": "Completion positions per chunk of the sequential KL (≥ 1)."}
     )
 
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={
+            "help": "Not supported by TIDPOTrainer (must stay False): TRL caches only sequence sums of the reference "
+            "log-probs, while the token-weighted margin and the triplet loss need them per token."
+        },
+    )
+
     def __post_init__(self):
         self._validate_tidpo_fields()
         self._refuse_unsupported_dpo_options()
         super().__post_init__()
+        plugin = getattr(self, "deepspeed_plugin", None)
+        if self.tdpo_alpha > 0 and plugin is not None and plugin.zero_stage == 3:
+            raise ValueError(
+                "`tdpo_alpha > 0` is not supported with DeepSpeed ZeRO-3: the sequential KL reads the partitioned LM head "
+                "outside its forward, so its gradient could not reach the head. Use ZeRO-2 or FSDP2, or `tdpo_alpha=0`."
+            )
 
     def _validate_tidpo_fields(self):
         choices = {

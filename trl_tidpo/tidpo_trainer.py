@@ -26,6 +26,7 @@ from .attribution import (
     causal_lm_of,
     embedding_attribution,
     project_to_logits,
+    uses_reentrant_checkpointing,
 )
 from .importance import hybrid_token_weights
 from .sequential_kl import sequential_kl
@@ -480,9 +481,7 @@ class TIDPOTrainer(DPOTrainer):
 
     def _needs_separate_attribution_pass(self, model) -> bool:
         """Reentrant checkpointing cannot serve `autograd.grad` w.r.t. activations: attribute in a pass of its own."""
-        lm = causal_lm_of(model)
-        kwargs = self.args.gradient_checkpointing_kwargs or {}
-        return bool(lm.is_gradient_checkpointing and lm.training and kwargs.get("use_reentrant", False))
+        return uses_reentrant_checkpointing(model)
 
     def _attribution_pass(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Raw importance `[R, T]` from a forward of its own, without gradient checkpointing."""
