@@ -1,0 +1,60 @@
+"""How well per-token weights find the critical tokens, and held-out preference accuracy."""
+
+from collections.abc import Sequence
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """
+    Area under the ROC curve of `scores` for the binary `labels`: the probability that a random positive scores
+    higher than a random negative, ties counting one half (the Mann-Whitney U statistic over `n_pos * n_neg`).
+
+    Raises:
+        ValueError: if the lengths differ or one class is empty (the AUC is undefined).
+
+    Returns:
+        `float` in [0, 1]; 0.5 for uninformative scores.
+    """
+    if len(scores) != len(labels):
+        raise ValueError(f"`scores` and `labels` differ in length: {len(scores)} vs {len(labels)}.")
+    n_pos = sum(1 for label in labels if label)
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("ROC-AUC needs at least one positive and one negative label.")
+    # Average ranks (1-based) with ties sharing the mean rank of their group
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    rank_sum = sum(rank for rank, label in zip(ranks, labels) if label)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def top_k_share(weights: Sequence[float], labels: Sequence[bool], k: int | None = None) -> float:
+    """
+    Share of critical tokens among the `k` highest-weighted tokens of one row; `k` defaults to the number of critical
+    tokens (then a perfect ranking gives 1 and random weights give the row's critical fraction). Ties at the cut are
+    broken toward the earlier token.
+
+    Returns:
+        `float` in [0, 1].
+    """
+    if len(weights) != len(labels):
+        raise ValueError(f"`weights` and `labels` differ in length: {len(weights)} vs {len(labels)}.")
+    k = sum(1 for label in labels if label) if k is None else k
+    if k <= 0:
+        raise ValueError("`k` must be >= 1 (the row needs at least one critical token).")
+    top = sorted(range(len(weights)), key=lambda i: (-weights[i], i))[:k]
+    return sum(1 for i in top if labels[i]) / len(top)
+
+
+def preference_accuracy(chosen_rewards: Sequence[float], rejected_rewards: Sequence[float]) -> float:
+    """Share of pairs whose chosen reward is strictly above the rejected one (ties count as wrong, as in TRL)."""
+    if len(chosen_rewards) != len(rejected_rewards) or not chosen_rewards:
+        raise ValueError("Need the same, non-zero number of chosen and rejected rewards.")
+    return sum(c > r for c, r in zip(chosen_rewards, rejected_rewards)) / len(chosen_rewards)

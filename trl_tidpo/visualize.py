@@ -1,0 +1,233 @@
+"""
+Views of per-token TI-DPO weights: self-contained HTML (no server, no script, every text escaped) and a terminal
+rendering (colour on a terminal, plain numbers when piped).
+"""
+
+import html
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import IO
+
+
+# Weight shading: white at 0, full orange-red at `vmax`.
+_SHADE_RGB = (234, 88, 12)
+# 256-colour background ramp for terminals, from white to red.
+_ANSI_RAMP = (231, 230, 229, 223, 216, 209, 202, 196)
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 75em;
+       color: #1f2937; padding: 0 1em; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.1em; margin: 0 0 .4em; } h3 { font-size: .95em; margin: .2em 0; }
+.note { color: #4b5563; max-width: 60em; }
+.legend { display: flex; gap: 1.5em; align-items: center; margin: 1em 0; font-size: .9em; }
+.ramp { width: 12em; height: 1em; border: 1px solid #d1d5db;
+        background: linear-gradient(to right, rgb(255,255,255), rgb(234,88,12)); }
+table.summary { border-collapse: collapse; margin: 1em 0; font-size: .9em; }
+table.summary td, table.summary th { border: 1px solid #d1d5db; padding: .25em .6em; text-align: right; }
+table.summary th:first-child, table.summary td:first-child { text-align: left; }
+.pair { border: 1px solid #e5e7eb; border-radius: 6px; padding: .8em 1em; margin: 1em 0; }
+.prompt { color: #374151; margin-bottom: .5em; }
+.sides { display: grid; grid-template-columns: 1fr 1fr; gap: 1.5em; }
+.side h3.chosen { color: #15803d; } .side h3.rejected { color: #b91c1c; }
+.tokens { line-height: 2.1em; font-family: ui-monospace, "SFMono-Regular", Menlo, monospace; font-size: .92em; }
+.tok { white-space: pre; padding: .15em .2em; margin: 0 1px; border-radius: 3px; }
+.tok.critical { outline: 2px solid #1d4ed8; outline-offset: 1px; }
+.stats { color: #6b7280; font-size: .8em; margin-top: .3em; }
+"""
+
+
+@dataclass
+class TokenRow:
+    """One completion to draw: its tokens (display text), weights, optional critical flags and per-token details."""
+
+    tokens: Sequence[str]
+    weights: Sequence[float]
+    critical: Sequence[bool] | None = None
+    importance: Sequence[float] | None = None
+    prior: Sequence[float] | None = None
+    caption: str = ""
+
+    def __post_init__(self):
+        for name in ("weights", "critical", "importance", "prior"):
+            values = getattr(self, name)
+            if values is not None and len(values) != len(self.tokens):
+                raise ValueError(f"`{name}` has {len(values)} entries for {len(self.tokens)} tokens.")
+
+
+@dataclass
+class PairView:
+    """A preference pair to draw side by side."""
+
+    prompt: str
+    chosen: TokenRow
+    rejected: TokenRow
+    title: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+_VISIBLE = {"\n": "↵", "\t": "⇥", "\r": "␍"}
+
+
+def visible(token: str) -> str:
+    """
+    Token text with line breaks and tabs made visible and other control characters (terminal escapes included)
+    written as `\\xNN`, so every token takes room and none can act on the terminal. An empty token shows as `∅`.
+    """
+    out = "".join(_VISIBLE.get(c, c if c.isprintable() else f"\\x{ord(c):02x}") for c in token)
+    return out or "∅"
+
+
+def shade(weight: float, vmax: float) -> str:
+    """CSS colour of `weight` on a white → orange-red scale that saturates at `vmax`."""
+    t = 0.0 if vmax <= 0 else min(max(weight / vmax, 0.0), 1.0)
+    r, g, b = (round(255 + t * (c - 255)) for c in _SHADE_RGB)
+    return f"rgb({r},{g},{b})"
+
+
+def tokens_html(row: TokenRow, vmax: float) -> str:
+    """`<span>`s of `row`'s tokens, shaded by weight, critical ones outlined, details in the hover title."""
+    spans = []
+    for i, (token, weight) in enumerate(zip(row.tokens, row.weights)):
+        classes = "tok critical" if row.critical is not None and row.critical[i] else "tok"
+        details = f"weight {weight:.3f}"
+        if row.importance is not None:
+            details += f" · importance {row.importance[i]:.3f}"
+        if row.prior is not None:
+            details += f" · prior {row.prior[i]:.3f}"
+        if row.critical is not None and row.critical[i]:
+            details += " · critical"
+        spans.append(
+            f'<span class="{classes}" style="background:{shade(weight, vmax)}" title="{html.escape(details)}">'
+            f"{html.escape(visible(token))}</span>"
+        )
+    return "".join(spans)
+
+
+def _row_block(row: TokenRow, heading: str, css_class: str, vmax: float) -> str:
+    caption = f'<div class="stats">{html.escape(row.caption)}</div>' if row.caption else ""
+    return (
+        f'<div class="side"><h3 class="{css_class}">{html.escape(heading)}</h3>'
+        f'<div class="tokens">{tokens_html(row, vmax)}</div>{caption}</div>'
+    )
+
+
+def _legend(vmax: float, with_critical: bool) -> str:
+    critical = '<span><span class="tok critical">token</span> critical token (ground truth)</span>' if with_critical else ""
+    return (
+        f'<div class="legend"><span>weight 0</span><span class="ramp"></span><span>≥ {vmax:.2f}</span>'
+        f"{critical}<span>hover a token for its weight, importance and prior</span></div>"
+    )
+
+
+def _summary_table(summary: Sequence[Sequence[str]]) -> str:
+    if not summary:
+        return ""
+    head, *body = summary
+    rows = ["<tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in head) + "</tr>"]
+    rows += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in body]
+    return f'<table class="summary">{"".join(rows)}</table>'
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_CSS}</style></head><body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n"
+    )
+
+
+def _page_vmax(rows: Sequence[TokenRow]) -> float:
+    return max((w for row in rows for w in row.weights), default=1.0)
+
+
+def pairs_page(
+    pairs: Sequence[PairView], title: str, intro: str = "", summary: Sequence[Sequence[str]] = (), vmax: float | None = None
+) -> str:
+    """
+    A self-contained HTML page: an optional summary table, then each pair's prompt and its chosen and rejected
+    completions side by side, every token shaded by its weight on one scale for the whole page.
+
+    Returns:
+        `str`: the HTML document.
+    """
+    rows = [row for pair in pairs for row in (pair.chosen, pair.rejected)]
+    vmax = _page_vmax(rows) if vmax is None else vmax
+    with_critical = any(row.critical is not None and any(row.critical) for row in rows)
+    blocks = []
+    for pair in pairs:
+        notes = "".join(f'<div class="stats">{html.escape(note)}</div>' for note in pair.notes)
+        blocks.append(
+            f'<div class="pair"><h2>{html.escape(pair.title)}</h2>'
+            f'<div class="prompt"><b>Prompt:</b> {html.escape(pair.prompt)}</div><div class="sides">'
+            f'{_row_block(pair.chosen, "chosen", "chosen", vmax)}{_row_block(pair.rejected, "rejected", "rejected", vmax)}'
+            f"</div>{notes}</div>"
+        )
+    intro_html = f'<p class="note">{html.escape(intro)}</p>' if intro else ""
+    body = intro_html + _summary_table(summary) + _legend(vmax, with_critical) + "\n".join(blocks)
+    return _page(title, body)
+
+
+def completion_page(prompt: str, row: TokenRow, title: str, intro: str = "") -> str:
+    """A self-contained HTML page of one prompt and its completion's token weights. Returns the HTML document."""
+    vmax = _page_vmax([row])
+    intro_html = f'<p class="note">{html.escape(intro)}</p>' if intro else ""
+    caption = f'<div class="stats">{html.escape(row.caption)}</div>' if row.caption else ""
+    body = (
+        intro_html
+        + _legend(vmax, row.critical is not None and any(row.critical))
+        + f'<div class="pair"><div class="prompt"><b>Prompt:</b> {html.escape(prompt)}</div>'
+        f'<div class="tokens">{tokens_html(row, vmax)}</div>{caption}</div>'
+    )
+    return _page(title, body)
+
+
+# ---------------------------------------------------------------------------------------------------- terminal
+
+
+def use_color(stream: IO, mode: str = "auto") -> bool:
+    """`mode` "always"/"never", or "auto": colour only on a terminal, unless `NO_COLOR` is set or `TERM=dumb`."""
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"colour mode must be 'auto', 'always' or 'never', got {mode!r}.")
+    if mode != "auto":
+        return mode == "always"
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return False
+    return hasattr(stream, "isatty") and stream.isatty()
+
+
+def _ansi(token: str, weight: float, vmax: float) -> str:
+    t = 0.0 if vmax <= 0 else min(max(weight / vmax, 0.0), 1.0)
+    code = _ANSI_RAMP[round(t * (len(_ANSI_RAMP) - 1))]
+    return f"\x1b[48;5;{code}m\x1b[38;5;16m{token}\x1b[0m"
+
+
+def terminal_view(row: TokenRow, color: bool) -> str:
+    """
+    The completion for a terminal: with `color`, the tokens inline on a white → red background by weight, then a
+    table (index, token, weight, importance, prior) that is all there is without colour (plain numbers for pipes).
+
+    Returns:
+        `str`, lines joined by newlines.
+    """
+    lines = []
+    vmax = _page_vmax([row])
+    if color:
+        lines.append(" ".join(_ansi(visible(t), w, vmax) for t, w in zip(row.tokens, row.weights)))
+        lines.append("")
+    width = max([len(visible(t)) for t in row.tokens] + [5])
+    header = f"{'#':>4}  {'token':<{width}}  {'weight':>8}"
+    if row.importance is not None:
+        header += f"  {'importance':>10}"
+    if row.prior is not None:
+        header += f"  {'prior':>8}"
+    lines.append(header)
+    for i, (token, weight) in enumerate(zip(row.tokens, row.weights)):
+        line = f"{i:>4}  {visible(token):<{width}}  {weight:>8.4f}"
+        if row.importance is not None:
+            line += f"  {row.importance[i]:>10.4f}"
+        if row.prior is not None:
+            line += f"  {row.prior[i]:>8.4f}"
+        lines.append(line)
+    if row.caption:
+        lines.append(row.caption)
+    return "\n".join(lines)
