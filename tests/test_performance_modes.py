@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from helpers_trainer import CPU_ARGS, clone_params, expected_shifted_weights, raw_importance, tokenize_row
+from helpers_trainer import CPU_ARGS, expected_shifted_weights, raw_importance, tokenize_row
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
@@ -25,7 +25,6 @@ import trl_tidpo.tidpo_trainer as tidpo_trainer_module
 from trl_tidpo import TIDPOConfig, TIDPOTrainer
 from trl_tidpo.attribution import causal_lm_of
 from trl_tidpo.tiny_models import build_tiny_llama
-
 
 B = 4
 ANCHORS = [" rest and water now please .", " blue", " the dog ran .", " hello world"] * 2
@@ -122,36 +121,30 @@ def test_reference_weight_cache_is_reused_and_keyed(
     tmp_path, model_dir, ref_model_dir, tokenizer, standard_dataset, monkeypatch
 ):
     """
-    On a file-backed dataset the cache is reused for the same dataset, reference and settings, and rebuilt when the
-    reference or a weight setting changes.
-
-    `max_length=None`: TRL's `max_length` filter closes over the whole training config, so with it the dataset's
-    fingerprint (and so this cache, like TRL's reference log-prob cache) changes with any option, even `output_dir`.
-    An in-memory dataset has no cache directory at all: each trainer recomputes.
+    The cache is reused by a second trainer on the same data, reference and weight settings (even with another
+    `output_dir`), and rebuilt when the reference or a weight setting changes.
     """
     standard_dataset.save_to_disk(str(tmp_path / "data"))
     dataset = Dataset.load_from_disk(str(tmp_path / "data"))
-    writes = []
+    computed = []
     original = TIDPOTrainer._reference_weight_lists
 
     def counting(self, *args, **kwargs):
-        writes.append(self.args.importance_lambda)
+        computed.append(self.args.importance_lambda)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(TIDPOTrainer, "_reference_weight_lists", counting)
 
     def build(name: str, **overrides) -> TIDPOTrainer:
-        return reference_trainer(
-            tmp_path / name, model_dir, ref_model_dir, tokenizer, dataset, max_length=None, **overrides
-        )
+        return reference_trainer(tmp_path / name, model_dir, ref_model_dir, tokenizer, dataset, **overrides)
 
     first, again = build("a"), build("b")
-    assert writes == [0.7]
+    assert computed == [0.7]
     assert first.train_dataset["chosen_token_weights"] == again.train_dataset["chosen_token_weights"]
     build("c", importance_lambda=0.3)
-    assert writes == [0.7, 0.3]
+    assert computed == [0.7, 0.3]
     other_ref = build("d", ref=load(model_dir))  # another reference model
-    assert writes == [0.7, 0.3, 0.7]
+    assert computed == [0.7, 0.3, 0.7]
     assert other_ref.train_dataset["chosen_token_weights"] != first.train_dataset["chosen_token_weights"]
 
 
@@ -202,7 +195,7 @@ def test_fused_policy_attribution_equals_separate_pass(tmp_path, model_dir, toke
 
 
 def test_anchor_rows_do_not_change_the_pair_attribution(tmp_path, model_dir, tokenizer, standard_dataset):
-    """Scoring anchor rows in the same policy forward leaves the chosen/rejected raw importance unchanged."""
+    """Scoring anchor rows with the pairs leaves the chosen/rejected raw importance unchanged (padded to the wider axis)."""
     dataset = standard_dataset.add_column("anchor", ANCHORS)
     trainer = TIDPOTrainer(
         model=model_dir,
@@ -218,7 +211,9 @@ def test_anchor_rows_do_not_change_the_pair_attribution(tmp_path, model_dir, tok
     without = trainer.concatenated_forward(trainer.model, pairs_only)
     assert with_anchors["per_token_logps"].size(0) == 3 * B  # the anchors were scored
     width = without["raw_importance"].size(1)
-    torch.testing.assert_close(with_anchors["raw_importance"][:, :width], without["raw_importance"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        with_anchors["raw_importance"][:, :width], without["raw_importance"], atol=1e-6, rtol=1e-5
+    )
     assert (with_anchors["raw_importance"][:, width:] == 0).all()
 
 
@@ -248,7 +243,9 @@ def test_kl_chunk_size_does_not_change_loss_or_gradients(
         chunk: kl_loss_and_grads(tmp_path / str(chunk), model_dir, ref_model_dir, tokenizer, standard_dataset, chunk)
         for chunk in (1, 5, 4096)
     }
-    no_kl_loss, _, _ = kl_loss_and_grads(tmp_path / "nokl", model_dir, ref_model_dir, tokenizer, standard_dataset, 64, 0.0)
+    no_kl_loss, _, _ = kl_loss_and_grads(
+        tmp_path / "nokl", model_dir, ref_model_dir, tokenizer, standard_dataset, 64, 0.0
+    )
     loss, grads, metrics = results[4096]
     assert metrics["kl/chosen"][-1] > 0 and metrics["kl/rejected"][-1] > 0
     assert not math.isclose(loss.item(), no_kl_loss.item(), abs_tol=1e-5)  # the KL term is in the loss
@@ -257,7 +254,9 @@ def test_kl_chunk_size_does_not_change_loss_or_gradients(
         torch.testing.assert_close(other_loss, loss, atol=1e-6, rtol=1e-5)
         assert other_metrics["kl/chosen"][-1] == pytest.approx(metrics["kl/chosen"][-1], rel=1e-5)
         for name, grad in grads.items():
-            torch.testing.assert_close(other_grads[name], grad, atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(
+                other_grads[name], grad, atol=1e-6, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+            )
 
 
 def test_sequential_kl_projects_one_chunk_at_a_time(
@@ -300,3 +299,36 @@ def test_sequential_kl_projects_one_chunk_at_a_time(
         assert sum(shape[0] for shape, h in seen[:in_forward] if h is head) == positions
     assert len(seen) > in_forward  # backward recomputed the chunks (activation checkpointing) instead of storing them
     assert all(shape[0] <= chunk for shape, _ in seen[in_forward:])
+
+
+def test_dataset_weights_with_anchors_wider_than_the_pairs(
+    tmp_path, model_dir, tokenizer, standard_dataset, monkeypatch
+):
+    """
+    Anchor rows scored in their own forward may be wider than the chosen/rejected rows; the batch's `token_weights`
+    still line up with the completion tokens they were given for (0 elsewhere).
+    """
+    rows = rows_of(tokenizer, standard_dataset)
+    lengths = [len(ids) - start for ids, start in rows]
+    weights = [[0.5 + 0.25 * j for j in range(n)] for n in lengths]
+    long_anchor = " rest and drink water and see doctor and take pills now please ."
+    dataset = standard_dataset.select(range(B)).add_column("anchor", [long_anchor] * B)
+    dataset = dataset.add_column("chosen_token_weights", weights[:B]).add_column("rejected_token_weights", weights[B:])
+    applied = record_applied_weights(monkeypatch)
+    trainer = TIDPOTrainer(
+        model=model_dir,
+        args=tidpo_args(tmp_path, token_weighting="dataset", triplet_gamma=0.1, anchor_source="dataset"),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    batch = first_batch(trainer)
+    assert batch["anchor_input_ids"].size(1) > batch["input_ids"].size(1)
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    assert torch.isfinite(loss)
+
+    expected = torch.zeros(2 * B, batch["anchor_input_ids"].size(1) - 1)
+    for r, (ids, start) in enumerate(rows):
+        for j in range(start, len(ids)):
+            expected[r, j - 1] = weights[r][j - start]  # entry i weighs token i + 1
+    torch.testing.assert_close(applied[0], expected)
