@@ -56,6 +56,9 @@ RECORDING_SCRIPT = textwrap.dedent(
             backend=dist.get_backend(),
             torch_world_size=dist.get_world_size(),
             log_history=self.state.log_history,
+            # Per-parameter sums: equal on both ranks only if DDP all-reduced every gradient (the ranks saw different
+            # pairs, and the policy runs two forwards, pairs then anchors, before each backward)
+            param_sums=[p.detach().double().sum().item() for p in self.model.parameters()],
         )
         return output
     TIDPOTrainer.train = recording_train
@@ -68,8 +71,9 @@ RECORDING_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.fixture
-def two_rank_run(tmp_path, model_dir) -> tuple[dict, dict, Path]:
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory, model_dir) -> tuple[dict, dict, Path]:
+    tmp_path = tmp_path_factory.mktemp("ddp")
     data = tmp_path / "pairs.jsonl"
     data.write_text(
         "".join(json.dumps({"prompt": p, "chosen": " " + c, "rejected": " " + r}) + "\n" for p, c, r in PAIRS)
@@ -132,6 +136,13 @@ def test_two_cpu_processes_train_on_their_own_shards(two_rank_run):
         assert log["token_weights/fallback_rows"] == 0
     assert (output_dir / "model.safetensors").is_file()
     assert "TI-DPO" in (output_dir / "README.md").read_text()
+
+
+def test_two_cpu_processes_keep_identical_parameters(two_rank_run):
+    """DDP synchronised the update: after two steps on different shards, both ranks hold the same parameters."""
+    rank0, rank1, _ = two_rank_run
+    assert len(rank0["param_sums"]) == len(rank1["param_sums"]) > 0
+    assert rank0["param_sums"] == pytest.approx(rank1["param_sums"], rel=1e-9, abs=1e-9)
 
 
 def test_accelerate_config_flag_relaunches_the_script_in_a_child_process(tmp_path, model_dir, monkeypatch):
