@@ -54,3 +54,11 @@ def standard_dataset():
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture(scope="session")
+def ref_model_dir(tmp_path_factory, tokenizer):
+    """A second tiny Llama (another seed), so policy/reference log-ratios and weights differ at step 0."""
+    path = tmp_path_factory.mktemp("tiny-llama-ref")
+    build_tiny_llama(len(tokenizer), seed=1).save_pretrained(path)
+    return str(path)

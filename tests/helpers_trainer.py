@@ -143,3 +143,22 @@ def completion_logratios(policy, ref, ids: list[int], start: int) -> torch.Tenso
 
 def clone_params(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def load(path: str):
+    """A fresh copy of the model saved at `path`."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def first_batch(trainer, n: int = 4) -> dict:
+    """The first `n` prepared training rows, collated by the trainer's own collator (no shuffling)."""
+    return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
+
+
+def text_rows(tokenizer, dataset, n: int = 4) -> list[tuple[list[int], int]]:
+    """`(ids, completion_start)` of the chosen rows, then the rejected rows, of the first `n` examples."""
+    chosen = [tokenize_row(tokenizer, ex["prompt"], ex["chosen"]) for ex in dataset.select(range(n))]
+    rejected = [tokenize_row(tokenizer, ex["prompt"], ex["rejected"]) for ex in dataset.select(range(n))]
+    return chosen + rejected

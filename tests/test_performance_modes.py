@@ -17,45 +17,21 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from helpers_trainer import CPU_ARGS, expected_shifted_weights, raw_importance, tokenize_row
+from helpers_trainer import CPU_ARGS, expected_shifted_weights, first_batch, load, raw_importance, text_rows
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM
 
 import trl_tidpo.tidpo_trainer as tidpo_trainer_module
 from trl_tidpo import TIDPOConfig, TIDPOTrainer
 from trl_tidpo.attribution import causal_lm_of
-from trl_tidpo.tiny_models import build_tiny_llama
 
 B = 4
 ANCHORS = [" rest and water now please .", " blue", " the dog ran .", " hello world"] * 2
-
-
-@pytest.fixture(scope="module")
-def ref_model_dir(tmp_path_factory, tokenizer):
-    """A second tiny Llama (another seed): reference weights differ from policy weights, so a test can tell them apart."""
-    path = tmp_path_factory.mktemp("tiny-llama-ref-perf")
-    build_tiny_llama(len(tokenizer), seed=1).save_pretrained(path)
-    return str(path)
-
-
-def load(path: str):
-    return AutoModelForCausalLM.from_pretrained(path)
 
 
 def tidpo_args(tmp_path, **overrides) -> TIDPOConfig:
     return TIDPOConfig(output_dir=str(tmp_path), **{**CPU_ARGS, **overrides})
 
 
-def first_batch(trainer, n: int = B) -> dict:
-    """The first `n` prepared rows, collated by the trainer's own collator (no shuffling)."""
-    return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
-
-
-def rows_of(tokenizer, dataset: Dataset, n: int = B) -> list[tuple[list[int], int]]:
-    """`(ids, completion_start)` of the chosen rows, then the rejected rows, of the first `n` examples."""
-    chosen = [tokenize_row(tokenizer, ex["prompt"], ex["chosen"]) for ex in dataset.select(range(n))]
-    rejected = [tokenize_row(tokenizer, ex["prompt"], ex["rejected"]) for ex in dataset.select(range(n))]
-    return chosen + rejected
 
 
 def record_applied_weights(monkeypatch) -> list[torch.Tensor]:
@@ -108,7 +84,7 @@ def test_cached_reference_weights_equal_on_the_fly_reference_weights(
     assert len(applied) == 4  # policy and reference sums, per trainer
     cached_weights, fly_weights = applied[0], applied[2]
 
-    rows = rows_of(tokenizer, standard_dataset)
+    rows = text_rows(tokenizer, standard_dataset)
     width = cached_batch["input_ids"].size(1) - 1
     expected, _ = expected_shifted_weights(load(ref_model_dir), rows, width, 0.7, 0.25, "completion", "mean")
     policy_weights, _ = expected_shifted_weights(load(model_dir), rows, width, 0.7, 0.25, "completion", "mean")
@@ -186,7 +162,7 @@ def test_fused_policy_attribution_equals_separate_pass(tmp_path, model_dir, toke
     assert all(p.grad is None for p in trainer.model.parameters())  # activation-only backward
     separate = trainer._attribution_pass(trainer.model, batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(fused, separate, atol=1e-6, rtol=1e-5)
-    for r, (ids, _) in enumerate(rows_of(tokenizer, standard_dataset)):
+    for r, (ids, _) in enumerate(text_rows(tokenizer, standard_dataset)):
         expected = torch.tensor(raw_importance(trainer.model, ids))
         torch.testing.assert_close(fused[r, : len(ids)], expected, atol=1e-6, rtol=1e-4)
         assert (fused[r, len(ids) :] == 0).all()  # padding after the row cannot influence its last position
@@ -308,7 +284,7 @@ def test_dataset_weights_with_anchors_wider_than_the_pairs(
     Anchor rows scored in their own forward may be wider than the chosen/rejected rows; the batch's `token_weights`
     still line up with the completion tokens they were given for (0 elsewhere).
     """
-    rows = rows_of(tokenizer, standard_dataset)
+    rows = text_rows(tokenizer, standard_dataset)
     lengths = [len(ids) - start for ids, start in rows]
     weights = [[0.5 + 0.25 * j for j in range(n)] for n in lengths]
     long_anchor = " rest and drink water and see doctor and take pills now please ."

@@ -18,7 +18,6 @@ import torch
 from conftest import WORDS
 from datasets import Dataset
 from helpers_trainer import CPU_ARGS, clone_params, token_logps, tokenize_row
-from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer
 
 import trl_tidpo.tidpo_trainer as tidpo_trainer_module

@@ -11,6 +11,9 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from helpers_trainer import (
+    first_batch,
+    load,
+    text_rows,
     CPU_ARGS,
     clone_params,
     completion_logratios,
@@ -21,12 +24,10 @@ from helpers_trainer import (
     tokenize_row,
 )
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer
 
 import trl_tidpo.tidpo_trainer as tidpo_trainer_module
 from trl_tidpo import TIDPOConfig, TIDPOTrainer
-from trl_tidpo.tiny_models import build_tiny_llama
 
 
 B = 4  # pairs per batch in these tests
@@ -43,32 +44,10 @@ ANCHORS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ref_model_dir(tmp_path_factory, tokenizer):
-    """A second tiny Llama (another seed), so the policy/reference log-ratios are not all zero at step 0."""
-    path = tmp_path_factory.mktemp("tiny-llama-ref")
-    build_tiny_llama(len(tokenizer), seed=1).save_pretrained(path)
-    return str(path)
-
-
-def load(path: str):
-    return AutoModelForCausalLM.from_pretrained(path)
-
-
 def tidpo_args(tmp_path, **overrides) -> TIDPOConfig:
     return TIDPOConfig(output_dir=str(tmp_path), **{**CPU_ARGS, **overrides})
 
 
-def first_batch(trainer, n: int = B) -> dict:
-    """The first `n` prepared training rows, collated by the trainer's own collator (no shuffling)."""
-    return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
-
-
-def text_rows(tokenizer, dataset: Dataset, n: int = B) -> list[tuple[list[int], int]]:
-    """`(ids, completion_start)` of the chosen rows then the rejected rows of the first `n` examples."""
-    chosen = [tokenize_row(tokenizer, ex["prompt"], ex["chosen"]) for ex in dataset.select(range(n))]
-    rejected = [tokenize_row(tokenizer, ex["prompt"], ex["rejected"]) for ex in dataset.select(range(n))]
-    return chosen + rejected
 
 
 def assert_batch_matches_rows(batch: dict, rows: list[tuple[list[int], int]]) -> None:

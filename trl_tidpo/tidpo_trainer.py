@@ -4,7 +4,6 @@ import os
 import shutil
 import textwrap
 import warnings
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -383,14 +382,19 @@ class TIDPOTrainer(DPOTrainer):
         context = self._reference_context if uses_reference else contextlib.nullcontext
         model_hash = (hash_module(positive), hash_module(negative) if negative is not positive else None)
 
-        def add(dataset, name):
-            return self._tis_dpo_weights(dataset, name, positive, negative, context, model_hash)
-
-        self.train_dataset = add(self.train_dataset, "train")
+        # A plain loop, no closure over the models, so that deleting them below frees them
+        self.train_dataset = self._tis_dpo_weights(
+            self.train_dataset, "train", positive, negative, context, model_hash
+        )
         if isinstance(self.eval_dataset, dict):
-            self.eval_dataset = {key: add(dataset, key) for key, dataset in self.eval_dataset.items()}
+            weighed = {}
+            for name, dataset in self.eval_dataset.items():
+                weighed[name] = self._tis_dpo_weights(dataset, name, positive, negative, context, model_hash)
+            self.eval_dataset = weighed
         elif self.eval_dataset is not None:
-            self.eval_dataset = add(self.eval_dataset, "eval")
+            self.eval_dataset = self._tis_dpo_weights(
+                self.eval_dataset, "eval", positive, negative, context, model_hash
+            )
         del positive, negative
         gc.collect()
         clear_device_cache()

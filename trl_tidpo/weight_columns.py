@@ -58,7 +58,8 @@ def weights_to_lists(
         `list[list[float]]`.
     """
     rows = []
-    for weights, mask, length in zip(token_weights.cpu(), completion_mask.cpu().bool(), completion_lengths, strict=True):
+    masks = completion_mask.cpu().bool()
+    for weights, mask, length in zip(token_weights.cpu(), masks, completion_lengths, strict=True):
         values = weights[mask].tolist()
         rows.append(values + [0.0] * (length - len(values)))
     return rows

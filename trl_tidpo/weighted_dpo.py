@@ -82,9 +82,9 @@ def token_weighted_dpo_losses(
         # TRL divides each log-ratio by its token count; the token-weighted analogue divides by the weight sum.
         if chosen_weight_sum is None or rejected_weight_sum is None:
             raise ValueError("The 'ipo' loss needs `chosen_weight_sum` and `rejected_weight_sum`.")
-        ipo_margin = chosen_logratios / chosen_weight_sum.clamp(min=1.0) - rejected_logratios / rejected_weight_sum.clamp(
-            min=1.0
-        )
+        chosen_mean = chosen_logratios / chosen_weight_sum.clamp(min=1.0)
+        rejected_mean = rejected_logratios / rejected_weight_sum.clamp(min=1.0)
+        ipo_margin = chosen_mean - rejected_mean
         return (ipo_margin - 1 / (2 * beta)) ** 2
     if loss_type == "robust":
         clean = -(1 - label_smoothing) * F.logsigmoid(beta * margin)
