@@ -140,3 +140,10 @@ def test_every_tidpo_field_has_help(tmp_path):
     assert {"token_weighting", "importance_lambda", "triplet_gamma", "tdpo_alpha"} <= {f.name for f in own}
     for f in own:
         assert f.metadata.get("help"), f.name
+
+
+def test_dropout_must_be_off_for_ti_dpo_weights(tmp_path):
+    """SPEC §2: weights come from the model with dropout off; the fused attribution shares the training forward."""
+    with pytest.raises(ValueError, match="disable_dropout"):
+        _config(tmp_path, disable_dropout=False)
+    assert _config(tmp_path, disable_dropout=False, token_weighting="uniform").disable_dropout is False

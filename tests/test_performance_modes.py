@@ -308,3 +308,35 @@ def test_dataset_weights_with_anchors_wider_than_the_pairs(
         for j in range(start, len(ids)):
             expected[r, j - 1] = weights[r][j - start]  # entry i weighs token i + 1
     torch.testing.assert_close(applied[0], expected)
+
+
+def test_cached_reference_weights_follow_keep_end_truncation(tmp_path, model_dir, ref_model_dir, tokenizer, standard_dataset):
+    """
+    With `truncation_mode="keep_end"` and rows longer than `max_length`, truncation cuts the head of a completion: the
+    cached weight lists must keep the surviving (last) tokens at the end, so that the collator, which keeps the end,
+    applies the same weights as an on-the-fly reference attribution of the truncated rows.
+    """
+    trainers = {
+        precompute: reference_trainer(
+            tmp_path / str(precompute),
+            model_dir,
+            ref_model_dir,
+            tokenizer,
+            standard_dataset,
+            max_length=4,
+            truncation_mode="keep_end",
+            precompute_token_weights=precompute,
+        )
+        for precompute in (True, False)
+    }
+    weights = {}
+    for precompute, trainer in trainers.items():
+        batch = first_batch(trainer)
+        assert batch["input_ids"].size(1) == 4  # rows really were truncated
+        with torch.no_grad():
+            policy = trainer.concatenated_forward(trainer.model, batch)
+            ref = trainer.concatenated_forward(trainer._reference_model(), batch, is_ref_model=True)
+        source = policy if precompute else ref  # cached weights ride in the batch; on the fly they come from `ref`
+        weights[precompute], _ = trainer.compute_token_weights(source, batch)
+    assert (weights[True].sum(dim=-1) > 0).all()  # no row silently lost its weights
+    torch.testing.assert_close(weights[True], weights[False], atol=1e-5, rtol=1e-4)

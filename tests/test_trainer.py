@@ -708,3 +708,37 @@ def test_gradient_checkpointing_gives_same_weights(
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
     warnings = [r for r in caplog.records if "use_reentrant" in r.getMessage()]
     assert len(warnings) == (1 if use_reentrant else 0)  # two steps, one warning
+
+
+def test_policy_anchors_keep_their_completion_under_keep_end(model_dir, tokenizer):
+    """
+    With `truncation_mode="keep_end"` a prompt may be as long as `max_length`: the anchor's prompt keeps its end before
+    sampling, so every anchor row fits `max_length` and still has completion tokens (else the triplet distances would
+    silently be 0).
+    """
+    from trl_tidpo.anchors import sample_policy_anchors
+
+    torch.manual_seed(0)
+    model = load(model_dir)
+    prompts = [tokenizer("what should i do about a headache ?")["input_ids"], tokenizer("hello")["input_ids"]]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    max_length, new_tokens = 6, 3
+    assert width > max_length  # the first prompt alone is longer than a row may be
+    anchors = sample_policy_anchors(
+        model,
+        ids,
+        mask,
+        {"do_sample": True, "max_new_tokens": new_tokens},
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_length=max_length,
+        truncation_mode="keep_end",
+    )
+    assert anchors["anchor_input_ids"].size(1) <= max_length
+    assert (anchors["anchor_completion_mask"].sum(dim=-1) >= 1).all()
+    # the first row's context is the prompt's end, as the collator keeps the end of chosen/rejected rows
+    first = anchors["anchor_input_ids"][0][anchors["anchor_attention_mask"][0].bool()].tolist()
+    kept_prompt = first[: len(first) - int(anchors["anchor_completion_mask"][0].sum())]
+    assert kept_prompt == prompts[0][-(max_length - new_tokens) :]

@@ -117,6 +117,7 @@ def sample_policy_anchors(
     eos_token_id: int | list[int],
     pad_token_id: int,
     max_length: int | None = None,
+    truncation_mode: str = "keep_start",
 ) -> dict[str, torch.Tensor]:
     """
     Sample one anchor per prompt from `model` (KV cache on, no grad) and lay the rows out like the collator's:
@@ -127,11 +128,20 @@ def sample_policy_anchors(
         prompt_input_ids, prompt_attention_mask (`torch.Tensor`): `[B, P]`, left-padded.
         generation_kwargs (`dict`): sampling settings passed to `generate`.
         eos_token_id, pad_token_id: token ids.
-        max_length (`int`, *optional*): truncate rows to this length (keep start).
+        max_length (`int`, *optional*): the rows' maximum length. With `truncation_mode="keep_start"` a row is cut
+            to its first `max_length` tokens after generation (prompts are shorter than `max_length`: the trainer
+            refuses longer ones); with `"keep_end"` the prompt keeps its last `max_length - max_new_tokens` tokens
+            before generation, like the collator keeps the end of chosen/rejected rows, so every anchor keeps its
+            completion.
+        truncation_mode (`str`): the collator's truncation mode.
 
     Returns:
         `dict`: `anchor_input_ids`, `anchor_attention_mask`, `anchor_completion_mask`, each `[B, T_a]`.
     """
+    if max_length is not None and truncation_mode == "keep_end":
+        budget = max(1, max_length - generation_kwargs["max_new_tokens"])
+        # Left-padded: the last columns hold each prompt's end
+        prompt_input_ids, prompt_attention_mask = prompt_input_ids[:, -budget:], prompt_attention_mask[:, -budget:]
     sequences = model.generate(
         input_ids=prompt_input_ids,
         attention_mask=prompt_attention_mask,

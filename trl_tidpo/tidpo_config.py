@@ -239,6 +239,11 @@ class TIDPOConfig(DPOConfig):
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"`{name}` must be {allowed}, got {getattr(self, name)!r}.")
+        if self.token_weighting == "ti_dpo" and not self.disable_dropout:
+            raise ValueError(
+                "`disable_dropout=False` with `token_weighting='ti_dpo'`: TI-DPO's weights are read from the model with "
+                "dropout off, and the attribution shares the training forward. Set `disable_dropout=True` (the default)."
+            )
         if self.importance_model == "reference" and self.token_weighting != "ti_dpo":
             raise ValueError(
                 f"`importance_model='reference'` selects the model of the 'ti_dpo' attribution, but `token_weighting` is "

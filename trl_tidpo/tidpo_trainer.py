@@ -321,7 +321,7 @@ class TIDPOTrainer(DPOTrainer):
             full = F.pad(weights, (1, 0), value=0.0)  # back to the unshifted axis of `input_ids`
             rows = dataset[start : start + batch_size]
             lengths = [len(ids) for ids in rows["chosen_ids"]] + [len(ids) for ids in rows["rejected_ids"]]
-            lists = weights_to_lists(full, batch["completion_mask"], lengths)
+            lists = weights_to_lists(full, batch["completion_mask"], lengths, self.args.truncation_mode)
             b = len(rows["chosen_ids"])
             chosen.extend(lists[:b])
             rejected.extend(lists[b:])
@@ -711,6 +711,7 @@ class TIDPOTrainer(DPOTrainer):
                 eos_token_id=self._tokenizer.eos_token_id,
                 pad_token_id=self._tokenizer.pad_token_id,
                 max_length=self.args.max_length,
+                truncation_mode=self.args.truncation_mode,
             )
         return {**inputs, **anchors}
 

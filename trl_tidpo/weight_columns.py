@@ -43,16 +43,21 @@ def validate_token_weight_columns(dataset: Dataset, dataset_name: str) -> None:
 
 
 def weights_to_lists(
-    token_weights: torch.Tensor, completion_mask: torch.Tensor, completion_lengths: list[int]
+    token_weights: torch.Tensor,
+    completion_mask: torch.Tensor,
+    completion_lengths: list[int],
+    truncation_mode: str = "keep_start",
 ) -> list[list[float]]:
     """
     One weight list per row, over the row's completion tokens, padded with 0.0 to `completion_lengths[row]` (the
-    untruncated tokenised length, so the column matches `*_ids` even where the collator truncated the row).
+    untruncated tokenised length, so the column matches `*_ids` even where the collator truncated the row): at the end
+    for `"keep_start"` (truncation cut the completion's tail), at the front for `"keep_end"` (it cut the head).
 
     Args:
         token_weights (`torch.Tensor`): `[R, T]` weights aligned with the collated `input_ids`.
         completion_mask (`torch.Tensor`): `[R, T]` collated completion mask.
         completion_lengths (`list[int]`): `R` untruncated completion lengths.
+        truncation_mode (`str`): the collator's truncation mode.
 
     Returns:
         `list[list[float]]`.
@@ -61,5 +66,6 @@ def weights_to_lists(
     masks = completion_mask.cpu().bool()
     for weights, mask, length in zip(token_weights.cpu(), masks, completion_lengths, strict=True):
         values = weights[mask].tolist()
-        rows.append(values + [0.0] * (length - len(values)))
+        padding = [0.0] * (length - len(values))
+        rows.append(padding + values if truncation_mode == "keep_end" else values + padding)
     return rows
