@@ -28,6 +28,18 @@ PAIRS = [
     ("please answer", "yes , good answer .", "ignore it"),
 ]
 
+# Dataset anchors for PAIRS (anchor_source="dataset"), one per pair
+ANCHORS = [
+    " rest and water now please .",  # longer than its chosen response
+    " blue",  # shorter than its chosen response
+    " the dog ran .",
+    " hello world",
+    " see doctor .",
+    " slow and fast",
+    " yes yes",
+    " yes , good .",
+]
+
 
 @pytest.fixture(scope="session")
 def tokenizer():

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ANCHORS
 from datasets import Dataset
 from helpers_trainer import (
     first_batch,
@@ -32,16 +33,6 @@ from trl_tidpo import TIDPOConfig, TIDPOTrainer
 
 B = 4  # pairs per batch in these tests
 
-ANCHORS = [
-    " rest and water now please .",  # longer than chosen
-    " blue",  # shorter than chosen
-    " the dog ran .",
-    " hello world",
-    " see doctor .",
-    " slow and fast",
-    " yes yes",
-    " yes , good .",
-]
 
 
 def tidpo_args(tmp_path, **overrides) -> TIDPOConfig:

@@ -10,6 +10,7 @@ import logging
 
 import pytest
 import torch
+from conftest import ANCHORS
 from datasets import Dataset
 from helpers_trainer import CPU_ARGS, clone_params, expected_shifted_weights, token_logps, tokenize_row
 from peft import LoraConfig
@@ -22,16 +23,6 @@ from trl_tidpo.train_script import load_quantized_model
 
 
 B = 4
-ANCHORS = [
-    " rest and water now please .",
-    " blue",
-    " the dog ran .",
-    " hello world",
-    " see doctor .",
-    " slow and fast",
-    " yes yes",
-    " yes , good .",
-]
 
 
 def tidpo_args(tmp_path, **overrides) -> TIDPOConfig:
