@@ -11,8 +11,7 @@ import logging
 import pytest
 import torch
 from conftest import ANCHORS
-from datasets import Dataset
-from helpers_trainer import CPU_ARGS, clone_params, expected_shifted_weights, token_logps, tokenize_row
+from helpers_trainer import CPU_ARGS, clone_params, expected_shifted_weights, first_batch, text_rows, token_logps
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 from trl import ModelConfig, get_peft_config
@@ -34,17 +33,6 @@ def lora_config(**overrides) -> LoraConfig:
     # wrongly kept it enabled would be caught
     kwargs = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}
     return LoraConfig(**{**kwargs, "init_lora_weights": False, **overrides})
-
-
-def rows_of(tokenizer, dataset: Dataset, n: int = B) -> list[tuple[list[int], int]]:
-    """`(ids, completion_start)` of the chosen rows, then the rejected rows, of the first `n` examples."""
-    chosen = [tokenize_row(tokenizer, ex["prompt"], ex["chosen"]) for ex in dataset.select(range(n))]
-    rejected = [tokenize_row(tokenizer, ex["prompt"], ex["rejected"]) for ex in dataset.select(range(n))]
-    return chosen + rejected
-
-
-def first_batch(trainer, n: int = B) -> dict:
-    return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
 
 
 def step_logs(trainer) -> list[dict]:
@@ -71,7 +59,7 @@ def test_lora_reference_is_the_base_model_with_adapter_disabled(tmp_path, model_
 
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():
-        for r, (ids, start) in enumerate(rows_of(tokenizer, standard_dataset)):
+        for r, (ids, start) in enumerate(text_rows(tokenizer, standard_dataset)):
             completion = slice(start - 1, len(ids) - 1)  # entry i scores token i + 1; prompt tokens are not scored
             expected = token_logps(base, ids)[completion]
             torch.testing.assert_close(ref["per_token_logps"][r, completion], expected, atol=1e-5, rtol=1e-5)
@@ -93,7 +81,7 @@ def test_lora_attribution_reaches_frozen_embeddings(tmp_path, model_dir, tokeniz
     trainer.model.train()
     weights, fallback = trainer.compute_token_weights(trainer.concatenated_forward(trainer.model, batch))
 
-    rows = rows_of(tokenizer, standard_dataset)
+    rows = text_rows(tokenizer, standard_dataset)
     width = weights.size(1)
     expected, _ = expected_shifted_weights(trainer.model, rows, width, 0.7, 0.25, "completion", "mean")
     without_adapter, _ = expected_shifted_weights(
@@ -155,7 +143,7 @@ def test_qlora_4bit_nf4_trains_adapters_and_keeps_quantized_weights(tmp_path, mo
     trainer.model.train()
     weights, fallback = trainer.compute_token_weights(trainer.concatenated_forward(trainer.model, batch))
     expected, _ = expected_shifted_weights(
-        trainer.model, rows_of(tokenizer, standard_dataset), weights.size(1), 0.7, 0.25, "completion", "mean"
+        trainer.model, text_rows(tokenizer, standard_dataset), weights.size(1), 0.7, 0.25, "completion", "mean"
     )
     assert not fallback.any()
     torch.testing.assert_close(weights, expected, atol=1e-4, rtol=1e-3)
@@ -405,7 +393,7 @@ def test_attribution_overflow_falls_back_to_prior_for_that_row(
     batch = first_batch(trainer)
     trainer.model.train()
     weights, fallback = trainer.compute_token_weights(trainer.concatenated_forward(trainer.model, batch))
-    rows = rows_of(tokenizer, standard_dataset)
+    rows = text_rows(tokenizer, standard_dataset)
     prior_only, _ = expected_shifted_weights(
         None, rows, weights.size(1), 0.7, 0.25, "completion", "mean", importance_fn=lambda m, ids: [0.0] * len(ids)
     )

@@ -4,6 +4,7 @@ import os
 import shutil
 import textwrap
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -449,21 +450,8 @@ class TIDPOTrainer(DPOTrainer):
         pairs = {k: v for k, v in inputs.items() if k not in _ANCHOR_KEYS}
         output = self.concatenated_forward(model, pairs, is_ref_model=is_ref_model)
         input_ids, attention_mask, completion_mask = (inputs[key] for key in _ANCHOR_KEYS)
-        model_kwargs = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": input_ids.masked_fill(completion_mask == 0, -100),
-            "fused_lm_head": True,
-            "use_cache": False,
-        }
-        if is_ref_model:
-            with (
-                torch.no_grad(),
-                disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-                self._reference_context(),
-            ):
-                outputs = model(**model_kwargs)
-        else:
+        model_kwargs = self._scoring_kwargs(input_ids, attention_mask, completion_mask)
+        with self._reference_mode() if is_ref_model else contextlib.nullcontext():
             outputs = model(**model_kwargs)
         seq_len = input_ids.size(1) - 1
         anchor = {"completion_mask": completion_mask[:, 1:], "attention_mask": attention_mask}
@@ -482,6 +470,19 @@ class TIDPOTrainer(DPOTrainer):
                 padding = (0, 0, 0, width - value.size(1)) if value.dim() == 3 else (0, width - value.size(1))
                 output[key] = F.pad(value, padding)
         return output
+
+    @staticmethod
+    def _scoring_kwargs(
+        input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+    ) -> dict[str, Any]:
+        """Model kwargs that score the completion tokens of right-padded rows with TRL's fused LM head."""
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": input_ids.masked_fill(completion_mask == 0, -100),
+            "fused_lm_head": True,
+            "use_cache": False,
+        }
 
     def _needs_separate_attribution_pass(self, model) -> bool:
         """Reentrant checkpointing cannot serve `autograd.grad` w.r.t. activations: attribute in a pass of its own."""
@@ -540,13 +541,7 @@ class TIDPOTrainer(DPOTrainer):
             inputs["completion_mask"],
         )
         num_pair_rows = input_ids.size(0)
-        model_kwargs = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": input_ids.masked_fill(completion_mask == 0, -100),
-            "fused_lm_head": True,
-            "use_cache": False,
-        }
+        model_kwargs = self._scoring_kwargs(input_ids, attention_mask, completion_mask)
         keep_hidden = self.args.tdpo_alpha > 0
         if is_ref_model:
             output = self._reference_forward(model, model_kwargs, keep_hidden, num_pair_rows)
@@ -613,11 +608,19 @@ class TIDPOTrainer(DPOTrainer):
             return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         return contextlib.nullcontext()
 
-    def _reference_forward(self, model, model_kwargs: dict, keep_hidden: bool, num_pair_rows: int) -> dict:
+    @contextlib.contextmanager
+    def _reference_mode(self):
+        """How every reference forward runs: no grad, no checkpointing, and the reference adapter state under PEFT."""
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             self._reference_context(),
+        ):
+            yield
+
+    def _reference_forward(self, model, model_kwargs: dict, keep_hidden: bool, num_pair_rows: int) -> dict:
+        with (
+            self._reference_mode(),
             capture_activations(model, embeddings=False, last_hidden=keep_hidden) as captured,
         ):
             outputs = model(**model_kwargs)
