@@ -35,6 +35,7 @@ split), a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`,
 TI-DPO's token-weighted margin and triplet loss need them per token (and the weights change every step).
 """
 
+import gc
 import os
 import sys
 from dataclasses import dataclass, field
@@ -443,8 +444,14 @@ def train(
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
         trainer.accelerator.print(f"Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
+    # Free the DDP wrapper before the process group goes: its reducer holds the group, and a gloo group destroyed by
+    # that reducer after `end()` waits forever on a peer that has exited (seen with torch 2.13, about 1 run in 5).
+    accelerator = trainer.accelerator
+    accelerator.free_memory()
+    del trainer
+    gc.collect()
     if Version(transformers.__version__) >= Version("5.18.0"):
-        trainer.end()  # finish the trackers and destroy the process group
+        accelerator.end_training()  # what `trainer.end()` does: finish the trackers and destroy the process group
     return 0
 
 
