@@ -21,8 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from trl_tidpo.demo.report import TABLE_ROWS  # noqa: E402
-from trl_tidpo.demo.runner import VARIANTS, DemoConfig, run_comparison  # noqa: E402
+from trl_tidpo.tools.demo.report import TABLE_ROWS  # noqa: E402
+from trl_tidpo.tools.demo.runner import VARIANTS, DemoConfig, run_comparison  # noqa: E402
 
 
 def mean_std(values: list[float]) -> str:

@@ -1,5 +1,5 @@
 """
-Step cost of TI-DPO relative to TRL's `DPOTrainer` (issue 5): median step time and peak memory of each mode, as
+Step cost of TI-DPO relative to TRL's `DPOTrainer`: median step time and peak memory of each mode, as
 ratios to DPO on the same model, data, batch and settings, plus the one-time cost of precomputing reference weights.
 Results and their reading: docs/benchmarks.md, "Step cost".
 
@@ -64,7 +64,7 @@ from transformers.utils import logging as hf_logging
 from trl import DPOConfig, DPOTrainer
 
 from trl_tidpo import TIDPOConfig, TIDPOTrainer
-from trl_tidpo.tiny_models import build_word_tokenizer
+from trl_tidpo.tools.demo.tiny_models import build_word_tokenizer
 
 # name -> (TIDPOConfig overrides, description); "dpo" is TRL's DPOTrainer itself
 MODES = {
@@ -84,7 +84,7 @@ MODES = {
 }
 DEFAULT_MODES = ["weights", "reference", "policy_anchors", "dataset_anchors", "tdpo_kl"]
 
-# targets from issue 5: (step-time ratio, memory ratio) per (mode, setting); None = report only
+# targets (SPEC §5 and docs/benchmarks.md): (step-time ratio, memory ratio) per (mode, setting); None = report only
 TARGETS = {
     ("weights", "full"): (1.30, 1.15),
     ("weights", "lora"): (1.55, 1.15),
@@ -148,16 +148,15 @@ class TimedTIDPOTrainer(TIDPOTrainer):
         self.anchor_seconds = []
         super().__init__(*args, **kwargs)
 
-    def _reference_weight_lists(self, *args, **kwargs):
+    def _add_reference_weight_columns(self, *args, **kwargs):
         start = time.perf_counter()
-        lists = super()._reference_weight_lists(*args, **kwargs)
+        super()._add_reference_weight_columns(*args, **kwargs)
         self.precompute_seconds += time.perf_counter() - start
-        return lists
 
-    def _add_policy_anchors(self, *args, **kwargs):
+    def _sample_policy_anchors(self, *args, **kwargs):
         synchronize(self.accelerator.device)
         start = time.perf_counter()
-        batch = super()._add_policy_anchors(*args, **kwargs)
+        batch = super()._sample_policy_anchors(*args, **kwargs)
         synchronize(self.accelerator.device)
         self.anchor_seconds.append(time.perf_counter() - start)
         return batch

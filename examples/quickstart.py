@@ -12,7 +12,7 @@ import tempfile
 from datasets import Dataset
 
 from trl_tidpo import TIDPOConfig, TIDPOTrainer, token_weights
-from trl_tidpo.tiny_models import build_tiny_llama, build_word_tokenizer
+from trl_tidpo.tools.demo.tiny_models import build_tiny_llama, build_word_tokenizer
 
 
 PAIRS = [

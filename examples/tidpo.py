@@ -11,7 +11,7 @@ Run `python examples/tidpo.py --help` for every flag; see `trl_tidpo/train_scrip
 
 import sys
 
-from trl_tidpo.train_script import main
+from trl_tidpo.tools.train_script import main
 
 
 if __name__ == "__main__":

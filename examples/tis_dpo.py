@@ -24,9 +24,10 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from trl_tidpo import TIDPOConfig, TIDPOTrainer  # noqa: E402
-from trl_tidpo.tis_dpo import compute_tis_dpo_weight_columns, weight_columns_page  # noqa: E402
-from trl_tidpo.tiny_models import build_tiny_llama, build_word_tokenizer  # noqa: E402
-from trl_tidpo.tokenization import tokenize_completion  # noqa: E402
+from trl_tidpo import compute_tis_dpo_weight_columns  # noqa: E402
+from trl_tidpo.tools.visualize import weight_columns_page  # noqa: E402
+from trl_tidpo.tools.demo.tiny_models import build_tiny_llama, build_word_tokenizer  # noqa: E402
+from trl_tidpo.modeling.tokenization import tokenize_completion  # noqa: E402
 
 
 PROMPTS = ["i have a headache , what should i do ?", "my head hurts , any advice ?", "what helps a headache ?"]

@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-from trl_tidpo.tiny_models import build_tiny_llama, build_word_tokenizer  # noqa: E402
+from trl_tidpo.tools.demo.tiny_models import build_tiny_llama, build_word_tokenizer  # noqa: E402
 
 
 WORDS = (

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
-from trl_tidpo.attribution import (
+from trl_tidpo.modeling.attribution import (
     attribution_target,
     capture_activations,
     embedding_attribution,
@@ -18,7 +18,7 @@ from trl_tidpo.attribution import (
     logit_transform,
     project_to_logits,
 )
-from trl_tidpo.tiny_models import build_tiny_llama
+from trl_tidpo.tools.demo.tiny_models import build_tiny_llama
 
 
 VOCAB = 40

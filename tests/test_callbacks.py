@@ -1,9 +1,9 @@
 import pytest
 
 from trl_tidpo import TIDPOConfig, TIDPOTrainer
-from trl_tidpo.tokenization import tokenize_completion
-from trl_tidpo.callbacks import TokenImportanceCallback, markdown_table
-from trl_tidpo.visualize import PairView, TokenRow
+from trl_tidpo.modeling.tokenization import tokenize_completion
+from trl_tidpo.tools.callbacks import TokenImportanceCallback, markdown_table
+from trl_tidpo.tools.visualize import PairView, TokenRow
 
 
 def _args(tmp_path, **kwargs):

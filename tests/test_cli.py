@@ -8,7 +8,7 @@ import pytest
 from transformers import ViTConfig
 
 from trl_tidpo import token_weights
-from trl_tidpo.cli import main
+from trl_tidpo.tools.cli import main
 
 
 def _explain(*args):
@@ -103,9 +103,9 @@ def test_explain_plain_output_and_html(model_dir, tmp_path, capsys):
 
 def test_train_forwards_its_arguments(monkeypatch):
     seen = {}
-    fake = types.ModuleType("trl_tidpo.train_script")
+    fake = types.ModuleType("trl_tidpo.tools.train_script")
     fake.main = lambda argv: seen.setdefault("argv", argv) and 0
-    monkeypatch.setitem(sys.modules, "trl_tidpo.train_script", fake)
+    monkeypatch.setitem(sys.modules, "trl_tidpo.tools.train_script", fake)
     assert main(["train", "--model_name_or_path", "x", "--help"]) == 0
     assert seen["argv"] == ["--model_name_or_path", "x", "--help"]
 
@@ -113,7 +113,7 @@ def test_train_forwards_its_arguments(monkeypatch):
 def test_console_entry_point_error_has_no_traceback(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "trl_tidpo.cli", "explain", "--model", str(tmp_path / "missing"), "--prompt", "a",
+        [sys.executable, "-m", "trl_tidpo.tools.cli", "explain", "--model", str(tmp_path / "missing"), "--prompt", "a",
          "--completion", "b"],
         capture_output=True, text=True, env=env, timeout=120,
     )

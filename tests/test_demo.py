@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trl_tidpo.demo.data import (
+from trl_tidpo.tools.demo.data import (
     DISTRACTORS,
     TOPICS,
     critical_token_labels,
@@ -13,9 +13,9 @@ from trl_tidpo.demo.data import (
     load_pairs,
     vocabulary,
 )
-from trl_tidpo.demo.runner import DemoConfig, completion_logps, run_demo
-from trl_tidpo.tiny_models import build_tiny_llama, build_word_tokenizer
-from trl_tidpo.tokenization import tokenize_completion
+from trl_tidpo.tools.demo.runner import DemoConfig, sequence_logps, run_demo
+from trl_tidpo.tools.demo.tiny_models import build_tiny_llama, build_word_tokenizer
+from trl_tidpo.modeling.tokenization import tokenize_completion
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +83,10 @@ def test_critical_token_labels_mark_the_phrase_tokens(rows, demo_tokenizer):
             assert labels.index(True) == index and sum(labels) == len(row[f"{side}_phrase"].split())
 
 
-def test_completion_logps_matches_a_per_token_loop(rows, demo_tokenizer):
+def test_sequence_logps_matches_a_per_token_loop(rows, demo_tokenizer):
     model = build_tiny_llama(len(demo_tokenizer), seed=1).eval()
     batch = rows[:5]  # different lengths: exercises the padding
-    got = completion_logps(model, demo_tokenizer, [r["prompt"] for r in batch], [r["chosen"] for r in batch], batch_size=5)
+    got = sequence_logps(model, demo_tokenizer, [r["prompt"] for r in batch], [r["chosen"] for r in batch], batch_size=5)
     for row, value in zip(batch, got):
         prompt_ids, completion_ids = tokenize_completion(demo_tokenizer, row["prompt"], row["chosen"])
         ids = prompt_ids + completion_ids
@@ -138,7 +138,7 @@ def test_short_demo_without_matplotlib_writes_the_rest(tmp_path, capsys, monkeyp
 
 
 def test_critical_token_labels_through_a_chat_template(rows, demo_tokenizer):
-    from trl_tidpo.demo.data import to_conversational
+    from trl_tidpo.tools.demo.data import to_conversational
 
     row = to_conversational(rows[0])
     assert row["chosen"][0]["content"] == rows[0]["chosen"].strip()
@@ -149,7 +149,7 @@ def test_critical_token_labels_through_a_chat_template(rows, demo_tokenizer):
 
 
 def test_weight_metrics_with_and_without_special_tokens():
-    from trl_tidpo.demo.runner import weight_metrics
+    from trl_tidpo.tools.demo.runner import weight_metrics
 
     # Row tokens: a, CRIT, b, EOS. Weights put EOS first, the critical token second.
     rows = [{"weights": [0.5, 2.0, 1.0, 4.0], "critical": [False, True, False, False], "special": [False, False, False, True]}]

@@ -22,14 +22,14 @@ from conftest import PAIRS
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Runs `trl_tidpo.train_script.main` unchanged, with recorders around the collator, the metric gather and `train`
+# Runs `trl_tidpo.tools.train_script.main` unchanged, with recorders around the collator, the metric gather and `train`
 RECORDING_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
     import torch.distributed as dist
-    from trl_tidpo.anchors import DataCollatorForTIDPO
-    from trl_tidpo.tidpo_trainer import TIDPOTrainer
-    from trl_tidpo.train_script import main
+    from trl_tidpo import DataCollatorForTIDPO
+    from trl_tidpo.trainer.tidpo_trainer import TIDPOTrainer
+    from trl_tidpo.tools.train_script import main
 
     record = {"prompts": [], "gathered": []}
 
@@ -39,12 +39,13 @@ RECORDING_SCRIPT = textwrap.dedent(
         return collate(self, examples)
     DataCollatorForTIDPO.torch_call = torch_call
 
-    gather_mean = TIDPOTrainer._gather_mean
+    from trl_tidpo.trainer.metrics import Gather
+    gather_mean = Gather.mean
     def recording_gather_mean(self, tensor):
         value = gather_mean(self, tensor)
         record["gathered"].append((tensor.detach().float().reshape(-1).tolist(), value))
         return value
-    TIDPOTrainer._gather_mean = recording_gather_mean
+    Gather.mean = recording_gather_mean
 
     train = TIDPOTrainer.train
     def recording_train(self, *args, **kwargs):
@@ -147,7 +148,7 @@ def test_two_cpu_processes_keep_identical_parameters(two_rank_run):
 
 def test_accelerate_config_flag_relaunches_the_script_in_a_child_process(tmp_path, model_dir, monkeypatch):
     """`--accelerate_config PATH`: `main` re-runs itself under `accelerate launch` (one CPU process here)."""
-    from trl_tidpo import train_script
+    from trl_tidpo.tools import train_script
 
     config = tmp_path / "cpu.yaml"
     config.write_text(

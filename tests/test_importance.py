@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trl_tidpo.importance import hybrid_token_weights, importance_from_gradients, normalize_importance
+from trl_tidpo.ops.importance import hybrid_token_weights, importance_from_gradients, normalize_importance
 
 
 def _reference_weights(raw, span_mask, lam, rho, normalization):
@@ -134,7 +134,8 @@ def test_normalize_empty_span_is_flagged():
 @pytest.mark.parametrize("lam", [0.0, 0.2, 0.7, 1.0])
 def test_hybrid_matches_per_row_loop(lam, normalization):
     raw, span = _random_case(seed=3)
-    weights, fallback = hybrid_token_weights(raw, span, lam, 0.25, normalization)
+    mixed = hybrid_token_weights(raw, span, lam, 0.25, normalization)
+    weights, fallback = mixed.weights, mixed.fallback
     expected, expected_fallback = _reference_weights(raw, span, lam, 0.25, normalization)
     torch.testing.assert_close(weights, expected, atol=1e-5, rtol=1e-5)
     assert fallback.tolist() == expected_fallback
@@ -148,10 +149,12 @@ def test_hybrid_hand_computed():
     """
     raw = torch.tensor([[1.0, 0.0, 0.0, 3.0]])
     span = torch.ones(1, 4)
-    weights, _ = hybrid_token_weights(raw, span, 0.5, 0.25, "mean")
+    mixed = hybrid_token_weights(raw, span, 0.5, 0.25, "mean")
+    weights = mixed.weights
     expected = torch.tensor([[0.7689414, 0.7310587, 0.7310587, 1.7689414]])
     torch.testing.assert_close(weights, expected, atol=1e-6, rtol=0)
-    weights, _ = hybrid_token_weights(raw, span, 0.5, 0.25, "sum")
+    mixed = hybrid_token_weights(raw, span, 0.5, 0.25, "sum")
+    weights = mixed.weights
     expected = torch.tensor([[0.1922354, 0.1827646, 0.1827646, 0.4422354]])
     torch.testing.assert_close(weights, expected, atol=1e-6, rtol=0)
 
@@ -167,9 +170,11 @@ def test_lambda_zero_is_prior():
         dens = [math.exp(-0.5 * ((p - mu) / sigma) ** 2) for p in range(n)]
         for p, j in enumerate(cols):
             expected_sum[r, j] = dens[p] / sum(dens)
-    weights, _ = hybrid_token_weights(raw, span, 0.0, 0.25, "sum")
+    mixed = hybrid_token_weights(raw, span, 0.0, 0.25, "sum")
+    weights = mixed.weights
     torch.testing.assert_close(weights, expected_sum, atol=1e-6, rtol=0)
-    weights, _ = hybrid_token_weights(raw, span, 0.0, 0.25, "mean")
+    mixed = hybrid_token_weights(raw, span, 0.0, 0.25, "mean")
+    weights = mixed.weights
     torch.testing.assert_close(weights, expected_sum * span.sum(-1, keepdim=True), atol=1e-5, rtol=0)
 
 
@@ -181,15 +186,18 @@ def test_lambda_one_is_normalised_importance():
         for j in range(raw.size(1)):
             if span[r, j]:
                 expected[r, j] = float(raw[r, j]) / total
-    weights, _ = hybrid_token_weights(raw, span, 1.0, 0.25, "sum")
+    mixed = hybrid_token_weights(raw, span, 1.0, 0.25, "sum")
+    weights = mixed.weights
     torch.testing.assert_close(weights, expected, atol=1e-6, rtol=0)
 
 
 def test_mean_weights_average_one_and_sum_weights_sum_to_one():
     raw, span = _random_case(seed=6)
     n = span.sum(-1).float()
-    mean_w, _ = hybrid_token_weights(raw, span, 0.7, 0.25, "mean")
-    sum_w, _ = hybrid_token_weights(raw, span, 0.7, 0.25, "sum")
+    mixed = hybrid_token_weights(raw, span, 0.7, 0.25, "mean")
+    mean_w = mixed.weights
+    mixed = hybrid_token_weights(raw, span, 0.7, 0.25, "sum")
+    sum_w = mixed.weights
     torch.testing.assert_close(mean_w.sum(-1) / n, torch.ones_like(n), atol=1e-5, rtol=0)
     torch.testing.assert_close(sum_w.sum(-1), torch.ones_like(n), atol=1e-6, rtol=0)
     assert (mean_w[~span] == 0).all() and (sum_w[~span] == 0).all()
@@ -201,7 +209,8 @@ def test_fallback_rows_equal_prior():
         [[0.0, 0.0, 0.0, 0.0], [1.0, float("inf"), 1.0, 1.0], [float("nan"), 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 3.0]]
     )
     span = torch.ones(4, 4)
-    weights, fallback = hybrid_token_weights(raw, span, 0.7, 0.25, "mean")
+    mixed = hybrid_token_weights(raw, span, 0.7, 0.25, "mean")
+    weights, fallback = mixed.weights, mixed.fallback
     assert fallback.tolist() == [True, True, True, False]
     prior_times_n = 4 * torch.tensor([0.1344707, 0.3655293, 0.3655293, 0.1344707])
     for r in range(3):
@@ -210,19 +219,24 @@ def test_fallback_rows_equal_prior():
     assert not torch.allclose(weights[3], prior_times_n, atol=1e-3)
 
 
-def test_empty_span_rows_are_zero_not_nan():
-    raw = torch.ones(2, 5)
-    span = torch.tensor([[0, 0, 0, 0, 0], [0, 1, 1, 1, 0]])
-    weights, fallback = hybrid_token_weights(raw, span, 0.7, 0.25, "mean")
-    assert torch.isfinite(weights).all()
-    torch.testing.assert_close(weights[0], torch.zeros(5))
-    assert fallback.tolist() == [True, False]
+def test_empty_span_rows_are_zero_not_nan_and_not_fallbacks():
+    """A row with no token in its span has nothing to attribute: weights 0, flagged `empty`, not an attribution
+    fallback (whose warning says the attribution "sums to 0 or is not finite")."""
+    raw = torch.ones(3, 5)
+    raw[2] = 0.0  # a real fallback: a non-empty span whose attribution sums to 0
+    span = torch.tensor([[0, 0, 0, 0, 0], [0, 1, 1, 1, 0], [0, 1, 1, 0, 0]])
+    mixed = hybrid_token_weights(raw, span, 0.7, 0.25, "mean")
+    assert torch.isfinite(mixed.weights).all()
+    torch.testing.assert_close(mixed.weights[0], torch.zeros(5))
+    assert mixed.empty.tolist() == [True, False, False]
+    assert mixed.fallback.tolist() == [False, False, True]
 
 
 def test_weights_are_detached():
     raw, span = _random_case(seed=7)
     raw = raw.clone().requires_grad_(True)
-    weights, _ = hybrid_token_weights(raw * 2.0, span, 0.7, 0.25, "mean")
+    mixed = hybrid_token_weights(raw * 2.0, span, 0.7, 0.25, "mean")
+    weights = mixed.weights
     assert not weights.requires_grad
     assert weights.grad_fn is None
 

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from trl_tidpo.demo.metrics import preference_accuracy, roc_auc, top_k_share
+from trl_tidpo.tools.demo.metrics import preference_accuracy, roc_auc, top_k_share
 
 
 def test_roc_auc_hand_computed():

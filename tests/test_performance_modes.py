@@ -1,5 +1,5 @@
 """
-The cheaper ways of computing TI-DPO (issue 5) compute the same thing as the plain ones. No timing is asserted here
+The cheaper ways of computing TI-DPO (docs/benchmarks.md, "Step cost") compute the same thing as the plain ones. No timing is asserted here
 (benchmarks/step_cost.py measures cost):
 
 - reference weights precomputed once and cached as dataset columns equal the reference weights computed at every
@@ -20,9 +20,11 @@ from datasets import Dataset
 from helpers_trainer import CPU_ARGS, expected_shifted_weights, first_batch, load, raw_importance, text_rows
 from peft import LoraConfig
 
-import trl_tidpo.tidpo_trainer as tidpo_trainer_module
+import trl_tidpo.trainer.tidpo_trainer as tidpo_trainer_module
+from trainer_probes import batch_weights
+from trl_tidpo.modeling.forwards import attribute_rows
 from trl_tidpo import TIDPOConfig, TIDPOTrainer
-from trl_tidpo.attribution import causal_lm_of
+from trl_tidpo.modeling.attribution import causal_lm_of
 
 B = 4
 ANCHORS = [" rest and water now please .", " blue", " the dog ran .", " hello world"] * 2
@@ -103,13 +105,13 @@ def test_reference_weight_cache_is_reused_and_keyed(
     standard_dataset.save_to_disk(str(tmp_path / "data"))
     dataset = Dataset.load_from_disk(str(tmp_path / "data"))
     computed = []
-    original = TIDPOTrainer._reference_weight_lists
+    original = tidpo_trainer_module.reference_weight_lists
 
-    def counting(self, *args, **kwargs):
-        computed.append(self.args.importance_lambda)
-        return original(self, *args, **kwargs)
+    def counting(dataset, **kwargs):
+        computed.append(kwargs["weigh"].__self__.args.importance_lambda)  # the trainer whose weights are computed
+        return original(dataset, **kwargs)
 
-    monkeypatch.setattr(TIDPOTrainer, "_reference_weight_lists", counting)
+    monkeypatch.setattr(tidpo_trainer_module, "reference_weight_lists", counting)
 
     def build(name: str, **overrides) -> TIDPOTrainer:
         return reference_trainer(tmp_path / name, model_dir, ref_model_dir, tokenizer, dataset, **overrides)
@@ -156,22 +158,25 @@ def test_fused_policy_attribution_equals_separate_pass(tmp_path, model_dir, toke
     trainer.model.train()
     output = trainer.concatenated_forward(trainer.model, batch)
     handle.remove()
-    fused = output["raw_importance"]
+    fused = output.raw_importance
 
     assert len(forwards) == 1  # attribution and loss inputs from the same forward
     assert all(p.grad is None for p in trainer.model.parameters())  # activation-only backward
-    separate = trainer._attribution_pass(trainer.model, batch["input_ids"], batch["attention_mask"])
+    separate = attribute_rows(trainer.model, batch["input_ids"], batch["attention_mask"], trainer._without_checkpointing)
     torch.testing.assert_close(fused, separate, atol=1e-6, rtol=1e-5)
     for r, (ids, _) in enumerate(text_rows(tokenizer, standard_dataset)):
         expected = torch.tensor(raw_importance(trainer.model, ids))
         torch.testing.assert_close(fused[r, : len(ids)], expected, atol=1e-6, rtol=1e-4)
         assert (fused[r, len(ids) :] == 0).all()  # padding after the row cannot influence its last position
-    output["per_token_logps"].sum().backward()  # the retained graph serves the loss's backward
+    output.per_token_logps.sum().backward()  # the retained graph serves the loss's backward
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.parameters() if p.requires_grad)
 
 
-def test_anchor_rows_do_not_change_the_pair_attribution(tmp_path, model_dir, tokenizer, standard_dataset):
-    """Scoring anchor rows with the pairs leaves the chosen/rejected raw importance unchanged (padded to the wider axis)."""
+def test_anchor_rows_are_scored_apart_from_the_attributed_pairs(tmp_path, model_dir, tokenizer, standard_dataset):
+    """
+    The pair forward attributes only the 2B chosen/rejected rows and ignores the batch's anchor rows; the anchors are
+    scored in a forward of their own (one policy and one reference forward of B rows), without attribution.
+    """
     dataset = standard_dataset.add_column("anchor", ANCHORS)
     trainer = TIDPOTrainer(
         model=model_dir,
@@ -185,12 +190,21 @@ def test_anchor_rows_do_not_change_the_pair_attribution(tmp_path, model_dir, tok
     trainer.model.train()
     with_anchors = trainer.concatenated_forward(trainer.model, batch)
     without = trainer.concatenated_forward(trainer.model, pairs_only)
-    assert with_anchors["per_token_logps"].size(0) == 3 * B  # the anchors were scored
-    width = without["raw_importance"].size(1)
-    torch.testing.assert_close(
-        with_anchors["raw_importance"][:, :width], without["raw_importance"], atol=1e-6, rtol=1e-5
-    )
-    assert (with_anchors["raw_importance"][:, width:] == 0).all()
+    assert with_anchors.per_token_logps.size(0) == 2 * B
+    torch.testing.assert_close(with_anchors.raw_importance, without.raw_importance, atol=0, rtol=0)
+
+    rows_per_forward = {"policy": [], "reference": []}
+    handles = [
+        causal_lm_of(model).register_forward_pre_hook(
+            lambda module, args, kwargs, name=name: rows_per_forward[name].append(kwargs["input_ids"].size(0)),
+            with_kwargs=True,
+        )
+        for name, model in (("policy", trainer.model), ("reference", trainer.ref_model))
+    ]
+    trainer.compute_loss(trainer.model, batch)
+    for handle in handles:
+        handle.remove()
+    assert rows_per_forward == {"policy": [2 * B, B], "reference": [2 * B, B]}  # pairs, then anchors
 
 
 # ---------------------------------------------------------------------------------------------------------- KL
@@ -303,7 +317,7 @@ def test_dataset_weights_with_anchors_wider_than_the_pairs(
     loss = trainer.compute_loss(trainer.model, batch)
     assert torch.isfinite(loss)
 
-    expected = torch.zeros(2 * B, batch["anchor_input_ids"].size(1) - 1)
+    expected = torch.zeros(2 * B, batch["input_ids"].size(1) - 1)  # the pair rows' own width
     for r, (ids, start) in enumerate(rows):
         for j in range(start, len(ids)):
             expected[r, j - 1] = weights[r][j - start]  # entry i weighs token i + 1
@@ -337,6 +351,6 @@ def test_cached_reference_weights_follow_keep_end_truncation(tmp_path, model_dir
             policy = trainer.concatenated_forward(trainer.model, batch)
             ref = trainer.concatenated_forward(trainer._reference_model(), batch, is_ref_model=True)
         source = policy if precompute else ref  # cached weights ride in the batch; on the fly they come from `ref`
-        weights[precompute], _ = trainer.compute_token_weights(source, batch)
+        weights[precompute], _ = batch_weights(trainer, batch, source)
     assert (weights[True].sum(dim=-1) > 0).all()  # no row silently lost its weights
     torch.testing.assert_close(weights[True], weights[False], atol=1e-5, rtol=1e-4)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trl_tidpo.prior import gaussian_prior
+from trl_tidpo.ops.prior import gaussian_prior
 
 
 def _reference_prior(span_mask: torch.Tensor, sigma_ratio: float) -> torch.Tensor:

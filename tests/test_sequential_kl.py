@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trl_tidpo.sequential_kl import sequential_kl
+from trl_tidpo.ops.sequential_kl import sequential_kl
 
 
 ROWS, SEQ, HIDDEN, VOCAB = 4, 9, 8, 13

@@ -4,8 +4,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from trl_tidpo import smollm2
-from trl_tidpo.cli import main
+from trl_tidpo.tools.demo import smollm2
+from trl_tidpo.tools.cli import main
 
 
 def _without_package(monkeypatch):

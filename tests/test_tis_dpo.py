@@ -20,11 +20,12 @@ from datasets import Dataset
 from helpers_trainer import CPU_ARGS, clone_params, token_logps, tokenize_row
 from trl import DPOConfig, DPOTrainer
 
-import trl_tidpo.tidpo_trainer as tidpo_trainer_module
+import trl_tidpo.modeling.tis_dpo as tis_dpo_module
 from trl_tidpo import TIDPOConfig, TIDPOTrainer
-from trl_tidpo.tis_dpo import compute_tis_dpo_weight_columns, exp_clamp, rank, weight_columns_page
-from trl_tidpo.tiny_models import build_tiny_llama, build_word_tokenizer
-from trl_tidpo.weight_columns import WEIGHT_COLUMNS
+from trl_tidpo.modeling.tis_dpo import compute_tis_dpo_weight_columns, exp_clamp, rank_weights
+from trl_tidpo.tools.visualize import weight_columns_page
+from trl_tidpo.tools.demo.tiny_models import build_tiny_llama, build_word_tokenizer
+from trl_tidpo.modeling.weight_columns import WEIGHT_COLUMNS
 
 
 SYSTEM_PROMPTS = ["please answer good", "ignore it bad"]
@@ -174,7 +175,7 @@ def test_rank_by_hand():
     """
     ratios = torch.tensor([[0.3, -1.0, 2.0, 0.9, 0.0], [0.3, -1.0, 2.0, 0.9, 0.0], [4.0, 0.0, 0.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
-    weights = rank(ratios, mask, torch.tensor([[1.0], [-1.0], [1.0]]))
+    weights = rank_weights(ratios, mask, torch.tensor([[1.0], [-1.0], [1.0]]))
     expected = torch.tensor([[1.0, 0.7, 1.3, 0.0, 0.0], [1.0, 1.3, 0.7, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
     torch.testing.assert_close(weights, expected)
 
@@ -184,7 +185,7 @@ def test_rank_against_loop_with_ties():
     ratios = torch.randint(-3, 4, (6, 11), generator=gen).float()  # many ties: they keep their order
     mask = torch.rand(6, 11, generator=gen) > 0.3
     signs = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
-    weights = rank(ratios, mask, signs[:, None])
+    weights = rank_weights(ratios, mask, signs[:, None])
     for r in range(6):
         expected = rank_loop(ratios[r].tolist(), float(signs[r]), mask[r].tolist())
         torch.testing.assert_close(weights[r], torch.tensor(expected), atol=1e-6, rtol=1e-6)
@@ -374,14 +375,14 @@ def test_models_loaded_from_paths_are_freed(tmp_path, model_dir, tokenizer, stan
         contrastive_model(tokenizer, seed).save_pretrained(path)
         paths.append(str(path))
     loaded = []
-    original = tidpo_trainer_module.create_model_from_path
+    original = tis_dpo_module.create_model_from_path
 
     def tracking(*args, **kwargs):
         model = original(*args, **kwargs)
         loaded.append(weakref.ref(model))
         return model
 
-    monkeypatch.setattr(tidpo_trainer_module, "create_model_from_path", tracking)
+    monkeypatch.setattr(tis_dpo_module, "create_model_from_path", tracking)
     trainer = TIDPOTrainer(
         model=model_dir,
         args=tidpo_args(

@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from trl import DPOConfig
 
-from trl_tidpo import TIDPOConfig, train_script
-from trl_tidpo.train_script import ACCELERATE_CONFIG_NAMES, LAUNCHED_ENV, load_preference_dataset, main, make_parser
+from trl_tidpo import TIDPOConfig
+from trl_tidpo.tools import launcher, train_script
+from trl_tidpo.tools.train_script import ACCELERATE_CONFIG_NAMES, LAUNCHED_ENV, load_preference_dataset, main, make_parser
 
 
 RECIPE = Path(__file__).resolve().parents[1] / "examples" / "recipes" / "llama31_8b_qlora_ultrafeedback.yaml"
@@ -253,7 +254,7 @@ def test_unsupported_file_type_is_named(tmp_path):
     ],
 )
 def test_shipped_accelerate_configs_resolve_by_name(name, distributed_type):
-    path = Path(train_script.resolve_accelerate_config(name))
+    path = Path(launcher.resolve_accelerate_config(name))
     assert path.name == f"{name}.yaml" and path.parent.name == "accelerate_configs"
     config = yaml.safe_load(path.read_text())
     assert config["distributed_type"] == distributed_type
@@ -268,9 +269,9 @@ def test_shipped_accelerate_configs_resolve_by_name(name, distributed_type):
 def test_accelerate_config_path_and_bad_name(tmp_path):
     own = tmp_path / "mine.yaml"
     own.write_text("distributed_type: 'NO'\n")
-    assert train_script.resolve_accelerate_config(str(own)) == str(own)
+    assert launcher.resolve_accelerate_config(str(own)) == str(own)
     with pytest.raises(ValueError, match=r"zero9.*neither a file nor a config shipped.*multi_gpu"):
-        train_script.resolve_accelerate_config("zero9")
+        launcher.resolve_accelerate_config("zero9")
 
 
 def test_accelerate_config_relaunches_the_script_under_accelerate(tmp_path, model_dir, pairs_file, monkeypatch):
@@ -290,7 +291,7 @@ def test_accelerate_config_relaunches_the_script_under_accelerate(tmp_path, mode
     ((args, marker),) = launched
     assert Path(args.config_file).name == "multi_gpu.yaml" and Path(args.config_file).is_file()
     assert args.num_processes == 2
-    assert args.module and args.training_script == "trl_tidpo.train_script"
+    assert args.module and args.training_script == "trl_tidpo.tools.train_script"
     assert args.training_script_args == script_argv  # launch flags removed, the rest in order
     assert marker == "1" and LAUNCHED_ENV not in os.environ  # set for the children only
     assert not output_dir.exists()  # the parent process trained nothing

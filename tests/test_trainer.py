@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ANCHORS
 from datasets import Dataset
+from trainer_probes import batch_weights
 from helpers_trainer import (
     first_batch,
     load,
@@ -27,7 +28,7 @@ from helpers_trainer import (
 from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer
 
-import trl_tidpo.tidpo_trainer as tidpo_trainer_module
+import trl_tidpo.modeling.attribution as attribution_module
 from trl_tidpo import TIDPOConfig, TIDPOTrainer
 
 
@@ -147,8 +148,7 @@ def test_token_weights_match_explicit_attribution(
     assert_batch_matches_rows(batch, rows)
 
     trainer.model.train()
-    output = trainer.concatenated_forward(trainer.model, batch)
-    weights, fallback = trainer.compute_token_weights(output)
+    weights, fallback = batch_weights(trainer, batch)
 
     expected, expected_fallback = expected_shifted_weights(
         load(model_dir),
@@ -344,7 +344,7 @@ def test_length_one_completions(tmp_path, model_dir, tokenizer, data_format):
     batch = first_batch(trainer)
     assert batch["completion_mask"].sum(dim=-1).tolist() == [1] * 2 * B
     trainer.model.train()
-    weights, fallback = trainer.compute_token_weights(trainer.concatenated_forward(trainer.model, batch))
+    weights, fallback = batch_weights(trainer, batch)
     assert not fallback.any()
     torch.testing.assert_close(weights.sum(dim=-1), torch.ones(2 * B))
     assert weights.max().item() == pytest.approx(1.0)
@@ -370,7 +370,7 @@ def test_chosen_and_rejected_of_different_lengths(tmp_path, model_dir, tokenizer
     rows = text_rows(tokenizer, dataset)
     assert_batch_matches_rows(batch, rows)
     trainer.model.train()
-    weights, _ = trainer.compute_token_weights(trainer.concatenated_forward(trainer.model, batch))
+    weights, _ = batch_weights(trainer, batch)
     shifted_mask = batch["completion_mask"][:, 1:].bool()
     assert (weights[~shifted_mask] == 0).all()
     assert (weights[shifted_mask] > 0).all()
@@ -442,7 +442,7 @@ def test_zero_attribution_falls_back_to_prior(tmp_path, model_dir, tokenizer, st
     def zero_attribution(target, embeddings, retain_graph):
         return torch.zeros(embeddings.shape[:2])
 
-    monkeypatch.setattr(tidpo_trainer_module, "embedding_attribution", zero_attribution)
+    monkeypatch.setattr(attribution_module, "embedding_attribution", zero_attribution)
     trainer = TIDPOTrainer(
         model=model_dir,
         args=tidpo_args(tmp_path, triplet_gamma=0.0),
@@ -451,7 +451,7 @@ def test_zero_attribution_falls_back_to_prior(tmp_path, model_dir, tokenizer, st
     )
     batch = first_batch(trainer)
     trainer.model.train()
-    weights, fallback = trainer.compute_token_weights(trainer.concatenated_forward(trainer.model, batch))
+    weights, fallback = batch_weights(trainer, batch)
     rows = text_rows(tokenizer, standard_dataset)
     expected, expected_fallback = expected_shifted_weights(
         None, rows, weights.size(1), 0.7, 0.25, "completion", "mean", importance_fn=lambda model, ids: [0.0] * len(ids)
@@ -466,7 +466,7 @@ def test_zero_attribution_falls_back_to_prior(tmp_path, model_dir, tokenizer, st
         [n * p for p in gaussian_prior_loop(n, 0.25)]
     )
 
-    with caplog.at_level(logging.WARNING, logger="trl_tidpo.tidpo_trainer"):
+    with caplog.at_level(logging.WARNING, logger="trl_tidpo.trainer.tidpo_trainer"):
         loss = policy_step_loss(trainer, batch)
     assert torch.isfinite(loss)
     assert trainer._metrics["train"]["token_weights/fallback_rows"][-1] == 2 * B
@@ -559,8 +559,8 @@ def test_evaluate_logs_tidpo_metrics_without_graph(tmp_path, model_dir, ref_mode
     trainer.model.eval()
     with torch.no_grad():
         output = trainer.concatenated_forward(trainer.model, batch)
-    assert output["raw_importance"] is not None
-    leaked = [key for key, value in output.items() if isinstance(value, torch.Tensor) and value.grad_fn is not None]
+    assert output.raw_importance is not None
+    leaked = [key for key, value in vars(output).items() if isinstance(value, torch.Tensor) and value.grad_fn is not None]
     assert leaked == []
     assert all(p.grad is None for p in trainer.model.parameters())
 
@@ -683,7 +683,7 @@ def test_gradient_checkpointing_gives_same_weights(
 ):
     """Reentrant and non-reentrant checkpointing train to the same weights as no checkpointing."""
     plain, plain_checkpointing = _train_weights(tmp_path / "plain", model_dir, tokenizer, standard_dataset)
-    with caplog.at_level(logging.WARNING, logger="trl_tidpo.tidpo_trainer"):
+    with caplog.at_level(logging.WARNING, logger="trl_tidpo.trainer.tidpo_trainer"):
         checkpointed, checkpointing = _train_weights(
             tmp_path / "gc",
             model_dir,
@@ -707,7 +707,7 @@ def test_policy_anchors_keep_their_completion_under_keep_end(model_dir, tokenize
     sampling, so every anchor row fits `max_length` and still has completion tokens (else the triplet distances would
     silently be 0).
     """
-    from trl_tidpo.anchors import sample_policy_anchors
+    from trl_tidpo.modeling.anchors import sample_policy_anchors
 
     torch.manual_seed(0)
     model = load(model_dir)

@@ -11,14 +11,15 @@ import logging
 import pytest
 import torch
 from conftest import ANCHORS
+from trainer_probes import batch_weights
 from helpers_trainer import CPU_ARGS, clone_params, expected_shifted_weights, first_batch, text_rows, token_logps
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 from trl import ModelConfig, get_peft_config
 
-import trl_tidpo.tidpo_trainer as tidpo_trainer_module
+import trl_tidpo.modeling.attribution as attribution_module
 from trl_tidpo import TIDPOConfig, TIDPOTrainer
-from trl_tidpo.train_script import load_quantized_model
+from trl_tidpo.tools.train_script import load_quantized_model
 
 
 B = 4
@@ -62,9 +63,9 @@ def test_lora_reference_is_the_base_model_with_adapter_disabled(tmp_path, model_
         for r, (ids, start) in enumerate(text_rows(tokenizer, standard_dataset)):
             completion = slice(start - 1, len(ids) - 1)  # entry i scores token i + 1; prompt tokens are not scored
             expected = token_logps(base, ids)[completion]
-            torch.testing.assert_close(ref["per_token_logps"][r, completion], expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ref.per_token_logps[r, completion], expected, atol=1e-5, rtol=1e-5)
             # the adapter is active for the policy: the test can tell the two apart
-            assert (policy["per_token_logps"][r, completion] - expected).abs().max() > 1e-3
+            assert (policy.per_token_logps[r, completion] - expected).abs().max() > 1e-3
 
 
 def test_lora_attribution_reaches_frozen_embeddings(tmp_path, model_dir, tokenizer, standard_dataset):
@@ -79,7 +80,7 @@ def test_lora_attribution_reaches_frozen_embeddings(tmp_path, model_dir, tokeniz
     assert not trainer.model.get_input_embeddings().weight.requires_grad
     batch = first_batch(trainer)
     trainer.model.train()
-    weights, fallback = trainer.compute_token_weights(trainer.concatenated_forward(trainer.model, batch))
+    weights, fallback = batch_weights(trainer, batch)
 
     rows = text_rows(tokenizer, standard_dataset)
     width = weights.size(1)
@@ -141,7 +142,7 @@ def test_qlora_4bit_nf4_trains_adapters_and_keeps_quantized_weights(tmp_path, mo
     )
     batch = first_batch(trainer)
     trainer.model.train()
-    weights, fallback = trainer.compute_token_weights(trainer.concatenated_forward(trainer.model, batch))
+    weights, fallback = batch_weights(trainer, batch)
     expected, _ = expected_shifted_weights(
         trainer.model, text_rows(tokenizer, standard_dataset), weights.size(1), 0.7, 0.25, "completion", "mean"
     )
@@ -175,14 +176,14 @@ def rows_from_batch(inputs: dict) -> list[tuple[list[int], int]]:
 def train_capturing_weights(trainer) -> list[tuple[torch.Tensor, dict]]:
     """Train, and return each step's token weights `[2B, T-1]` with the batch they were computed for."""
     captured = []
-    compute = trainer.compute_token_weights
+    loss_parts = trainer._loss_parts
 
-    def spy(forward_output, inputs=None):
-        result = compute(forward_output, inputs)
-        captured.append((result[0], {k: v.clone() for k, v in inputs.items() if isinstance(v, torch.Tensor)}))
-        return result
+    def spy(model, inputs):
+        policy, parts = loss_parts(model, inputs)
+        captured.append((parts.weights.weights, {k: v.clone() for k, v in inputs.items() if isinstance(v, torch.Tensor)}))
+        return policy, parts
 
-    trainer.compute_token_weights = spy
+    trainer._loss_parts = spy
     trainer.train()
     return captured
 
@@ -212,7 +213,7 @@ def test_gradient_checkpointing_with_lora_keeps_exact_weights(
         "gc", gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": use_reentrant}
     )
     plain_steps = train_capturing_weights(plain)
-    with caplog.at_level(logging.WARNING, logger="trl_tidpo.tidpo_trainer"):
+    with caplog.at_level(logging.WARNING, logger="trl_tidpo.trainer.tidpo_trainer"):
         gc_steps = train_capturing_weights(checkpointed)
     assert checkpointed.model.base_model.model.is_gradient_checkpointing
 
@@ -343,14 +344,14 @@ def test_bf16_autocast_on_cpu_keeps_float32_attribution_and_finite_weights(
 ):
     """`bf16=True, use_cpu=True`: the model runs in bf16 autocast; attribution and weights stay float32 and finite."""
     raw_importance = []
-    attribution = tidpo_trainer_module.embedding_attribution
+    attribution = attribution_module.embedding_attribution
 
     def spy(target, embeddings, retain_graph):
         raw = attribution(target, embeddings, retain_graph)
         raw_importance.append(raw)
         return raw
 
-    monkeypatch.setattr(tidpo_trainer_module, "embedding_attribution", spy)
+    monkeypatch.setattr(attribution_module, "embedding_attribution", spy)
     trainer = TIDPOTrainer(
         model=model_dir,
         args=tidpo_args(tmp_path, bf16=True, learning_rate=1e-2, max_steps=2, triplet_gamma=0.0),
@@ -376,14 +377,14 @@ def test_attribution_overflow_falls_back_to_prior_for_that_row(
     tmp_path, model_dir, tokenizer, standard_dataset, monkeypatch
 ):
     """An fp16-style overflow (inf) in one row's attribution: that row uses the prior alone and is counted; no NaN."""
-    attribution = tidpo_trainer_module.embedding_attribution
+    attribution = attribution_module.embedding_attribution
 
     def overflow_first_row(target, embeddings, retain_graph):
         raw = attribution(target, embeddings, retain_graph).clone()
         raw[0] = float("inf")  # every entry of row 0, as an fp16 overflow of its backward would give
         return raw
 
-    monkeypatch.setattr(tidpo_trainer_module, "embedding_attribution", overflow_first_row)
+    monkeypatch.setattr(attribution_module, "embedding_attribution", overflow_first_row)
     trainer = TIDPOTrainer(
         model=model_dir,
         args=tidpo_args(tmp_path, learning_rate=1e-2, max_steps=2, triplet_gamma=0.0),
@@ -392,7 +393,7 @@ def test_attribution_overflow_falls_back_to_prior_for_that_row(
     )
     batch = first_batch(trainer)
     trainer.model.train()
-    weights, fallback = trainer.compute_token_weights(trainer.concatenated_forward(trainer.model, batch))
+    weights, fallback = batch_weights(trainer, batch)
     rows = text_rows(tokenizer, standard_dataset)
     prior_only, _ = expected_shifted_weights(
         None, rows, weights.size(1), 0.7, 0.25, "completion", "mean", importance_fn=lambda m, ids: [0.0] * len(ids)

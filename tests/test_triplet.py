@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from trl_tidpo.triplet import left_align, triplet_distances, triplet_loss
+from trl_tidpo.ops.triplet import left_align, triplet_distances, triplet_loss
 
 
 def _completion_values(values: torch.Tensor, mask: torch.Tensor, row: int) -> list[float]:

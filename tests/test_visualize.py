@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from trl_tidpo.visualize import (
+from trl_tidpo.tools.visualize import (
     PairView,
     TokenRow,
     completion_page,

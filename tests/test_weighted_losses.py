@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trl_tidpo.weighted_dpo import token_weighted_dpo_losses, weighted_sequence_logps
+from trl_tidpo.ops.weighted_losses import token_weighted_dpo_losses, weighted_sequence_logps
 
 
 BETA = 0.1

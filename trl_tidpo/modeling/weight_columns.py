@@ -33,7 +33,7 @@ def validate_token_weight_columns(dataset: Dataset, dataset_name: str) -> None:
                 raise ValueError(
                     f"`{dataset_name}` row {index}: `{column}` has {length} weights but the tokenised {side} completion "
                     f"has {len(ids)} tokens. Give one weight per completion token as the trainer tokenises it (EOS "
-                    f"included for plain-text data); `trl_tidpo.weight_columns` documents the layout."
+                    f"included for plain-text data); `trl_tidpo.modeling.weight_columns` documents the layout."
                 )
             bad = [w for w in weights if not math.isfinite(w) or w < 0]
             if bad:

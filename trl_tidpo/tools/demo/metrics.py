@@ -1,6 +1,7 @@
 """How well per-token weights find the critical tokens, and held-out preference accuracy."""
 
 from collections.abc import Sequence
+from typing import Any
 
 
 def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
@@ -58,3 +59,39 @@ def preference_accuracy(chosen_rewards: Sequence[float], rejected_rewards: Seque
     if len(chosen_rewards) != len(rejected_rewards) or not chosen_rewards:
         raise ValueError("Need the same, non-zero number of chosen and rejected rewards.")
     return sum(c > r for c, r in zip(chosen_rewards, rejected_rewards)) / len(chosen_rewards)
+
+
+def weight_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """
+    `roc_auc` of the weights against the critical labels, pooled over every completion token, and the mean
+    `top_k_share` (k = the row's number of critical tokens); the same two with special tokens (EOS, chat-template
+    markers) left out as `roc_auc_content` and `top_k_share_content`, since they are never critical and the
+    attribution often puts most weight on them.
+    """
+    metrics = {}
+    for suffix, keep_special in (("", True), ("_content", False)):
+        kept = [_without_special(row) if not keep_special else row for row in rows]
+        scores = [w for row in kept for w in row["weights"]]
+        labels = [c for row in kept for c in row["critical"]]
+        shares = [top_k_share(row["weights"], row["critical"]) for row in kept if any(row["critical"])]
+        metrics[f"roc_auc{suffix}"] = roc_auc(scores, labels)
+        metrics[f"top_k_share{suffix}"] = sum(shares) / len(shares)
+    return metrics
+
+
+def _without_special(row: dict[str, Any]) -> dict[str, Any]:
+    keep = [not special for special in row["special"]]
+    return {
+        "weights": [w for w, k in zip(row["weights"], keep) if k],
+        "critical": [c for c, k in zip(row["critical"], keep) if k],
+    }
+
+
+def critical_base_rate(rows: list[dict[str, Any]], content_only: bool = False) -> float:
+    """Mean share of critical tokens per completion (special tokens left out with `content_only`): the `top_k_share`
+    of random weights."""
+    rows = [_without_special(row) for row in rows] if content_only else rows
+    return sum(sum(row["critical"]) / len(row["critical"]) for row in rows) / len(rows)
+
+
+# ---------------------------------------------------------------------------------------------------- the comparison

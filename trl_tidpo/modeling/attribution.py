@@ -4,8 +4,9 @@ attribution target (Eq. 5) and take one activation-only backward (Eq. 6). SPEC Â
 """
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
@@ -14,7 +15,7 @@ from torch import nn
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from .importance import importance_from_gradients
+from ..ops.importance import importance_from_gradients
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:
@@ -125,7 +126,8 @@ def project_to_logits(hidden: torch.Tensor, lm_head: nn.Module, config) -> torch
         if is_deepspeed_zero3_enabled():  # autograd must not keep a parameter that is re-partitioned on exit
             weight = weight.detach().clone()
             bias = bias.detach().clone() if bias is not None else None
-        logits = (hidden.to(weight.dtype) @ weight.t()).float()
+        # to the head's device too: under a multi-GPU `device_map` the backbone's last layer may sit elsewhere
+        logits = (hidden.to(device=weight.device, dtype=weight.dtype) @ weight.t()).float()
         if bias is not None:
             logits = logits + bias.float()
     scale, softcap = logit_transform(config)
@@ -182,3 +184,53 @@ def embedding_attribution(target: torch.Tensor, embeddings: torch.Tensor, retain
     """
     (grads,) = torch.autograd.grad(target.sum(), embeddings, retain_graph=retain_graph)
     return importance_from_gradients(grads)
+
+
+def attribute_captured(
+    captured: CapturedActivations, attention_mask: torch.Tensor, lm: nn.Module, retain_graph: bool
+) -> torch.Tensor:
+    """
+    Raw token importance `I[r, j]` (Eq. 5-6) of the first `R` rows of a forward that `capture_activations` watched:
+    the target of each row at its last attended position, then one activation-only backward.
+
+    The single attribution path of the package: the trainer calls it inside the loss's own forward (`retain_graph=True`)
+    and through `attribute_in_own_forward` everywhere else (reentrant checkpointing, the reference, `token_weights`).
+    Prompt-learning PEFT prepends virtual tokens to the hidden states; they are cut off before the last attended
+    position is picked, so `L_r` indexes the real tokens.
+
+    Args:
+        captured: the activations of a forward over at least `R` rows.
+        attention_mask (`torch.Tensor`): `[R, T]` of the rows to attribute (the real tokens).
+        lm: the causal LM (`causal_lm_of(model)`), for its output embedding and config.
+        retain_graph (`bool`): keep the graph for a later backward (the loss's).
+
+    Returns:
+        `torch.Tensor`: `[R, T]` float32 raw importance, attached to nothing.
+    """
+    rows, width = attention_mask.shape
+    last_hidden = captured.last_hidden[:rows, -width:]  # [R, T, H]
+    target = attribution_target(last_hidden, attention_mask, lm.get_output_embeddings(), lm.config)
+    raw = embedding_attribution(target, captured.embeddings, retain_graph=retain_graph)
+    return raw[:rows, -width:]
+
+
+def attribute_in_own_forward(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, forward: Callable[[], Any] | None = None
+) -> torch.Tensor:
+    """
+    Raw token importance `[R, T]` (float32, detached) of right-padded rows, from a forward of their own.
+
+    Args:
+        model: the causal LM (a PEFT or DDP wrapping too). Dropout should be off.
+        input_ids, attention_mask (`torch.Tensor`): `[R, T]`.
+        forward (`Callable`, *optional*): runs the model's forward over the rows; by default the backbone alone
+            (no `[R, T, vocab]` logits). The trainer passes a call of the full (PEFT-wrapped) model.
+    """
+    lm = causal_lm_of(model)
+    if forward is None:
+        def forward():
+            return lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    with torch.enable_grad(), capture_activations(model) as captured:
+        forward()
+        raw = attribute_captured(captured, attention_mask, lm, retain_graph=False)
+    return raw.detach()

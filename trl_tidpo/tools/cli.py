@@ -3,7 +3,7 @@ The `trl-tidpo` command line.
 
 - `trl-tidpo demo`: DPO vs TI-DPO on the bundled critical-token pairs (tiny model, about 1.5 min on 2 CPU cores).
 - `trl-tidpo explain --model PATH --prompt ... --completion ...`: TI-DPO's per-token weights of any causal LM.
-- `trl-tidpo train ...`: the training script (`trl_tidpo.train_script`), every argument forwarded.
+- `trl-tidpo train ...`: the training script (`trl_tidpo.tools.train_script`), every argument forwarded.
 
 Errors in the arguments (a missing model, an empty or too long completion) are one line on stderr and exit code 2.
 """
@@ -45,6 +45,33 @@ def _unit_float(text: str) -> float:
     return value
 
 
+def _add_weight_options(parser: argparse.ArgumentParser) -> None:
+    """The four weight options of `TIDPOConfig`; left unset here, they take the config's defaults (read in `_explain`,
+    so that `--help` does not import TRL)."""
+    parser.add_argument("--importance-lambda", type=_unit_float, help="λ of Eq. 8 (default: TIDPOConfig's, 0.7)")
+    parser.add_argument("--prior-sigma-ratio", type=float, help="ρ of the Gaussian prior (default: TIDPOConfig's, 0.25)")
+    parser.add_argument("--weight-span", help="'completion' or 'sequence' (default: TIDPOConfig's, 'completion')")
+    parser.add_argument("--weight-normalization", help="'mean' or 'sum' (default: TIDPOConfig's, 'mean')")
+
+
+def _weight_options(args: argparse.Namespace) -> dict:
+    """The weight options given on the command line over `TIDPOConfig`'s defaults, checked against its choices."""
+    from ..trainer.tidpo_config import WEIGHT_OPTIONS, TIDPOConfig, weight_option_defaults
+
+    options = weight_option_defaults()
+    for name in WEIGHT_OPTIONS:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        choices = TIDPOConfig.__dataclass_fields__[name].metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise CLIError(f"--{name.replace('_', '-')} must be one of {choices}, got {value!r}")
+        options[name] = value
+    if options["prior_sigma_ratio"] <= 0:
+        raise CLIError(f"--prior-sigma-ratio must be > 0, got {options['prior_sigma_ratio']}")
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="trl-tidpo", description="TI-DPO (Token-Importance Guided DPO) for Hugging Face TRL.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -82,10 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--html", help="also write the view to this HTML file")
     explain.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto",
                          help="wrap prompt/completion in the chat template (auto: when the tokenizer has one)")
-    explain.add_argument("--importance-lambda", type=_unit_float, default=0.7, help="λ of Eq. 8 (default 0.7)")
-    explain.add_argument("--prior-sigma-ratio", type=float, default=0.25, help="ρ of the Gaussian prior (default 0.25)")
-    explain.add_argument("--weight-span", choices=["completion", "sequence"], default="completion")
-    explain.add_argument("--weight-normalization", choices=["mean", "sum"], default="mean")
+    _add_weight_options(explain)
     explain.add_argument("--color", choices=["auto", "always", "never"], default="auto",
                          help="colour the tokens (auto: on a terminal, unless NO_COLOR is set)")
     explain.add_argument("--json", action="store_true", help="print the weights as JSON instead")
@@ -98,12 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .smollm2 import SMOLLM2_NAME, is_smollm2
+    from .demo.smollm2 import SMOLLM2_NAME, is_smollm2
 
     if args.model != "tiny" and not is_smollm2(args.model):
         raise CLIError(f"--model must be 'tiny' or {SMOLLM2_NAME!r}, got {args.model!r}")
     if is_smollm2(args.model):
-        from .smollm2 import ModelNotInstalledError, gguf_path
+        from .demo.smollm2 import ModelNotInstalledError, gguf_path
 
         try:
             gguf_path()
@@ -139,7 +163,7 @@ def load_model(name: str):
     Raises:
         CLIError: one-line reasons: no such folder, not a causal LM, the named model's package is missing.
     """
-    from .smollm2 import SMOLLM2_NAME, ModelNotInstalledError, is_smollm2, load_smollm2
+    from .demo.smollm2 import SMOLLM2_NAME, ModelNotInstalledError, is_smollm2, load_smollm2
 
     if is_smollm2(name):
         try:
@@ -200,15 +224,13 @@ def context_length(model) -> int | None:
 def _explain(args: argparse.Namespace) -> int:
     if not args.completion.strip():
         raise CLIError("--completion is empty: there is no token to weigh")
-    if args.prior_sigma_ratio <= 0:
-        raise CLIError(f"--prior-sigma-ratio must be > 0, got {args.prior_sigma_ratio}")
+    options = _weight_options(args)
     model, tokenizer = load_model(args.model)
     if args.adapter is not None:
         model = load_adapter(model, args.adapter)
-    from .demo.runner import display_tokens
     from .explain import token_weights
-    from .tokenization import tokenize_completion
-    from .visualize import TokenRow, completion_page, terminal_view, use_color
+    from ..modeling.tokenization import tokenize_completion
+    from .visualize import TokenRow, completion_page, display_tokens, terminal_view, use_color
 
     prompt, completion = format_inputs(tokenizer, args.prompt, args.completion, args.chat_template)
     prompt_ids, completion_ids = tokenize_completion(tokenizer, prompt, completion)
@@ -220,16 +242,7 @@ def _explain(args: argparse.Namespace) -> int:
             f"--completion is too long: prompt and completion take {len(prompt_ids) + len(completion_ids)} tokens, "
             f"the model's context is {limit}"
         )
-    tw = token_weights(
-        model,
-        tokenizer,
-        prompt,
-        completion,
-        importance_lambda=args.importance_lambda,
-        prior_sigma_ratio=args.prior_sigma_ratio,
-        weight_span=args.weight_span,
-        weight_normalization=args.weight_normalization,
-    )
+    tw = token_weights(model, tokenizer, prompt, completion, **options)
     tokens = display_tokens(tokenizer, tw.token_ids)
     if args.json:
         keys = ("token_ids", "weights", "importance", "prior", "fallback")
@@ -240,14 +253,14 @@ def _explain(args: argparse.Namespace) -> int:
             caption += "; the attribution could not be normalised: weights are the prior alone"
         row = TokenRow(tokens, tw.weights, importance=tw.importance, prior=tw.prior, caption=caption)
         print(
-            f"TI-DPO weights (λ={args.importance_lambda}, ρ={args.prior_sigma_ratio}, span={args.weight_span}, "
-            f"normalization={args.weight_normalization}) of {args.model}"
+            f"TI-DPO weights (λ={options['importance_lambda']}, ρ={options['prior_sigma_ratio']}, span={options['weight_span']}, "
+            f"normalization={options['weight_normalization']}) of {args.model}"
         )
         print(terminal_view(row, use_color(sys.stdout, args.color)))
     if args.html:
         row = TokenRow(tokens, tw.weights, importance=tw.importance, prior=tw.prior)
         page = completion_page(
-            args.prompt, row, title="TI-DPO token weights", intro=f"Model: {args.model}. λ={args.importance_lambda}."
+            args.prompt, row, title="TI-DPO token weights", intro=f"Model: {args.model}. λ={options['importance_lambda']}."
         )
         try:
             Path(args.html).write_text(page, encoding="utf-8")

@@ -3,7 +3,7 @@ The demo's preference data, built so that the ground truth is known: each pair's
 differ in a few **critical tokens** (e.g. "seek medical attention" vs "take painkillers casually"), surrounded by
 filler that both responses share and by one random distractor word that differs but carries no preference.
 
-The bundled file `data/critical_pairs.jsonl` is `generate_pairs()` written out (`python -m trl_tidpo.demo.data`);
+The bundled file `data/critical_pairs.jsonl` is `generate_pairs()` written out (`python -m trl_tidpo.tools.demo.data`);
 a test checks that they agree. Critical tokens are stored as character spans of the completion, so any tokenizer
 can be scored against them (`critical_token_labels`).
 """
@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..tokenization import tokenize_completion
+from ...modeling.tokenization import tokenize_completion
 
 
 DATA_FILE = "critical_pairs.jsonl"
@@ -185,7 +185,7 @@ def vocabulary(rows: list[dict[str, Any]]) -> list[str]:
 def load_pairs(path: str | Path | None = None) -> list[dict[str, Any]]:
     """The rows of a demo JSONL file; by default the bundled `critical_pairs.jsonl`."""
     if path is None:
-        text = resources.files("trl_tidpo.demo").joinpath("data", DATA_FILE).read_text(encoding="utf-8")
+        text = resources.files("trl_tidpo.tools.demo").joinpath("data", DATA_FILE).read_text(encoding="utf-8")
     else:
         text = Path(path).read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]

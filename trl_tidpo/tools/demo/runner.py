@@ -20,12 +20,13 @@ from transformers import AutoModelForCausalLM, PrinterCallback, ProgressCallback
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from ..explain import token_weights
-from ..tidpo_config import TIDPOConfig
-from ..tidpo_trainer import TIDPOTrainer
-from ..tiny_models import build_tiny_llama, build_word_tokenizer
-from ..tokenization import tokenize_completion
+from ..visualize import display_tokens
+from ...trainer.tidpo_config import WEIGHT_OPTIONS, TIDPOConfig
+from ...trainer.tidpo_trainer import TIDPOTrainer
+from .tiny_models import build_tiny_llama, build_word_tokenizer
+from ...modeling.tokenization import tokenize_completion
 from .data import critical_token_labels, load_pairs, to_conversational, vocabulary
-from .metrics import preference_accuracy, roc_auc, top_k_share
+from .metrics import critical_base_rate, preference_accuracy, weight_metrics
 
 
 TINY_MODEL = "tiny"
@@ -123,7 +124,7 @@ def build_tokenizer(config: DemoConfig, rows: list[dict]):
     """The word-level tokenizer of the demo's vocabulary (tiny model) or the pretrained model's tokenizer."""
     if config.model == TINY_MODEL:
         return build_word_tokenizer(vocabulary(rows))
-    from ..smollm2 import load_tokenizer
+    from .smollm2 import load_tokenizer
 
     return load_tokenizer(config.model)
 
@@ -164,7 +165,7 @@ def prepare_start(config: DemoConfig, tokenizer, train_rows: list[dict], out: Pa
     """
     if config.model == TINY_MODEL:
         return sft_warmup(config, tokenizer, train_rows, out)
-    from ..smollm2 import load_smollm2
+    from .smollm2 import load_smollm2
 
     model, _ = load_smollm2(config.model)
     return model
@@ -240,7 +241,7 @@ def train_variant(
 
 
 @torch.no_grad()
-def completion_logps(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 16) -> list[float]:
+def sequence_logps(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 16) -> list[float]:
     """
     Sum of `log π(completion token | prefix)` over each completion's tokens (EOS included), tokenised exactly as the
     trainers tokenise them. Returns one float per pair.
@@ -273,8 +274,8 @@ def preference_metrics(model, reference, tokenizer, rows: list[dict], beta: floa
     rewards = {}
     for side in ("chosen", "rejected"):
         completions = [row[side] for row in rows]
-        policy = completion_logps(model, tokenizer, prompts, completions)
-        ref = completion_logps(reference, tokenizer, prompts, completions)
+        policy = sequence_logps(model, tokenizer, prompts, completions)
+        ref = sequence_logps(reference, tokenizer, prompts, completions)
         rewards[side] = [beta * (p - r) for p, r in zip(policy, ref)]
     margins = [c - r for c, r in zip(rewards["chosen"], rewards["rejected"])]
     return {
@@ -285,8 +286,7 @@ def preference_metrics(model, reference, tokenizer, rows: list[dict], beta: floa
 
 def weight_options(overrides: dict[str, Any] | None) -> dict[str, Any]:
     """The `token_weights` options a variant's `TIDPOConfig` overrides (λ, ρ, span, scaling); none for DPO."""
-    keys = ("importance_lambda", "prior_sigma_ratio", "weight_span", "weight_normalization")
-    return {key: value for key, value in (overrides or {}).items() if key in keys}
+    return {key: value for key, value in (overrides or {}).items() if key in WEIGHT_OPTIONS}
 
 
 def weight_rows(model, tokenizer, rows: list[dict], **weight_kwargs) -> list[dict[str, Any]]:
@@ -314,47 +314,6 @@ def weight_rows(model, tokenizer, rows: list[dict], **weight_kwargs) -> list[dic
                 }
             )
     return out
-
-
-def display_tokens(tokenizer, token_ids: list[int]) -> list[str]:
-    """Each token as the text it stands for (byte-level BPE markers such as `Ġ` resolved)."""
-    return [tokenizer.decode([token_id]) for token_id in token_ids]
-
-
-def weight_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """
-    `roc_auc` of the weights against the critical labels, pooled over every completion token, and the mean
-    `top_k_share` (k = the row's number of critical tokens); the same two with special tokens (EOS, chat-template
-    markers) left out as `roc_auc_content` and `top_k_share_content`, since they are never critical and the
-    attribution often puts most weight on them.
-    """
-    metrics = {}
-    for suffix, keep_special in (("", True), ("_content", False)):
-        kept = [_without_special(row) if not keep_special else row for row in rows]
-        scores = [w for row in kept for w in row["weights"]]
-        labels = [c for row in kept for c in row["critical"]]
-        shares = [top_k_share(row["weights"], row["critical"]) for row in kept if any(row["critical"])]
-        metrics[f"roc_auc{suffix}"] = roc_auc(scores, labels)
-        metrics[f"top_k_share{suffix}"] = sum(shares) / len(shares)
-    return metrics
-
-
-def _without_special(row: dict[str, Any]) -> dict[str, Any]:
-    keep = [not special for special in row["special"]]
-    return {
-        "weights": [w for w, k in zip(row["weights"], keep) if k],
-        "critical": [c for c, k in zip(row["critical"], keep) if k],
-    }
-
-
-def critical_base_rate(rows: list[dict[str, Any]], content_only: bool = False) -> float:
-    """Mean share of critical tokens per completion (special tokens left out with `content_only`): the `top_k_share`
-    of random weights."""
-    rows = [_without_special(row) for row in rows] if content_only else rows
-    return sum(sum(row["critical"]) / len(row["critical"]) for row in rows) / len(rows)
-
-
-# ---------------------------------------------------------------------------------------------------- the comparison
 
 
 def run_comparison(config: DemoConfig, rows: list[dict] | None = None) -> dict[str, Any]:

@@ -3,7 +3,22 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
-from .weighted_dpo import KL_LOSS_TYPES, SUPPORTED_LOSS_TYPES
+from ..modeling.tis_dpo import check_tis_sources
+from ..ops.weighted_losses import KL_LOSS_TYPES, SUPPORTED_LOSS_TYPES
+
+
+# The options of the hybrid weights (Eq. 7-8); their defaults live in the fields below, and nowhere else.
+WEIGHT_OPTIONS = ("importance_lambda", "prior_sigma_ratio", "weight_span", "weight_normalization")
+# Fields whose `choices` metadata `__post_init__` enforces (DPOConfig's own are TRL's to check).
+TIDPO_CHOICE_FIELDS = (
+    "token_weighting", "importance_model", "weight_span", "weight_normalization", "tis_transform", "anchor_source",
+)  # fmt: skip
+
+
+def weight_option_defaults() -> dict:
+    """The defaults of `WEIGHT_OPTIONS`, read from `TIDPOConfig`'s fields."""
+    fields = TIDPOConfig.__dataclass_fields__
+    return {name: fields[name].default for name in WEIGHT_OPTIONS}
 
 
 @dataclass
@@ -201,6 +216,11 @@ class TIDPOConfig(DPOConfig):
         },
     )
 
+    def weight_options(self) -> dict:
+        """The four options of TI-DPO's hybrid weights, by name: what `token_weights`, the callback, the demo and
+        the CLI read (their defaults are this config's)."""
+        return {name: getattr(self, name) for name in WEIGHT_OPTIONS}
+
     def __post_init__(self):
         self._validate_tidpo_fields()
         self._refuse_unsupported_dpo_options()
@@ -213,17 +233,10 @@ class TIDPOConfig(DPOConfig):
             )
 
     def _validate_tidpo_fields(self):
-        choices = {
-            "token_weighting": ("ti_dpo", "uniform", "dataset", "tis_dpo"),
-            "tis_transform": ("exp_clamp", "rank"),
-            "importance_model": ("policy", "reference"),
-            "weight_span": ("completion", "sequence"),
-            "weight_normalization": ("mean", "sum"),
-            "anchor_source": ("policy", "dataset"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
+        for name, spec in self.__dataclass_fields__.items():
+            allowed = spec.metadata.get("choices")
+            if allowed is not None and name in TIDPO_CHOICE_FIELDS and getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {tuple(allowed)}, got {getattr(self, name)!r}.")
         checks = [
             ("importance_lambda", 0.0 <= self.importance_lambda <= 1.0, "in [0, 1]"),
             ("prior_sigma_ratio", self.prior_sigma_ratio > 0, "> 0"),
@@ -252,14 +265,6 @@ class TIDPOConfig(DPOConfig):
         self._validate_tis_fields()
 
     def _validate_tis_fields(self):
-        tis_sources = ("tis_positive_model", "tis_negative_model", "tis_system_prompts")
-        if self.token_weighting != "tis_dpo":
-            given = [name for name in tis_sources if getattr(self, name) is not None]
-            if given:
-                raise ValueError(
-                    f"{given} only apply to `token_weighting='tis_dpo'`, but `token_weighting` is "
-                    f"{self.token_weighting!r}. Set `token_weighting='tis_dpo'` or leave them unset."
-                )
         clamp = list(self.tis_clamp) if isinstance(self.tis_clamp, (list, tuple)) else None
         finite = clamp is not None and all(isinstance(v, (int, float)) and math.isfinite(v) for v in clamp)
         if not finite or len(clamp) != 2:
@@ -278,11 +283,10 @@ class TIDPOConfig(DPOConfig):
                 )
             if prompts[0] == prompts[1]:
                 raise ValueError("`tis_system_prompts` are identical, so π+ and π− would agree and every weight be 1.")
-        elif self.tis_positive_model is not None and self.tis_positive_model == self.tis_negative_model:
-            raise ValueError(
-                "`tis_positive_model` and `tis_negative_model` are the same model and no `tis_system_prompts` tell "
-                "them apart, so every TIS-DPO log-ratio would be 0."
-            )
+        both_paths = self.tis_positive_model is not None and self.tis_negative_model is not None
+        if self.token_weighting != "tis_dpo" or both_paths:
+            # the trainer checks again, once loaded models may stand in for the paths
+            check_tis_sources(self.token_weighting, self.tis_positive_model, self.tis_negative_model, prompts)
 
     def _refuse_unsupported_dpo_options(self):
         loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)

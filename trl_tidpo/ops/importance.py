@@ -4,7 +4,10 @@ Token importance: from embedding gradients to TI-DPO's hybrid token weights (pap
 Pure tensor functions. The model-facing half (hooks, the attribution target, the backward) is in `attribution.py`.
 """
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 from .prior import gaussian_prior
 
@@ -45,13 +48,36 @@ def normalize_importance(raw_importance: torch.Tensor, span_mask: torch.Tensor) 
     return normalized, invalid
 
 
+@dataclass
+class HybridWeights:
+    """
+    What `hybrid_token_weights` computed, every tensor `[R, T]` float32 and detached unless said otherwise.
+
+    Attributes:
+        weights: the hybrid weights `w` (Eq. 8, scaled per the normalisation), 0 outside the span.
+        importance: the normalised attribution `Î` (Eq. 7), 0 outside the span and on fallback rows (None for
+            weights that are not TI-DPO's: uniform, dataset, TIS-DPO).
+        prior: the normalised Gaussian prior `P̂` (None likewise).
+        fallback: `[R]` bool, rows whose attribution over a non-empty span summed to 0 or was not finite (e.g. an
+            fp16 overflow); their weights are the prior alone.
+        empty: `[R]` bool, rows with an empty span (no token to weigh; e.g. a completion truncated away). Not
+            fallbacks: there is nothing to attribute.
+    """
+
+    weights: torch.Tensor
+    importance: torch.Tensor | None
+    prior: torch.Tensor | None
+    fallback: torch.Tensor
+    empty: torch.Tensor
+
+
 def hybrid_token_weights(
     raw_importance: torch.Tensor,
     span_mask: torch.Tensor,
     importance_lambda: float,
     prior_sigma_ratio: float,
     normalization: str = "mean",
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> HybridWeights:
     """
     TI-DPO's hybrid token weights `w = scale * (λ·Î + (1-λ)·P̂)` (Eq. 8), detached.
 
@@ -64,16 +90,53 @@ def hybrid_token_weights(
             code); `"sum"` leaves them summing to 1 (paper text).
 
     Returns:
-        `tuple[torch.Tensor, torch.Tensor]`: weights `[R, T]` float32 (0 outside the span), and the `[R]` bool
-        tensor of rows that fell back to the prior alone because their importance could not be normalised.
+        `HybridWeights`: the weights and what they were mixed from; rows that fell back to the prior are flagged.
     """
     if normalization not in ("mean", "sum"):
         raise ValueError(f"`normalization` must be 'mean' or 'sum', got {normalization!r}.")
     prior = gaussian_prior(span_mask, prior_sigma_ratio)
-    importance, fallback = normalize_importance(raw_importance, span_mask)
-    lam = torch.full_like(fallback, importance_lambda, dtype=torch.float32)
-    lam = torch.where(fallback, torch.zeros_like(lam), lam).unsqueeze(-1)  # fallback rows: prior alone
+    importance, invalid = normalize_importance(raw_importance, span_mask)
+    empty = ~span_mask.bool().any(dim=-1)
+    lam = torch.full_like(invalid, importance_lambda, dtype=torch.float32)
+    lam = torch.where(invalid, torch.zeros_like(lam), lam).unsqueeze(-1)  # fallback rows: prior alone
     weights = lam * importance + (1.0 - lam) * prior
     if normalization == "mean":
         weights = weights * span_mask.float().sum(dim=-1, keepdim=True)
-    return weights.detach(), fallback
+    return HybridWeights(weights.detach(), importance.detach(), prior.detach(), invalid & ~empty, empty)
+
+
+def completion_token_weights(
+    raw_importance: torch.Tensor,
+    completion_mask: torch.Tensor,
+    attention_mask: torch.Tensor,
+    importance_lambda: float,
+    prior_sigma_ratio: float,
+    weight_span: str = "completion",
+    normalization: str = "mean",
+) -> HybridWeights:
+    """
+    The hybrid weights of right-padded rows, on TRL's shifted token axis (entry `i` weighs token `i+1`).
+
+    Args:
+        raw_importance (`torch.Tensor`): `[R, T]` raw attribution, unshifted (entry `j` is token `j`).
+        completion_mask (`torch.Tensor`): `[R, T-1]`, shifted: 1 where entry `i` scores a completion token.
+        attention_mask (`torch.Tensor`): `[R, T]`, unshifted.
+        weight_span (`str`): normalise over the scored `"completion"` tokens or every attended token of the
+            `"sequence"`.
+
+    Returns:
+        `HybridWeights` whose `weights`, `importance` and `prior` are `[R, T-1]` (shifted; weights 0 off the completion).
+    """
+    if weight_span == "completion":
+        # Completion tokens that are scored (position 0 never is), on the unshifted axis of the importance
+        span = F.pad(completion_mask, (1, 0), value=0)
+    else:
+        span = attention_mask
+    mixed = hybrid_token_weights(raw_importance, span, importance_lambda, prior_sigma_ratio, normalization)
+    return HybridWeights(
+        weights=mixed.weights[:, 1:] * completion_mask,
+        importance=mixed.importance[:, 1:],
+        prior=mixed.prior[:, 1:],
+        fallback=mixed.fallback,
+        empty=mixed.empty,
+    )

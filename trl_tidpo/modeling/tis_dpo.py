@@ -24,6 +24,7 @@ import xxhash
 from datasets import Dataset, concatenate_datasets
 from torch import nn
 from trl import DPOTrainer
+from trl.trainer.utils import create_model_from_path
 from trl.data_utils import is_conversational
 
 from .attribution import causal_lm_of, project_to_logits
@@ -62,7 +63,7 @@ def exp_clamp(
     return scale * torch.exp(sign * log_ratios.float().clamp(low, high))
 
 
-def rank(
+def rank_weights(
     log_ratios: torch.Tensor,
     mask: torch.Tensor,
     sign: float | torch.Tensor,
@@ -113,7 +114,7 @@ def _eval_mode(*models: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def completion_logps(
+def per_token_completion_logps(
     model: nn.Module,
     contexts: list[list[int]],
     completions: list[list[int]],
@@ -191,8 +192,8 @@ def contrastive_log_ratios(
         ValueError: when a log-ratio is not finite (a model gave a token zero probability, or overflowed).
     """
     with _eval_mode(positive_model, negative_model):
-        positive = completion_logps(positive_model, positive_contexts, completions, pad_token_id, batch_size)
-        negative = completion_logps(negative_model, negative_contexts, completions, pad_token_id, batch_size)
+        positive = per_token_completion_logps(positive_model, positive_contexts, completions, pad_token_id, batch_size)
+        negative = per_token_completion_logps(negative_model, negative_contexts, completions, pad_token_id, batch_size)
     ratios = [p - n for p, n in zip(positive, negative, strict=True)]
     for index, ratio in enumerate(ratios):
         if not torch.isfinite(ratio).all():
@@ -339,7 +340,7 @@ def _transform_row(
     if transform == "exp_clamp":
         return exp_clamp(ratio, sign, clamp).tolist()
     not_eos = torch.tensor([token != eos_token_id for token in completion], dtype=torch.bool)
-    return rank(ratio[None], not_eos[None], sign)[0].tolist()
+    return rank_weights(ratio[None], not_eos[None], sign)[0].tolist()
 
 
 def compute_tis_dpo_weight_columns(
@@ -400,44 +401,44 @@ def compute_tis_dpo_weight_columns(
     return concatenate_datasets([dataset, Dataset.from_dict(columns)], axis=1)
 
 
-def weight_columns_page(
-    dataset: Dataset, tokenizer, indices: Sequence[int] | None = None, title: str = "TIS-DPO token weights"
-) -> str:
+# ---------------------------------------------------------------------------------------------------- trainer set-up
+
+
+def check_tis_sources(token_weighting: str, positive, negative, system_prompts) -> None:
     """
-    A self-contained HTML page (`trl_tidpo.visualize`) of the weight columns of `dataset`: each selected pair's chosen
-    and rejected completion tokens shaded by their weight. Works for any dataset with the two columns (TIS-DPO,
-    user-supplied or cached reference weights).
-
-    Args:
-        dataset (`Dataset`): with `chosen_token_weights` / `rejected_token_weights`, tokenised or not.
-        tokenizer: the tokenizer the weights were computed with.
-        indices (`Sequence[int]`, *optional*): rows to show; the first 10 by default.
-
-    Returns:
-        `str`: the HTML document.
+    Fail before any model loads when the TIS-DPO sources cannot give two different distributions. `positive` and
+    `negative` are paths or loaded models (None when unset); the config checks its paths, the trainer the resolved
+    sources.
     """
-    from .visualize import PairView, TokenRow, pairs_page  # only here: training never needs the HTML view
-
-    missing = [column for column in WEIGHT_COLUMNS if column not in dataset.column_names]
-    if missing:
-        raise ValueError(f"The dataset has no {missing} column(s) to show.")
-    subset = dataset.select(range(min(len(dataset), 10)) if indices is None else indices)
-    if not {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(subset.column_names):
-        subset = tokenize_preference_dataset(subset, tokenizer)
-    pairs = []
-    for index, row in zip(indices or range(len(subset)), subset, strict=True):
-        sides = {
-            side: TokenRow(
-                tokens=[tokenizer.decode([token]) for token in row[f"{side}_ids"]],
-                weights=row[f"{side}_token_weights"],
-                caption=f"mean weight {sum(row[f'{side}_token_weights']) / max(1, len(row[f'{side}_ids'])):.3f}",
+    if token_weighting != "tis_dpo":
+        given = [name for name, value in (("tis_positive_model", positive), ("tis_negative_model", negative)) if value is not None]
+        if system_prompts is not None:
+            given.append("tis_system_prompts")
+        if given:
+            raise ValueError(
+                f"{given} only apply to `token_weighting='tis_dpo'`, but `token_weighting` is {token_weighting!r}. Set "
+                "`token_weighting='tis_dpo'` or leave them unset."
             )
-            for side in ("chosen", "rejected")
-        }
-        prompt = tokenizer.decode(row["prompt_ids"])
-        pairs.append(PairView(prompt, sides["chosen"], sides["rejected"], f"pair {index}"))
-    intro = (
-        "Per-token weights from the chosen_token_weights / rejected_token_weights columns. TIS-DPO: "
-        "w = exp(μ·clamp(log π+ − log π−, L, U)), μ = +1 on chosen and −1 on rejected tokens."
-    )
-    return pairs_page(pairs, title, intro=intro)
+        return
+    if system_prompts is None and (positive is None or negative is None):
+        raise ValueError(
+            "`token_weighting='tis_dpo'` needs two contrastive models: set `tis_positive_model` and "
+            "`tis_negative_model` (paths in TIDPOConfig, or loaded models as TIDPOTrainer arguments), or "
+            "`tis_system_prompts` for the prompt-based variant (one model under two system prompts)."
+        )
+    if system_prompts is None and (positive is negative or (isinstance(positive, str) and positive == negative)):
+        raise ValueError(
+            "`tis_positive_model` and `tis_negative_model` are the same model and no `tis_system_prompts` tell them "
+            "apart, so every TIS-DPO log-ratio would be 0."
+        )
+
+
+def load_contrastive_model(model, init_kwargs: dict | None, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """π+ or π−: a path or hub id is loaded like TRL loads the reference (the policy's dtype); a loaded model is used
+    as is."""
+    if not isinstance(model, str):
+        return model
+    kwargs = dict(init_kwargs or {})
+    kwargs["device_map"] = None
+    kwargs.setdefault("dtype", dtype)
+    return create_model_from_path(model, **kwargs).to(device)

@@ -9,6 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
+from datasets import Dataset
+
+from ..modeling.tis_dpo import tokenize_preference_dataset
+from ..modeling.weight_columns import WEIGHT_COLUMNS
+
 
 # Weight shading: white at 0, full orange-red at `vmax`.
 _SHADE_RGB = (234, 88, 12)
@@ -231,3 +236,49 @@ def terminal_view(row: TokenRow, color: bool) -> str:
     if row.caption:
         lines.append(row.caption)
     return "\n".join(lines)
+
+
+def weight_columns_page(
+    dataset: Dataset, tokenizer, indices: Sequence[int] | None = None, title: str = "TIS-DPO token weights"
+) -> str:
+    """
+    A self-contained HTML page of the weight columns of `dataset`: each selected pair's chosen
+    and rejected completion tokens shaded by their weight. Works for any dataset with the two columns (TIS-DPO,
+    user-supplied or cached reference weights).
+
+    Args:
+        dataset (`Dataset`): with `chosen_token_weights` / `rejected_token_weights`, tokenised or not.
+        tokenizer: the tokenizer the weights were computed with.
+        indices (`Sequence[int]`, *optional*): rows to show; the first 10 by default.
+
+    Returns:
+        `str`: the HTML document.
+    """
+    missing = [column for column in WEIGHT_COLUMNS if column not in dataset.column_names]
+    if missing:
+        raise ValueError(f"The dataset has no {missing} column(s) to show.")
+    subset = dataset.select(range(min(len(dataset), 10)) if indices is None else indices)
+    if not {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(subset.column_names):
+        subset = tokenize_preference_dataset(subset, tokenizer)
+    pairs = []
+    for index, row in zip(indices or range(len(subset)), subset, strict=True):
+        sides = {
+            side: TokenRow(
+                tokens=[tokenizer.decode([token]) for token in row[f"{side}_ids"]],
+                weights=row[f"{side}_token_weights"],
+                caption=f"mean weight {sum(row[f'{side}_token_weights']) / max(1, len(row[f'{side}_ids'])):.3f}",
+            )
+            for side in ("chosen", "rejected")
+        }
+        prompt = tokenizer.decode(row["prompt_ids"])
+        pairs.append(PairView(prompt, sides["chosen"], sides["rejected"], f"pair {index}"))
+    intro = (
+        "Per-token weights from the chosen_token_weights / rejected_token_weights columns. TIS-DPO: "
+        "w = exp(μ·clamp(log π+ − log π−, L, U)), μ = +1 on chosen and −1 on rejected tokens."
+    )
+    return pairs_page(pairs, title, intro=intro)
+
+
+def display_tokens(tokenizer, token_ids: list[int]) -> list[str]:
+    """Each token as the text it stands for (byte-level BPE markers such as `Ġ` resolved)."""
+    return [tokenizer.decode([token_id]) for token_id in token_ids]

@@ -86,17 +86,6 @@ def load_smollm2(name: str = SMOLLM2_NAME, dtype: torch.dtype = torch.float32):
     return model.eval(), load_tokenizer(name)
 
 
-def save_smollm2(name: str, out: str | Path) -> Path:
-    """Load SmolLM2 (see `load_smollm2`) and save model and tokenizer to `out`, so trainers can load it by path."""
-    out = Path(out)
-    if (out / "config.json").is_file():
-        return out
-    model, tokenizer = load_smollm2(name)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 def _check_name(name: str) -> None:
     if not is_smollm2(name):
         raise ValueError(f"Unknown model name {name!r}; the only named model is {SMOLLM2_NAME!r}.")

@@ -7,11 +7,10 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from ..trainer.tidpo_config import WEIGHT_OPTIONS, weight_option_defaults
 from .explain import token_weights
 from .visualize import PairView, TokenRow, pairs_page, visible
 
-
-_WEIGHT_FIELDS = ("importance_lambda", "prior_sigma_ratio", "weight_span", "weight_normalization")
 
 
 class TokenImportanceCallback(TrainerCallback):
@@ -48,9 +47,9 @@ class TokenImportanceCallback(TrainerCallback):
                 raise ValueError(f"`examples[{i}]` is missing {missing}; each pair needs 'prompt', 'chosen', 'rejected'.")
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"`every_n_steps` must be >= 1 or None, got {every_n_steps}.")
-        unknown = set(weight_kwargs) - set(_WEIGHT_FIELDS)
+        unknown = set(weight_kwargs) - set(WEIGHT_OPTIONS)
         if unknown:
-            raise ValueError(f"Unknown weight option(s) {sorted(unknown)}; accepted: {list(_WEIGHT_FIELDS)}.")
+            raise ValueError(f"Unknown weight option(s) {sorted(unknown)}; accepted: {list(WEIGHT_OPTIONS)}.")
         self.examples = examples
         self.every_n_steps = every_n_steps
         self.output_subdir = output_subdir
@@ -70,11 +69,8 @@ class TokenImportanceCallback(TrainerCallback):
             self._tb_writer.close()
 
     def _weight_options(self, args) -> dict[str, Any]:
-        from .tidpo_config import TIDPOConfig
-
-        defaults = {name: TIDPOConfig.__dataclass_fields__[name].default for name in _WEIGHT_FIELDS}
-        from_args = {name: getattr(args, name) for name in _WEIGHT_FIELDS if hasattr(args, name)}
-        return {**defaults, **from_args, **self.weight_kwargs}
+        from_args = {name: getattr(args, name) for name in WEIGHT_OPTIONS if hasattr(args, name)}
+        return {**weight_option_defaults(), **from_args, **self.weight_kwargs}
 
     def render(self, args, state, model, processing_class) -> Path | None:
         """Compute the weights, write the HTML page, log to the trackers. Returns the page's path (main process)."""

@@ -1,0 +1,12 @@
+"""
+Model-facing code: everything that runs a model or shapes its batches, below the trainer.
+
+- `attribution`: the one attribution path (embedding hook, final-position target, activation-only backward).
+- `forwards`: the policy, reference and anchor forwards, returning typed `PairForward` / `AnchorForward`.
+- `anchors`: policy-sampled and dataset anchors; `collator`: `DataCollatorForTIDPO`.
+- `tokenization`: TRL-compatible tokenisation of completions and anchors.
+- `weight_columns`, `weight_cache`: per-token weight columns and their content-keyed Arrow cache.
+- `tis_dpo`: TIS-DPO's contrastive-model weights.
+
+Imports from `ops` only (never from `trainer` or `tools`).
+"""

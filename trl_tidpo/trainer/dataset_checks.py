@@ -1,0 +1,51 @@
+"""Checks of the datasets handed to `TIDPOTrainer`, run at construction before anything loads or tokenises."""
+
+from datasets import Dataset
+
+from ..modeling.weight_columns import WEIGHT_COLUMNS
+from .tidpo_config import TIDPOConfig
+
+
+TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def named_datasets(train_dataset, eval_dataset) -> dict:
+    """The train dataset and each eval dataset, by the name an error message gives them."""
+    datasets = {"train_dataset": train_dataset}
+    if isinstance(eval_dataset, dict):
+        datasets.update({f"eval_dataset[{key!r}]": ds for key, ds in eval_dataset.items()})
+    elif eval_dataset is not None:
+        datasets["eval_dataset"] = eval_dataset
+    return {name: dataset for name, dataset in datasets.items() if dataset is not None}
+
+
+def _missing_column_hint(missing: list[str]) -> str:
+    if "anchor" in missing:
+        return (
+            " The 'anchor' column is required by `anchor_source='dataset'` (with `triplet_gamma > 0`); use "
+            "`anchor_source='policy'` to sample anchors instead, or `triplet_gamma=0` to disable the triplet loss."
+        )
+    if set(WEIGHT_COLUMNS) & set(missing):
+        return " `token_weighting='dataset'` reads one weight per completion token from these columns."
+    return " A preference dataset needs 'chosen' and 'rejected' (and optionally 'prompt')."
+
+
+def check_dataset_columns(args: TIDPOConfig, train_dataset, eval_dataset) -> None:
+    """Fail at construction on a dataset that cannot train: missing columns, or no rows."""
+    for name, dataset in named_datasets(train_dataset, eval_dataset).items():
+        if isinstance(dataset, Dataset) and len(dataset) == 0:
+            raise ValueError(f"`{name}` is empty: TIDPOTrainer needs at least one preference pair.")
+        columns = dataset.column_names or list(next(iter(dataset)).keys())
+        required = [] if set(TOKENIZED_COLUMNS) <= set(columns) else ["chosen", "rejected"]
+        if args.triplet_gamma > 0 and args.anchor_source == "dataset" and "anchor_ids" not in columns:
+            required.append("anchor")
+        if args.token_weighting == "dataset":
+            required.extend(WEIGHT_COLUMNS)
+        if args.token_weighting == "tis_dpo" and set(WEIGHT_COLUMNS) & set(columns):
+            raise ValueError(
+                f"`{name}` already has token weight columns, which `token_weighting='tis_dpo'` computes itself. "
+                "Use `token_weighting='dataset'` to train on them, or remove them to recompute."
+            )
+        missing = [column for column in required if column not in columns]
+        if missing:
+            raise ValueError(f"`{name}` is missing column(s) {missing}; it has {columns}.{_missing_column_hint(missing)}")

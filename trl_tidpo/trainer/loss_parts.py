@@ -1,0 +1,42 @@
+"""What one TI-DPO step computed, typed: read by the loss and by the metrics alike."""
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ops.importance import HybridWeights
+
+
+@dataclass
+class TripletTerms:
+    """The triplet loss of each pair (Eq. 13-14): `dist_pos`, `dist_neg`, `loss` `[B]`, and the anchors' completion
+    lengths `anchor_tokens` `[B]`."""
+
+    dist_pos: torch.Tensor
+    dist_neg: torch.Tensor
+    loss: torch.Tensor
+    anchor_tokens: torch.Tensor
+
+
+@dataclass
+class LossParts:
+    """
+    The parts of one batch's TI-DPO loss.
+
+    Attributes:
+        dpo_losses: `[B]` the token-weighted DPO loss of each pair (Eq. 12).
+        chosen_rewards, rejected_rewards: `[B]` β times the weighted log-ratios, detached.
+        weights: the token weights `[2B, T-1]` (shifted axis) and the rows that fell back or had no span.
+        completion_mask: `[2B, T-1]` the pair rows' shifted completion mask.
+        triplet: the triplet terms, or None when `triplet_gamma = 0`.
+        kl_chosen, kl_rejected: `[B]` TDPO's sequential KL, or None when `tdpo_alpha = 0`.
+    """
+
+    dpo_losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    weights: HybridWeights
+    completion_mask: torch.Tensor
+    triplet: TripletTerms | None = None
+    kl_chosen: torch.Tensor | None = None
+    kl_rejected: torch.Tensor | None = None

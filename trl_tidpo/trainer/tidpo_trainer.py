@@ -1,0 +1,691 @@
+import contextlib
+import gc
+import os
+import shutil
+import textwrap
+import warnings
+
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import is_peft_model
+from accelerate.utils.memory import clear_device_cache
+from datasets import Dataset, IterableDataset
+from trl import DPOTrainer
+from trl.models import unwrap_model_for_generation
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import hash_module, use_adapter
+
+from ..modeling.anchors import sample_policy_anchors, tokenize_anchor
+from ..modeling.attribution import causal_lm_of, project_to_logits, uses_reentrant_checkpointing
+from ..modeling.collator import DataCollatorForTIDPO
+from ..modeling.forwards import (
+    AnchorBatch,
+    AnchorForward,
+    PairBatch,
+    PairForward,
+    anchor_forward,
+    attribute_rows,
+    policy_pair_forward,
+    reference_pair_forward,
+)
+from ..modeling.tis_dpo import check_tis_sources, columns_fingerprint, load_contrastive_model, tis_dpo_weight_lists
+from ..modeling.weight_cache import (
+    TOKENIZED_COLUMNS,
+    cached_weight_columns,
+    map_train_and_eval,
+    reference_weight_lists,
+    require_map_style,
+)
+from ..modeling.weight_columns import WEIGHT_COLUMNS, validate_token_weight_columns
+from ..ops.importance import HybridWeights, completion_token_weights
+from ..ops.sequential_kl import sequential_kl
+from ..ops.triplet import triplet_distances, triplet_loss
+from ..ops.weighted_losses import token_weighted_dpo_losses, weighted_sequence_logps
+from .dataset_checks import check_dataset_columns
+from .loss_parts import LossParts, TripletTerms
+from .metrics import Gather, dpo_metrics, token_weight_metrics, triplet_and_kl_metrics
+from .tidpo_config import TIDPOConfig
+
+
+logger = get_logger(__name__)
+
+_ANCHOR_KEYS = ("anchor_input_ids", "anchor_attention_mask", "anchor_completion_mask")
+
+
+class TIDPOTrainer(DPOTrainer):
+    """
+    Trainer for TI-DPO, Token-Importance Guided Direct Preference Optimization (Yang et al., ICLR 2026), a drop-in
+    replacement for [`~trl.DPOTrainer`]: same constructor, same datasets, same metrics, plus token weights and a
+    triplet loss.
+
+    Each step, per-token weights are computed from the current policy (gradient attribution of the final-position
+    logit w.r.t. the input-embedding activations, mixed with a Gaussian positional prior), the DPO margin becomes the
+    token-weighted sum of per-token log-ratios, and a triplet loss pulls a policy-sampled anchor's per-token
+    log-ratios toward the chosen response and away from the rejected one. `rewards/*` metrics are β times the
+    *weighted* log-ratios.
+
+    Extension points (the legacy `DPOTrainer` methods that TRL 0.29 removed, restored with typed results):
+
+    - `concatenated_forward(model, inputs, is_ref_model=False) -> PairForward`: one forward over the chosen and
+      rejected rows; per-token log-probs, masks and, for the policy, the raw token importance from the same forward.
+    - `compute_token_weights(raw_importance, completion_mask, attention_mask, batch_weights=None) -> HybridWeights`:
+      the token weights of the pair rows, detached.
+    - `dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type=None, ...)
+      -> (losses, chosen_rewards, rejected_rewards)`: the token-weighted DPO loss of each pair.
+    - `get_batch_loss_metrics(model, batch, train_eval="train") -> (loss, metrics)`: runs one step's parts in order.
+
+    The parts live below the trainer: the mathematics in `trl_tidpo.ops`, the forwards, attribution, anchors and
+    weight caches in `trl_tidpo.modeling`.
+
+    Args: exactly those of [`~trl.DPOTrainer`]; `args` must be a [`TIDPOConfig`]. With `token_weighting="tis_dpo"`,
+    also `tis_positive_model` and `tis_negative_model`: TIS-DPO's π+ and π− as loaded models (or paths), in place of
+    the config fields of the same names. They are run once over each dataset at construction (the weights are cached
+    with the dataset) and the trainer keeps no reference to them; models it loads from a path are freed.
+    """
+
+    _tag_names = ["trl", "dpo", "ti-dpo"]
+    _name = "TI-DPO"
+    _paper = {
+        "title": "Token-Importance Guided Direct Preference Optimization",
+        "id": "2505.19653",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @inproceedings{yang2026tidpo,
+                title        = {{Token-Importance Guided Direct Preference Optimization}},
+                author       = {Ning Yang and Hai Lin and Yibo Liu and Baoliang Tian and Guoqing Liu and Haijun Zhang},
+                year         = 2026,
+                booktitle    = {The Fourteenth International Conference on Learning Representations, {ICLR} 2026},
+                eprint       = {arXiv:2505.19653},
+            }"""),
+    }
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: TIDPOConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        tis_positive_model=None,
+        tis_negative_model=None,
+    ):
+        if args is None:
+            model_name = model if isinstance(model, str) else model.config._name_or_path
+            args = TIDPOConfig(f"{str(model_name).split('/')[-1]}-TI-DPO")
+        elif not isinstance(args, TIDPOConfig):
+            raise TypeError(
+                f"`args` must be a `TIDPOConfig`, got `{type(args).__name__}`. Replace `DPOConfig(...)` with "
+                "`TIDPOConfig(...)`: it takes every DPOConfig argument."
+            )
+        check_dataset_columns(args, train_dataset, eval_dataset)
+        tis_positive = tis_positive_model if tis_positive_model is not None else args.tis_positive_model
+        tis_negative = tis_negative_model if tis_negative_model is not None else args.tis_negative_model
+        check_tis_sources(args.token_weighting, tis_positive, tis_negative, args.tis_system_prompts)
+
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        if self._is_vision_dataset:
+            raise ValueError("TIDPOTrainer supports text-only preference data; this dataset has images.")
+        if data_collator is None:
+            self.data_collator = self._collator(return_prompts=self._uses_policy_anchors)
+        self._gather = Gather(self.accelerator)
+        self._fallback_rows_seen = 0
+        self._warned_separate_attribution_pass = False
+        if self._precomputes_reference_weights:
+            self._add_reference_weight_columns()
+        if args.token_weighting == "tis_dpo":
+            self._add_tis_dpo_weight_columns(tis_positive, tis_negative)
+
+    # ------------------------------------------------------------------ what this configuration runs
+
+    @property
+    def _uses_anchors(self) -> bool:
+        return self.args.triplet_gamma > 0
+
+    @property
+    def _uses_policy_anchors(self) -> bool:
+        return self._uses_anchors and self.args.anchor_source == "policy"
+
+    @property
+    def _precomputes_reference_weights(self) -> bool:
+        args = self.args
+        return args.token_weighting == "ti_dpo" and args.importance_model == "reference" and args.precompute_token_weights
+
+    def _attribution_source(self) -> str | None:
+        """Which forward computes raw importance each step: "policy", "reference", or None (weights from the batch)."""
+        if self.args.token_weighting != "ti_dpo" or self._precomputes_reference_weights:
+            return None
+        return self.args.importance_model
+
+    def _collator(self, return_prompts: bool = False) -> DataCollatorForTIDPO:
+        return DataCollatorForTIDPO(
+            pad_token_id=self._tokenizer.pad_token_id,
+            max_length=self.args.max_length,
+            truncation_mode=self.args.truncation_mode,
+            pad_to_multiple_of=self.args.pad_to_multiple_of,
+            return_prompts=return_prompts,
+        )
+
+    # ------------------------------------------------------------------ dataset preparation (TRL hooks)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        implicit_prompt = "prompt" not in next(iter(dataset))
+        num_rows = len(dataset) if isinstance(dataset, Dataset) else None
+        # TRL 1.16 always re-tokenises from the text columns, which an already tokenised dataset may not have
+        if not set(TOKENIZED_COLUMNS) <= set(next(iter(dataset))):
+            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if num_rows is not None and len(dataset) < num_rows:
+            # TRL drops them silently; they would train on nothing, so say it before anything is written
+            raise ValueError(
+                f"{num_rows - len(dataset)} of the {num_rows} pairs of the {dataset_name} dataset have a prompt of "
+                f"`max_length={args.max_length}` tokens or more, so `truncation_mode='keep_start'` leaves their "
+                "completions empty. Raise `max_length`, shorten or filter those prompts, or set "
+                "`truncation_mode='keep_end'`."
+            )
+        needs_anchor_ids = args.triplet_gamma > 0 and args.anchor_source == "dataset"
+        if needs_anchor_ids and "anchor_ids" not in next(iter(dataset)):
+            map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
+            dataset = dataset.map(
+                tokenize_anchor,
+                fn_kwargs={"processing_class": processing_class, "implicit_prompt": implicit_prompt},
+                **map_kwargs,
+            )
+        if args.token_weighting == "dataset" and isinstance(dataset, Dataset):
+            validate_token_weight_columns(dataset, dataset_name)
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        for column in ("anchor_ids", *WEIGHT_COLUMNS):
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
+
+    # ------------------------------------------------------------------ weight columns computed before training
+
+    def _add_reference_weight_columns(self) -> None:
+        """The reference's TI-DPO weights of every pair, computed once and cached as the two weight columns (keyed
+        by the data, the reference model's hash and the weight settings)."""
+        reference = self._reference_model()
+        settings = (*self.args.weight_options().values(), self.args.max_length, self.args.truncation_mode)
+        key = (hash_module(reference), settings, "tidpo-reference-weights")
+
+        def attribute(input_ids, attention_mask):
+            return attribute_rows(reference, input_ids, attention_mask, self._reference_attribution_context)
+
+        def add_columns(dataset: Dataset, name: str) -> Dataset:
+            require_map_style(
+                dataset,
+                name,
+                "`importance_model='reference'` with `precompute_token_weights=True`",
+                "set `precompute_token_weights=False`.",
+            )
+
+            def compute() -> dict:
+                columns, fallback_rows = reference_weight_lists(
+                    dataset,
+                    collator=self._collator(),
+                    batch_size=self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size,
+                    device=self.accelerator.device,
+                    attribute=attribute,
+                    weigh=self.compute_token_weights,
+                    truncation_mode=self.args.truncation_mode,
+                )
+                if fallback_rows:
+                    logger.warning(
+                        f"{fallback_rows} row(s) of the {name} dataset had a reference attribution that sums to 0 or "
+                        "is not finite and use the Gaussian prior alone."
+                    )
+                return columns
+
+            return cached_weight_columns(self.accelerator, dataset, name, key, compute)
+
+        self.train_dataset, self.eval_dataset = map_train_and_eval(add_columns, self.train_dataset, self.eval_dataset)
+
+    def _add_tis_dpo_weight_columns(self, positive, negative) -> None:
+        """
+        TIS-DPO (SPEC §7): add the weight columns to the train and eval datasets (one pass of π+ and π− over each,
+        cached), then drop the contrastive models so that training runs exactly like `token_weighting="dataset"`.
+        """
+        args = self.args
+        uses_reference = positive is None  # prompt-based variant on the frozen reference
+        init_kwargs = {"trust_remote_code": args.trust_remote_code, **(args.model_init_kwargs or {})}
+        positive = (
+            self._reference_model()
+            if uses_reference
+            else load_contrastive_model(positive, init_kwargs, self.model.dtype, self.accelerator.device)
+        )
+        negative = (
+            positive
+            if negative is None
+            else load_contrastive_model(negative, init_kwargs, self.model.dtype, self.accelerator.device)
+        )
+        context = self._reference_context if uses_reference else contextlib.nullcontext
+        model_hash = (hash_module(positive), hash_module(negative) if negative is not positive else None)
+        columns = list(TOKENIZED_COLUMNS)
+        if args.tis_system_prompts is not None:  # the contexts are re-rendered from the messages
+            columns += ["prompt", "chosen", "rejected"]
+        settings = (
+            args.tis_system_prompts, list(args.tis_clamp), args.tis_transform, args.max_length, args.truncation_mode,
+            self._tokenizer.eos_token_id, self._tokenizer.chat_template,
+        )  # fmt: skip
+
+        def add_columns(dataset: Dataset, name: str) -> Dataset:
+            require_map_style(
+                dataset,
+                name,
+                "`token_weighting='tis_dpo'` computes the weights over the whole dataset before training and",
+                "compute the columns with `trl_tidpo.compute_tis_dpo_weight_columns` and train with "
+                "`token_weighting='dataset'`.",
+            )
+            key = (columns_fingerprint(dataset, columns), model_hash, settings, "tis-dpo-weights")
+
+            def compute() -> dict:
+                logger.info(f"Computing TIS-DPO token weights of the {name} dataset ({len(dataset)} pairs).")
+                with context():
+                    return tis_dpo_weight_lists(
+                        dataset,
+                        positive,
+                        negative,
+                        self._tokenizer,
+                        system_prompts=args.tis_system_prompts,
+                        clamp=args.tis_clamp,
+                        transform=args.tis_transform,
+                        max_length=args.max_length,
+                        truncation_mode=args.truncation_mode,
+                        batch_size=args.precompute_ref_batch_size or args.per_device_train_batch_size,
+                    )
+
+            return cached_weight_columns(self.accelerator, dataset, name, key, compute)
+
+        self.train_dataset, self.eval_dataset = map_train_and_eval(add_columns, self.train_dataset, self.eval_dataset)
+        # `add_columns` holds the models in closure cells: deleting the names empties the cells and frees the models
+        del positive, negative
+        gc.collect()
+        clear_device_cache()
+
+    # ------------------------------------------------------------------ forwards
+
+    def _reference_model(self):
+        return self.ref_model if self.ref_model is not None else self.model
+
+    def _reference_context(self):
+        """Under PEFT without a `ref_model`: disabled adapters (new adapter) or the frozen "ref" copy (re-trained)."""
+        if self.ref_model is None and is_peft_model(self.accelerator.unwrap_model(self.model)):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _reference_mode(self):
+        """How every reference forward runs: no grad, no checkpointing, and the reference adapter state under PEFT."""
+        with torch.no_grad(), self._without_checkpointing(), self._reference_context():
+            yield
+
+    def _without_checkpointing(self):
+        return disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
+
+    @contextlib.contextmanager
+    def _reference_attribution_context(self):
+        """The reference's own attribution forward: the reference adapter state, no checkpointing."""
+        with self._reference_context(), self._without_checkpointing():
+            yield
+
+    def _policy_attribution_mode(self, model) -> str | None:
+        """Where the policy's attribution runs: "fused" into the loss's forward, in its "own_forward" (reentrant
+        checkpointing cannot serve `autograd.grad` w.r.t. activations), or nowhere (None)."""
+        if self._attribution_source() != "policy":
+            return None
+        if not uses_reentrant_checkpointing(model):
+            return "fused"
+        if not self._warned_separate_attribution_pass:
+            logger.warning(
+                "Reentrant gradient checkpointing is on (`use_reentrant=True`), which cannot give gradients w.r.t. "
+                "activations; token importance is computed in a separate forward without checkpointing (exact, but "
+                "one extra forward per step). Use `gradient_checkpointing_kwargs={'use_reentrant': False}` to avoid it."
+            )
+            self._warned_separate_attribution_pass = True
+        return "own_forward"
+
+    def concatenated_forward(self, model, inputs: dict[str, torch.Tensor], is_ref_model: bool = False) -> PairForward:
+        """
+        One forward of `model` over the chosen and rejected rows of `inputs`.
+
+        For the policy with `token_weighting="ti_dpo"`, the same forward also yields the raw token importance: the
+        embedding activations are captured by a hook, the attribution target is projected from the last hidden state
+        of each row, and one activation-only `autograd.grad` (graph retained for the loss) gives `I[r, j]`. During
+        evaluation (under `no_grad`) grad is re-enabled for this and everything is detached after.
+
+        Args:
+            model: the policy, or the reference when `is_ref_model=True`. With `is_ref_model=True`, pass
+                `self.ref_model`, or the policy itself under PEFT (the adapter is disabled here).
+            inputs (`dict`): a collated batch (`input_ids`, `attention_mask`, `completion_mask` `[2B, T]`).
+            is_ref_model (`bool`): run as the frozen reference (no grad, adapter disabled; importance only with
+                `importance_model="reference"` and no precomputation).
+
+        Returns:
+            `PairForward`: per-token log-probs and masks of the `2B` rows, the raw importance where computed, the last
+            hidden state when `tdpo_alpha > 0`, and (policy) TRL's per-token statistics.
+        """
+        batch = PairBatch.from_inputs(inputs)
+        keep_hidden = self.args.tdpo_alpha > 0
+        if is_ref_model:
+            return reference_pair_forward(
+                model,
+                batch,
+                attribute=self._attribution_source() == "reference",
+                keep_hidden=keep_hidden,
+                reference_mode=self._reference_mode,
+                attribution_context=self._reference_attribution_context,
+            )
+        return policy_pair_forward(
+            model,
+            batch,
+            attribution=self._policy_attribution_mode(model),
+            keep_hidden=keep_hidden,
+            router_logits=self.aux_loss_enabled,
+            own_forward_context=self._without_checkpointing,
+        )
+
+    def _anchor_batch(self, model, inputs: dict[str, torch.Tensor]) -> AnchorBatch:
+        """The batch's anchor rows: sampled from the current policy, or the dataset's (tokenised by the collator)."""
+        if self._uses_policy_anchors:
+            return self._sample_policy_anchors(model, inputs)
+        if "anchor_input_ids" not in inputs:
+            raise ValueError(
+                "`anchor_source='dataset'` needs `anchor_input_ids`, `anchor_attention_mask` and "
+                "`anchor_completion_mask` in each batch; the default collator builds them from the 'anchor' column."
+            )
+        return AnchorBatch.from_inputs(inputs)
+
+    def _anchor_generation_kwargs(self) -> dict:
+        return {
+            "do_sample": True,
+            "max_new_tokens": self.args.anchor_max_new_tokens,
+            "temperature": self.args.anchor_temperature,
+            "top_k": self.args.anchor_top_k or None,
+            "top_p": self.args.anchor_top_p,
+        }
+
+    def _sample_policy_anchors(self, model, inputs: dict) -> AnchorBatch:
+        """Sample an anchor per prompt from the current policy (no grad, KV cache)."""
+        if "prompt_input_ids" not in inputs:
+            raise ValueError(
+                "`anchor_source='policy'` needs `prompt_input_ids` and `prompt_attention_mask` in each batch. The "
+                "default collator provides them; a custom `data_collator` must too (see `DataCollatorForTIDPO`)."
+            )
+        with unwrap_model_for_generation(
+            model, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
+        ) as unwrapped:
+            anchors = sample_policy_anchors(
+                unwrapped,
+                inputs["prompt_input_ids"],
+                inputs["prompt_attention_mask"],
+                self._anchor_generation_kwargs(),
+                eos_token_id=self._tokenizer.eos_token_id,
+                pad_token_id=self._tokenizer.pad_token_id,
+                max_length=self.args.max_length,
+                truncation_mode=self.args.truncation_mode,
+            )
+        return AnchorBatch.from_inputs(anchors)
+
+    def _anchor_forwards(self, model, anchors: AnchorBatch) -> tuple[AnchorForward, AnchorForward]:
+        """The anchor rows scored by the policy and by the reference."""
+        policy = anchor_forward(model, anchors)
+        reference = anchor_forward(self._reference_model(), anchors, self._reference_mode)
+        return policy, reference
+
+    # ------------------------------------------------------------------ weights, triplet, KL
+
+    def compute_token_weights(
+        self,
+        raw_importance: torch.Tensor | None,
+        completion_mask: torch.Tensor,
+        attention_mask: torch.Tensor,
+        batch_weights: torch.Tensor | None = None,
+    ) -> HybridWeights:
+        """
+        Token weights of the pair rows on the shifted axis (entry `i` weighs token `i+1`).
+
+        Args:
+            raw_importance (`torch.Tensor` or None): `[2B, T]` raw attribution (the policy's, or the reference's with
+                `importance_model="reference"` and no precomputation); None where the weights come from the batch.
+            completion_mask (`torch.Tensor`): `[2B, T-1]` shifted completion mask.
+            attention_mask (`torch.Tensor`): `[2B, T]`.
+            batch_weights (`torch.Tensor`, *optional*): the batch's `token_weights` `[2B, T]` (unshifted), used with
+                `token_weighting="dataset"`/`"tis_dpo"` and with precomputed reference weights.
+
+        Returns:
+            `HybridWeights`: detached float32 `weights` `[2B, T-1]` (0 off the completion), the rows that fell back to
+            the prior and those with no token to weigh; `importance` and `prior` for TI-DPO weights only.
+        """
+        rows = completion_mask.size(0)
+        none = torch.zeros(rows, dtype=torch.bool, device=completion_mask.device)
+        if self.args.token_weighting == "uniform":
+            return HybridWeights(completion_mask.float(), None, None, none, none)
+        if raw_importance is None:  # dataset weights, or cached reference weights
+            if batch_weights is None:
+                raise ValueError(
+                    "This configuration reads token weights from the batch (`token_weights`), which is missing: the "
+                    "default collator builds it from the 'chosen_token_weights'/'rejected_token_weights' columns."
+                )
+            return HybridWeights(batch_weights[:, 1:].float() * completion_mask, None, None, none, none)
+        return completion_token_weights(
+            raw_importance, completion_mask, attention_mask, **self._weight_kwargs()
+        )
+
+    def _weight_kwargs(self) -> dict:
+        options = self.args.weight_options()
+        return {
+            "importance_lambda": options["importance_lambda"],
+            "prior_sigma_ratio": options["prior_sigma_ratio"],
+            "weight_span": options["weight_span"],
+            "normalization": options["weight_normalization"],
+        }
+
+    def _triplet_terms(
+        self, policy: PairForward, ref: PairForward, anchor: AnchorForward, ref_anchor: AnchorForward
+    ) -> TripletTerms:
+        """Distances between the anchor's per-token log-ratios and the chosen/rejected ones, and the triplet loss."""
+        logratios = policy.per_token_logps - ref.per_token_logps.detach()
+        chosen, rejected = logratios.chunk(2)
+        chosen_mask, rejected_mask = policy.completion_mask.chunk(2)
+        anchor_logratios = anchor.per_token_logps - ref_anchor.per_token_logps.detach()
+        dist_pos, dist_neg = triplet_distances(
+            anchor_logratios, anchor.completion_mask, chosen, chosen_mask, rejected, rejected_mask
+        )
+        return TripletTerms(
+            dist_pos=dist_pos,
+            dist_neg=dist_neg,
+            loss=triplet_loss(dist_pos, dist_neg, self.args.triplet_margin),
+            anchor_tokens=anchor.completion_mask.sum(dim=-1).float(),
+        )
+
+    def _sequential_kl(self, model, policy: PairForward, ref: PairForward) -> torch.Tensor:
+        """TDPO's sequential KL `[2B]` of the chosen and rejected rows, in chunks of positions."""
+        policy_lm = causal_lm_of(model)
+        ref_lm = causal_lm_of(self._reference_model())
+        return sequential_kl(
+            policy.last_hidden,
+            ref.last_hidden,
+            policy.completion_mask,
+            lambda h: project_to_logits(h, policy_lm.get_output_embeddings(), policy_lm.config),
+            lambda h: project_to_logits(h, ref_lm.get_output_embeddings(), ref_lm.config),
+            chunk_size=self.args.kl_chunk_size,
+        )
+
+    # ------------------------------------------------------------------ loss
+
+    def dpo_loss(
+        self,
+        chosen_logps: torch.Tensor,
+        rejected_logps: torch.Tensor,
+        ref_chosen_logps: torch.Tensor,
+        ref_rejected_logps: torch.Tensor,
+        loss_type: str | None = None,
+        *,
+        chosen_weight_sum: torch.Tensor | None = None,
+        rejected_weight_sum: torch.Tensor | None = None,
+        kl_chosen: torch.Tensor | None = None,
+        kl_rejected: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        TI-DPO's token-weighted DPO loss of each pair (Eq. 12). The triplet loss is added by `get_batch_loss_metrics`.
+
+        The log-prob arguments are the *token-weighted* sequence sums `Σ_j w_j log π(y_j)` (`[B]` each), so their
+        differences are the weighted log-ratios `W_c` and `W_r`; with uniform weights they are TRL's plain sums.
+
+        Args:
+            chosen_logps, rejected_logps (`torch.Tensor`): `[B]` weighted policy log-probs.
+            ref_chosen_logps, ref_rejected_logps (`torch.Tensor`): `[B]` weighted reference log-probs.
+            loss_type (`str`, *optional*): one loss type; by default the configured `loss_type` list combined with
+                `loss_weights`.
+            chosen_weight_sum, rejected_weight_sum (`torch.Tensor`, *optional*): `[B]` weight sums (`"ipo"`).
+            kl_chosen, kl_rejected (`torch.Tensor`, *optional*): `[B]` sequential KL (when `tdpo_alpha > 0`).
+
+        Returns:
+            `tuple`: per-pair `losses` `[B]`, `chosen_rewards` and `rejected_rewards` `[B]` (β times the weighted
+            log-ratios, detached).
+        """
+        chosen_logratios = chosen_logps - ref_chosen_logps
+        rejected_logratios = rejected_logps - ref_rejected_logps
+        loss_terms = [(loss_type, 1.0)] if loss_type is not None else zip(self.loss_types, self.loss_weights)
+        losses = 0.0
+        for name, weight in loss_terms:
+            losses = losses + weight * token_weighted_dpo_losses(
+                chosen_logratios,
+                rejected_logratios,
+                self.beta,
+                name,
+                chosen_weight_sum=chosen_weight_sum,
+                rejected_weight_sum=rejected_weight_sum,
+                kl_chosen=kl_chosen,
+                kl_rejected=kl_rejected,
+                alpha=self.args.tdpo_alpha,
+                label_smoothing=self.label_smoothing,
+            )
+        return losses, self.beta * chosen_logratios.detach(), self.beta * rejected_logratios.detach()
+
+    def _loss_parts(self, model, batch: dict) -> tuple[PairForward, LossParts]:
+        """Run one step's forwards, weights, KL and triplet terms, and the weighted DPO loss."""
+        policy = self.concatenated_forward(model, batch)
+        ref = self.concatenated_forward(self._reference_model(), batch, is_ref_model=True)
+        importance = ref.raw_importance if self._attribution_source() == "reference" else policy.raw_importance
+        weights = self.compute_token_weights(
+            importance, policy.completion_mask, policy.attention_mask, batch.get("token_weights")
+        )
+        mask = policy.completion_mask
+        chosen_logps, rejected_logps = weighted_sequence_logps(policy.per_token_logps, weights.weights, mask).chunk(2)
+        ref_chosen, ref_rejected = weighted_sequence_logps(ref.per_token_logps, weights.weights, mask).chunk(2)
+        chosen_weight_sum, rejected_weight_sum = (weights.weights * mask).sum(dim=-1).chunk(2)
+        kl_chosen = kl_rejected = None
+        if self.args.tdpo_alpha > 0:
+            kl_chosen, kl_rejected = self._sequential_kl(model, policy, ref).chunk(2)
+        triplet = None
+        if self._uses_anchors:
+            anchor, ref_anchor = self._anchor_forwards(model, self._anchor_batch(model, batch))
+            triplet = self._triplet_terms(policy, ref, anchor, ref_anchor)
+        dpo_losses, chosen_rewards, rejected_rewards = self.dpo_loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen,
+            ref_rejected,
+            chosen_weight_sum=chosen_weight_sum,
+            rejected_weight_sum=rejected_weight_sum,
+            kl_chosen=kl_chosen,
+            kl_rejected=kl_rejected,
+        )
+        parts = LossParts(dpo_losses, chosen_rewards, rejected_rewards, weights, mask, triplet, kl_chosen, kl_rejected)
+        return policy, parts
+
+    def get_batch_loss_metrics(self, model, batch: dict, train_eval: str = "train") -> tuple[torch.Tensor, dict]:
+        """
+        The TI-DPO loss of one batch (`mean_b [L_DPO + γ L_trip]`, plus the router's auxiliary loss) and its metrics
+        (floats, already gathered across processes).
+
+        Returns:
+            `tuple[torch.Tensor, dict[str, float]]`: the scalar loss and the metrics, without the `eval_` prefix.
+        """
+        policy, parts = self._loss_parts(model, batch)
+        losses = parts.dpo_losses
+        if parts.triplet is not None:
+            losses = losses + self.args.triplet_gamma * parts.triplet.loss
+        loss = losses.mean()
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * policy.aux_loss
+
+        metrics = dpo_metrics(self._gather, policy, parts)
+        metrics.update(token_weight_metrics(self._gather, parts))
+        metrics.update(triplet_and_kl_metrics(self._gather, parts))
+        if self.aux_loss_enabled:
+            metrics["aux_loss"] = self._gather.mean(policy.aux_loss)
+        self._warn_about_fallback_rows(int(metrics["token_weights/fallback_rows"]), train_eval)
+        return loss, metrics
+
+    def _warn_about_fallback_rows(self, fallback_rows: int, mode: str) -> None:
+        if not fallback_rows:
+            return
+        self._fallback_rows_seen += fallback_rows
+        logger.warning(
+            f"{fallback_rows} row(s) in this {mode} batch had a token attribution that sums to 0 or is not finite "
+            f"(e.g. an fp16 overflow) and used the Gaussian prior alone ({self._fallback_rows_seen} so far); see the "
+            "`token_weights/fallback_rows` metric."
+        )
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        loss, metrics = self.get_batch_loss_metrics(model, inputs, train_eval=mode)
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value)
+        if mode == "train":
+            num_tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += num_tokens // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        if not return_outputs:
+            return loss
+        warnings.warn(
+            "`return_outputs=True` (logits for `compute_metrics`) recomputes the logits with an extra forward pass, "
+            "as in TRL's DPOTrainer, where it is deprecated.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        with torch.no_grad():
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        return loss, outputs
+
+    # ------------------------------------------------------------------ saving
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """
+        [`~transformers.Trainer.save_model`], plus the model card (`README.md`, naming TI-DPO and citing its paper) in
+        `output_dir`. Checkpoints get theirs from `DPOTrainer._save_checkpoint`, `push_to_hub` from `Trainer`.
+        """
+        super().save_model(output_dir, _internal_call)
+        if _internal_call:
+            return
+        if self.args.hub_model_id is None:
+            model_name = os.path.basename(os.path.abspath(self.args.output_dir))
+        else:
+            model_name = self.args.hub_model_id.split("/")[-1]
+        self.create_model_card(model_name=model_name)  # writes `args.output_dir/README.md` on the main process
+        elsewhere = output_dir is not None and os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir)
+        if elsewhere and self.is_world_process_zero():
+            shutil.copy(os.path.join(self.args.output_dir, "README.md"), os.path.join(output_dir, "README.md"))
