@@ -74,45 +74,6 @@ def assert_same_grads(model_a, model_b, atol: float = 1e-5, rtol: float = 1e-5) 
 # --------------------------------------------------------------------------------------------------------- DPO parity
 
 
-@pytest.mark.parametrize(
-    "loss_type, label_smoothing", [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.1)]
-)
-def test_uniform_weights_match_dpo_trainer(
-    tmp_path, model_dir, ref_model_dir, tokenizer, standard_dataset, loss_type, label_smoothing
-):
-    """`token_weighting="uniform"`, γ = 0, α = 0 is TRL's DPO: same loss and same gradient of every parameter."""
-    common = {**CPU_ARGS, "loss_type": loss_type, "label_smoothing": label_smoothing, "beta": 0.5}
-    dpo = DPOTrainer(
-        model=model_dir,
-        ref_model=load(ref_model_dir),
-        args=DPOConfig(output_dir=str(tmp_path / "dpo"), **common),
-        train_dataset=standard_dataset,
-        processing_class=tokenizer,
-    )
-    tidpo = TIDPOTrainer(
-        model=model_dir,
-        ref_model=load(ref_model_dir),
-        args=TIDPOConfig(
-            output_dir=str(tmp_path / "tidpo"), token_weighting="uniform", triplet_gamma=0.0, tdpo_alpha=0.0, **common
-        ),
-        train_dataset=standard_dataset,
-        processing_class=tokenizer,
-    )
-    dpo_batch, tidpo_batch = first_batch(dpo), first_batch(tidpo)
-    for key in ("input_ids", "attention_mask", "completion_mask"):
-        assert torch.equal(dpo_batch[key], tidpo_batch[key])
-
-    dpo_loss = policy_step_loss(dpo, dpo_batch)
-    tidpo_loss = policy_step_loss(tidpo, tidpo_batch)
-
-    assert dpo_loss.item() != pytest.approx(math.log(2), abs=1e-4)  # the reference differs: a non-trivial loss
-    torch.testing.assert_close(tidpo_loss, dpo_loss, atol=1e-5, rtol=1e-5)
-    assert_same_grads(tidpo.model, dpo.model)
-    assert any(p.grad.abs().sum() > 0 for p in tidpo.model.parameters())
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
-        assert tidpo._metrics["train"][key][-1] == pytest.approx(dpo._metrics["train"][key][-1], abs=1e-5)
-
-
 # ------------------------------------------------------------------------------------------------------------ weights
 
 

@@ -61,6 +61,7 @@ class PairForward:
         last_hidden: `[2B, T, H]` final hidden states, kept only for the sequential KL.
         entropy, mean_logits, is_top1: `[2B, T-1]` per-token statistics for TRL's metrics (policy only).
         aux_loss: the router's auxiliary loss (MoE), or None.
+        log_sum_sq_probs: `[2B, T-1]` `log Σ_v p_v²` per position, for WPO's weights (`use_weighting=True`), or None.
     """
 
     per_token_logps: torch.Tensor
@@ -72,6 +73,7 @@ class PairForward:
     mean_logits: torch.Tensor | None = None
     is_top1: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
 
     @property
     def sequence_logps(self) -> torch.Tensor:
@@ -120,7 +122,7 @@ def attribute_rows(
 def _real_positions(forward: PairForward, batch: PairBatch) -> PairForward:
     """Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens."""
     seq_len = batch.input_ids.size(1) - 1
-    for name in ("per_token_logps", "entropy", "mean_logits", "is_top1"):
+    for name in ("per_token_logps", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs"):
         value = getattr(forward, name)
         if value is not None:
             setattr(forward, name, value[:, -seq_len:])
@@ -177,6 +179,7 @@ def policy_pair_forward(
         mean_logits=outputs.mean_logits,
         is_top1=outputs.is_top1,
         aux_loss=outputs.aux_loss,
+        log_sum_sq_probs=getattr(outputs, "log_sum_sq_probs", None),
     )
     if not grad_was_enabled:  # evaluation: grad was on for the attribution only
         forward = forward.detached()

@@ -25,6 +25,8 @@ class LossParts:
 
     Attributes:
         dpo_losses: `[B]` the token-weighted DPO loss of each pair (Eq. 12).
+        policy_logps: `[2B]` the policy's unweighted sequence log-probs (LD-DPO's sums with `ld_alpha`), TRL's
+            `logps/*`.
         chosen_rewards, rejected_rewards: `[B]` β times the weighted log-ratios, detached.
         weights: the token weights `[2B, T-1]` (shifted axis) and the rows that fell back or had no span.
         completion_mask: `[2B, T-1]` the pair rows' shifted completion mask.
@@ -33,6 +35,7 @@ class LossParts:
     """
 
     dpo_losses: torch.Tensor
+    policy_logps: torch.Tensor
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
     weights: HybridWeights

@@ -33,7 +33,7 @@ def dpo_metrics(gather: Gather, policy: PairForward, parts: LossParts) -> dict[s
     pair_mask = policy.completion_mask.bool()
     chosen_logits, rejected_logits = policy.mean_logits.chunk(2)
     chosen_top1, _ = policy.is_top1.chunk(2)
-    chosen_logps, rejected_logps = policy.sequence_logps.chunk(2)
+    chosen_logps, rejected_logps = parts.policy_logps.chunk(2)
     chosen_rewards, rejected_rewards = parts.chosen_rewards, parts.rejected_rewards
     return {
         "entropy": gather.ratio(policy.entropy[pair_mask].sum(), pair_mask.sum()),

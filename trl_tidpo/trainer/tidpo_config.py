@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from trl import DPOConfig
 
 from ..modeling.tis_dpo import check_tis_sources
-from ..ops.weighted_losses import KL_LOSS_TYPES, SUPPORTED_LOSS_TYPES
+from ..ops.weighted_losses import KL_LOSS_TYPES, LOSS_TYPES
 
 
 # The options of the hybrid weights (Eq. 7-8); their defaults live in the fields below, and nowhere else.
@@ -289,36 +289,24 @@ class TIDPOConfig(DPOConfig):
             check_tis_sources(self.token_weighting, self.tis_positive_model, self.tis_negative_model, prompts)
 
     def _refuse_unsupported_dpo_options(self):
+        """Refuse what has no meaning with token weights, before TRL checks the DPO options themselves."""
         loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-        unsupported = [t for t in loss_types if t not in SUPPORTED_LOSS_TYPES]
-        if unsupported:
-            raise ValueError(
-                f"`loss_type` {unsupported} has no token-weighted form in TIDPOTrainer. Supported loss types: "
-                f"{list(SUPPORTED_LOSS_TYPES)}."
-            )
+        unknown = [t for t in loss_types if t not in LOSS_TYPES]
+        if unknown:
+            raise ValueError(f"`loss_type` {unknown} is not a TRL 1.16 loss type; the loss types are {list(LOSS_TYPES)}.")
         if self.tdpo_alpha > 0 and any(t not in KL_LOSS_TYPES for t in loss_types):
             raise ValueError(
-                f"`tdpo_alpha > 0` adds TDPO's sequential KL to the margin, which is defined for loss types "
-                f"{list(KL_LOSS_TYPES)}; got `loss_type={loss_types}`. Set `tdpo_alpha=0` or change `loss_type`."
+                f"`tdpo_alpha > 0` adds TDPO's sequential KL to the margin Δ, which only {list(KL_LOSS_TYPES)} see the "
+                f"pair through; got `loss_type={loss_types}`. Set `tdpo_alpha=0` or change `loss_type`."
+            )
+        if self.tdpo_alpha > 0 and self.f_divergence_type != "reverse_kl":
+            raise ValueError(
+                f"`tdpo_alpha > 0` (TDPO's sequential KL) is derived for the reverse-KL margin, not "
+                f"`f_divergence_type={self.f_divergence_type!r}`. Set `tdpo_alpha=0` or `f_divergence_type='reverse_kl'`."
             )
         if self.precompute_ref_log_probs:
             raise ValueError(
                 "`precompute_ref_log_probs=True` is not supported by TIDPOTrainer: TRL caches only the sequence sums of "
                 "the reference log-probs, while the token-weighted margin and the triplet loss need them per token. "
                 "Set `precompute_ref_log_probs=False`."
-            )
-        if self.use_weighting:
-            raise ValueError(
-                "`use_weighting=True` (WPO's sequence weights) is not supported by TIDPOTrainer: it would multiply the "
-                "token-weighted loss by a second, unrelated weighting. Set `use_weighting=False`."
-            )
-        if self.ld_alpha is not None:
-            raise ValueError(
-                "`ld_alpha` (LD-DPO's length desensitisation) is not supported by TIDPOTrainer: it re-weights the tail "
-                "tokens of the longer response, which conflicts with the token weights. Leave `ld_alpha=None`."
-            )
-        if self.f_divergence_type != "reverse_kl":
-            raise ValueError(
-                f"`f_divergence_type={self.f_divergence_type!r}` is not supported by TIDPOTrainer: f-DPO transforms the "
-                "sequence log-ratio, which has no token-weighted form here. Use `f_divergence_type='reverse_kl'`."
             )

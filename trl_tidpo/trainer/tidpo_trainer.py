@@ -40,7 +40,14 @@ from ..modeling.weight_columns import WEIGHT_COLUMNS, validate_token_weight_colu
 from ..ops.importance import HybridWeights, completion_token_weights
 from ..ops.sequential_kl import sequential_kl
 from ..ops.triplet import triplet_distances, triplet_loss
-from ..ops.weighted_losses import token_weighted_dpo_losses, weighted_sequence_logps
+from ..ops.weighted_losses import (
+    length_desensitized_logps,
+    pair_rewards,
+    preference_losses,
+    weight_sums,
+    weighted_sequence_logps,
+    wpo_pair_weights,
+)
 from .dataset_checks import check_dataset_columns
 from .loss_parts import LossParts, TripletTerms
 from .metrics import Gather, dpo_metrics, token_weight_metrics, triplet_and_kl_metrics
@@ -544,45 +551,71 @@ class TIDPOTrainer(DPOTrainer):
         *,
         chosen_weight_sum: torch.Tensor | None = None,
         rejected_weight_sum: torch.Tensor | None = None,
+        sft_logps: torch.Tensor | None = None,
+        sft_weight_sum: torch.Tensor | None = None,
+        pair_weights: torch.Tensor | None = None,
         kl_chosen: torch.Tensor | None = None,
         kl_rejected: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
-        TI-DPO's token-weighted DPO loss of each pair (Eq. 12). The triplet loss is added by `get_batch_loss_metrics`.
+        TI-DPO's token-weighted DPO loss of each pair (Eq. 12), for every TRL loss type (`trl_tidpo.ops.weighted_losses`).
+        The triplet loss is added by `get_batch_loss_metrics`.
 
-        The log-prob arguments are the *token-weighted* sequence sums `Σ_j w_j log π(y_j)` (`[B]` each), so their
-        differences are the weighted log-ratios `W_c` and `W_r`; with uniform weights they are TRL's plain sums.
+        The log-prob arguments are the *token-weighted* sequence sums `Σ_j w_j log π(y_j)` (`[B]` each; LD-DPO's split
+        sums with `ld_alpha`), so their differences are the weighted log-ratios `W_c` and `W_r`; with uniform weights
+        they are TRL's sums and every loss is TRL's.
 
         Args:
             chosen_logps, rejected_logps (`torch.Tensor`): `[B]` weighted policy log-probs.
             ref_chosen_logps, ref_rejected_logps (`torch.Tensor`): `[B]` weighted reference log-probs.
             loss_type (`str`, *optional*): one loss type; by default the configured `loss_type` list combined with
                 `loss_weights`.
-            chosen_weight_sum, rejected_weight_sum (`torch.Tensor`, *optional*): `[B]` weight sums (`"ipo"`).
+            chosen_weight_sum, rejected_weight_sum (`torch.Tensor`, *optional*): `[B]` weight sums, the lengths of
+                `"ipo"` and `"sigmoid_norm"` (`weight_sums`; TRL's token counts with uniform weights).
+            sft_logps, sft_weight_sum (`torch.Tensor`, *optional*): `[B]` the chosen rows' weighted sums (without
+                LD-DPO) and scored weight sums, for `"sft"`.
+            pair_weights (`torch.Tensor`, *optional*): `[B]` WPO weights (`use_weighting=True`).
             kl_chosen, kl_rejected (`torch.Tensor`, *optional*): `[B]` sequential KL (when `tdpo_alpha > 0`).
 
         Returns:
-            `tuple`: per-pair `losses` `[B]`, `chosen_rewards` and `rejected_rewards` `[B]` (β times the weighted
-            log-ratios, detached).
+            `tuple`: per-pair `losses` `[B]` (`Σ_k λ_k ω L_k`, whose mean is TRL's loss), `chosen_rewards` and
+            `rejected_rewards` `[B]` (β times the weighted log-ratios, detached).
         """
-        chosen_logratios = chosen_logps - ref_chosen_logps
-        rejected_logratios = rejected_logps - ref_rejected_logps
         loss_terms = [(loss_type, 1.0)] if loss_type is not None else zip(self.loss_types, self.loss_weights)
         losses = 0.0
         for name, weight in loss_terms:
-            losses = losses + weight * token_weighted_dpo_losses(
-                chosen_logratios,
-                rejected_logratios,
-                self.beta,
+            per_pair = preference_losses(
                 name,
+                chosen_logps,
+                rejected_logps,
+                ref_chosen_logps,
+                ref_rejected_logps,
+                beta=self.beta,
                 chosen_weight_sum=chosen_weight_sum,
                 rejected_weight_sum=rejected_weight_sum,
+                sft_logps=sft_logps,
+                sft_weight_sum=sft_weight_sum,
+                label_smoothing=self.label_smoothing,
+                f_divergence_type=self.f_divergence_type,
+                f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+                discopop_tau=self.args.discopop_tau,
                 kl_chosen=kl_chosen,
                 kl_rejected=kl_rejected,
                 alpha=self.args.tdpo_alpha,
-                label_smoothing=self.label_smoothing,
             )
-        return losses, self.beta * chosen_logratios.detach(), self.beta * rejected_logratios.detach()
+            if pair_weights is not None:
+                per_pair = per_pair * pair_weights
+            losses = losses + weight * per_pair
+        chosen_rewards, rejected_rewards = pair_rewards(
+            chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, self.beta
+        )
+        return losses, chosen_rewards, rejected_rewards
+
+    def _sequence_logps(self, per_token_logps: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`[2B]` token-weighted sums of the pair rows; LD-DPO's shared-plus-`ld_alpha`-tail sums when `ld_alpha` is set."""
+        if self.ld_alpha is None:
+            return weighted_sequence_logps(per_token_logps, weights, mask)
+        return length_desensitized_logps(per_token_logps, weights, mask, self.ld_alpha)
 
     def _loss_parts(self, model, batch: dict) -> tuple[PairForward, LossParts]:
         """Run one step's forwards, weights, KL and triplet terms, and the weighted DPO loss."""
@@ -592,10 +625,18 @@ class TIDPOTrainer(DPOTrainer):
         weights = self.compute_token_weights(
             importance, policy.completion_mask, policy.attention_mask, batch.get("token_weights")
         )
-        mask = policy.completion_mask
-        chosen_logps, rejected_logps = weighted_sequence_logps(policy.per_token_logps, weights.weights, mask).chunk(2)
-        ref_chosen, ref_rejected = weighted_sequence_logps(ref.per_token_logps, weights.weights, mask).chunk(2)
-        chosen_weight_sum, rejected_weight_sum = (weights.weights * mask).sum(dim=-1).chunk(2)
+        mask, w = policy.completion_mask, weights.weights
+        chosen_logps, rejected_logps = self._sequence_logps(policy.per_token_logps, w, mask).chunk(2)
+        ref_chosen, ref_rejected = self._sequence_logps(ref.per_token_logps, w, mask).chunk(2)
+        unshifted_mask = batch["completion_mask"]
+        chosen_weight_sum, rejected_weight_sum = weight_sums(w, unshifted_mask).chunk(2)
+        sft_logps = sft_weight_sum = None
+        if "sft" in self.loss_types:
+            sft_logps = weighted_sequence_logps(policy.per_token_logps, w, mask).chunk(2)[0]
+            sft_weight_sum = weight_sums(w, unshifted_mask, scored_only=True).chunk(2)[0]
+        pair_weights = None
+        if self.use_weighting:  # WPO: from the policy's own unweighted token probabilities, as TRL
+            pair_weights = wpo_pair_weights(policy.per_token_logps, policy.log_sum_sq_probs, mask)
         kl_chosen = kl_rejected = None
         if self.args.tdpo_alpha > 0:
             kl_chosen, kl_rejected = self._sequential_kl(model, policy, ref).chunk(2)
@@ -610,10 +651,16 @@ class TIDPOTrainer(DPOTrainer):
             ref_rejected,
             chosen_weight_sum=chosen_weight_sum,
             rejected_weight_sum=rejected_weight_sum,
+            sft_logps=sft_logps,
+            sft_weight_sum=sft_weight_sum,
+            pair_weights=pair_weights,
             kl_chosen=kl_chosen,
             kl_rejected=kl_rejected,
         )
-        parts = LossParts(dpo_losses, chosen_rewards, rejected_rewards, weights, mask, triplet, kl_chosen, kl_rejected)
+        policy_logps = self._sequence_logps(policy.per_token_logps, mask, mask).detach()  # unweighted, for logps/*
+        parts = LossParts(
+            dpo_losses, policy_logps, chosen_rewards, rejected_rewards, weights, mask, triplet, kl_chosen, kl_rejected
+        )
         return policy, parts
 
     def get_batch_loss_metrics(self, model, batch: dict, train_eval: str = "train") -> tuple[torch.Tensor, dict]:
