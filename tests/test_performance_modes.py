@@ -17,21 +17,19 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from helpers_trainer import CPU_ARGS, expected_shifted_weights, first_batch, load, raw_importance, text_rows
+from helpers_trainer import expected_shifted_weights, first_batch, load, raw_importance, text_rows
 from peft import LoraConfig
 
 import trl_tidpo.trainer.tidpo_trainer as tidpo_trainer_module
-from trainer_probes import batch_weights
+from conftest import ANCHORS
+from trainer_probes import batch_weights, tidpo_args
 from trl_tidpo.modeling.forwards import attribute_rows
-from trl_tidpo import TIDPOConfig, TIDPOTrainer
+from trl_tidpo import TIDPOTrainer
 from trl_tidpo.modeling.attribution import causal_lm_of
 
 B = 4
-ANCHORS = [" rest and water now please .", " blue", " the dog ran .", " hello world"] * 2
 
 
-def tidpo_args(tmp_path, **overrides) -> TIDPOConfig:
-    return TIDPOConfig(output_dir=str(tmp_path), **{**CPU_ARGS, **overrides})
 
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import WORDS
 from datasets import Dataset
+from trainer_probes import tidpo_args
 from helpers_trainer import CPU_ARGS, clone_params, token_logps, tokenize_row
 from trl import DPOConfig, DPOTrainer
 
@@ -77,8 +78,9 @@ def chat_dataset() -> Dataset:
     )
 
 
-def tidpo_args(tmp_path, **overrides) -> TIDPOConfig:
-    return TIDPOConfig(output_dir=str(tmp_path), **{**CPU_ARGS, "triplet_gamma": 0.0, **overrides})
+def tis_args(tmp_path, **overrides) -> TIDPOConfig:
+    """The tests' CPU config without the triplet loss (these tests are about the weights)."""
+    return tidpo_args(tmp_path, **{"triplet_gamma": 0.0, **overrides})
 
 
 # ---------------------------------------------------------------------------------------------------------- loops
@@ -282,7 +284,7 @@ def count_forwards(model) -> list[int]:
 def tis_trainer(tmp_path, model_dir, tokenizer, dataset, positive, negative, **overrides) -> TIDPOTrainer:
     return TIDPOTrainer(
         model=model_dir,
-        args=tidpo_args(tmp_path, token_weighting="tis_dpo", **overrides),
+        args=tis_args(tmp_path, token_weighting="tis_dpo", **overrides),
         train_dataset=dataset,
         processing_class=tokenizer,
         tis_positive_model=positive,
@@ -355,7 +357,7 @@ def test_trainer_prompt_based_variant_uses_reference(tmp_path, model_dir, chat_t
     trainer = TIDPOTrainer(
         model=model_dir,
         ref_model=reference,
-        args=tidpo_args(tmp_path, token_weighting="tis_dpo", tis_system_prompts=SYSTEM_PROMPTS, tis_transform="rank"),
+        args=tis_args(tmp_path, token_weighting="tis_dpo", tis_system_prompts=SYSTEM_PROMPTS, tis_transform="rank"),
         train_dataset=chat_dataset(),
         processing_class=chat_tokenizer,
     )
@@ -385,7 +387,7 @@ def test_models_loaded_from_paths_are_freed(tmp_path, model_dir, tokenizer, stan
     monkeypatch.setattr(tis_dpo_module, "create_model_from_path", tracking)
     trainer = TIDPOTrainer(
         model=model_dir,
-        args=tidpo_args(
+        args=tis_args(
             tmp_path, token_weighting="tis_dpo", tis_positive_model=paths[0], tis_negative_model=paths[1]
         ),
         train_dataset=standard_dataset,
@@ -403,7 +405,7 @@ def test_tis_dpo_trains_like_dataset_weights(tmp_path, model_dir, tokenizer, sta
     common = {"beta": 0.5, "learning_rate": 1e-2, "max_steps": 2}
     tis = TIDPOTrainer(
         model=model_dir,
-        args=tidpo_args(tmp_path / "tis", token_weighting="tis_dpo", **common),
+        args=tis_args(tmp_path / "tis", token_weighting="tis_dpo", **common),
         train_dataset=standard_dataset,
         processing_class=tokenizer,
         tis_positive_model=positive,
@@ -412,7 +414,7 @@ def test_tis_dpo_trains_like_dataset_weights(tmp_path, model_dir, tokenizer, sta
     offline = compute_tis_dpo_weight_columns(standard_dataset, positive, negative, tokenizer)
     dataset = TIDPOTrainer(
         model=model_dir,
-        args=tidpo_args(tmp_path / "dataset", token_weighting="dataset", **common),
+        args=tis_args(tmp_path / "dataset", token_weighting="dataset", **common),
         train_dataset=offline,
         processing_class=tokenizer,
     )
@@ -453,7 +455,7 @@ def test_all_ones_dataset_weights_give_dpo_loss(tmp_path, model_dir, tokenizer, 
     tidpo = TIDPOTrainer(
         model=model_dir,
         ref_model=contrastive_model(tokenizer, 4),
-        args=tidpo_args(tmp_path / "tidpo", token_weighting="dataset", beta=0.5),
+        args=tis_args(tmp_path / "tidpo", token_weighting="dataset", beta=0.5),
         train_dataset=with_weight_columns(standard_dataset, tokenizer, lambda i, side, n: [1.0] * n),
         processing_class=tokenizer,
     )
@@ -487,7 +489,7 @@ def test_bad_weight_columns_fail_at_construction(tmp_path, model_dir, tokenizer,
     with pytest.raises(ValueError, match=match):
         TIDPOTrainer(
             model=model_dir,
-            args=tidpo_args(tmp_path, token_weighting="dataset"),
+            args=tis_args(tmp_path, token_weighting="dataset"),
             train_dataset=with_weight_columns(standard_dataset, tokenizer, fill),
             processing_class=tokenizer,
         )
@@ -498,7 +500,7 @@ def test_missing_weight_column_is_named(tmp_path, model_dir, tokenizer, standard
     with pytest.raises(ValueError, match=r"missing column\(s\) \['rejected_token_weights'\]"):
         TIDPOTrainer(
             model=model_dir,
-            args=tidpo_args(tmp_path, token_weighting="dataset"),
+            args=tis_args(tmp_path, token_weighting="dataset"),
             train_dataset=dataset.remove_columns("rejected_token_weights"),
             processing_class=tokenizer,
         )
@@ -521,19 +523,19 @@ def test_missing_weight_column_is_named(tmp_path, model_dir, tokenizer, standard
 )
 def test_bad_tis_options_are_refused(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
-        tidpo_args(tmp_path, token_weighting="tis_dpo", **overrides)
+        tis_args(tmp_path, token_weighting="tis_dpo", **overrides)
 
 
 def test_tis_options_without_tis_dpo_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"\['tis_positive_model'\] only apply to `token_weighting='tis_dpo'`"):
-        tidpo_args(tmp_path, token_weighting="uniform", tis_positive_model="some/model")
+        tis_args(tmp_path, token_weighting="uniform", tis_positive_model="some/model")
 
 
 def test_tis_dpo_without_models_is_refused(tmp_path, model_dir, tokenizer, standard_dataset, positive):
     with pytest.raises(ValueError, match="needs two contrastive models"):
         TIDPOTrainer(
             model=model_dir,
-            args=tidpo_args(tmp_path, token_weighting="tis_dpo"),
+            args=tis_args(tmp_path, token_weighting="tis_dpo"),
             train_dataset=standard_dataset,
             processing_class=tokenizer,
             tis_positive_model=positive,
@@ -545,7 +547,7 @@ def test_tis_dpo_refuses_existing_weight_columns(tmp_path, model_dir, tokenizer,
     with pytest.raises(ValueError, match="already has token weight columns"):
         TIDPOTrainer(
             model=model_dir,
-            args=tidpo_args(tmp_path, token_weighting="tis_dpo"),
+            args=tis_args(tmp_path, token_weighting="tis_dpo"),
             train_dataset=dataset,
             processing_class=tokenizer,
             tis_positive_model=positive,
@@ -567,7 +569,7 @@ def test_end_to_end_dpo_and_reverse_dpo_then_tis_dpo(tmp_path, model_dir, tokeni
     for name, data in (("positive", standard_dataset), ("negative", swapped)):
         trainer = TIDPOTrainer(
             model=model_dir,
-            args=tidpo_args(tmp_path / name, token_weighting="uniform", learning_rate=5e-2, max_steps=6, beta=0.5),
+            args=tis_args(tmp_path / name, token_weighting="uniform", learning_rate=5e-2, max_steps=6, beta=0.5),
             train_dataset=data,
             processing_class=tokenizer,
         )
@@ -577,7 +579,7 @@ def test_end_to_end_dpo_and_reverse_dpo_then_tis_dpo(tmp_path, model_dir, tokeni
 
     trainer = TIDPOTrainer(
         model=model_dir,
-        args=tidpo_args(
+        args=tis_args(
             tmp_path / "tis",
             token_weighting="tis_dpo",
             tis_positive_model=paths["positive"],

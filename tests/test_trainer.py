@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ANCHORS
 from datasets import Dataset
-from trainer_probes import batch_weights
+from trainer_probes import batch_weights, tidpo_args
 from helpers_trainer import (
     first_batch,
     load,
@@ -26,18 +26,16 @@ from helpers_trainer import (
     tokenize_row,
 )
 from peft import LoraConfig
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig
 
 import trl_tidpo.modeling.attribution as attribution_module
-from trl_tidpo import TIDPOConfig, TIDPOTrainer
+from trl_tidpo import TIDPOTrainer
 
 
 B = 4  # pairs per batch in these tests
 
 
 
-def tidpo_args(tmp_path, **overrides) -> TIDPOConfig:
-    return TIDPOConfig(output_dir=str(tmp_path), **{**CPU_ARGS, **overrides})
 
 
 

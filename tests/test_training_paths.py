@@ -11,22 +11,20 @@ import logging
 import pytest
 import torch
 from conftest import ANCHORS
-from trainer_probes import batch_weights
-from helpers_trainer import CPU_ARGS, clone_params, expected_shifted_weights, first_batch, text_rows, token_logps
+from trainer_probes import batch_weights, tidpo_args
+from helpers_trainer import clone_params, expected_shifted_weights, first_batch, text_rows, token_logps
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 from trl import ModelConfig, get_peft_config
 
 import trl_tidpo.modeling.attribution as attribution_module
-from trl_tidpo import TIDPOConfig, TIDPOTrainer
+from trl_tidpo import TIDPOTrainer
 from trl_tidpo.tools.train_script import load_quantized_model
 
 
 B = 4
 
 
-def tidpo_args(tmp_path, **overrides) -> TIDPOConfig:
-    return TIDPOConfig(output_dir=str(tmp_path), **{**CPU_ARGS, **overrides})
 
 
 def lora_config(**overrides) -> LoraConfig:

@@ -1,7 +1,15 @@
-"""Small probes into a `TIDPOTrainer` step for the tests: the token weights of a batch, through the trainer's own
+"""Shared test helpers that use the package: a CPU config, and the token weights of a batch through the trainer's own
 extension points (`concatenated_forward`, `compute_token_weights`)."""
 
 import torch
+from helpers_trainer import CPU_ARGS
+
+from trl_tidpo import TIDPOConfig
+
+
+def tidpo_args(tmp_path, **overrides) -> TIDPOConfig:
+    """A CPU `TIDPOConfig` for the tests (`helpers_trainer.CPU_ARGS`), writing to `tmp_path`."""
+    return TIDPOConfig(output_dir=str(tmp_path), **{**CPU_ARGS, **overrides})
 
 
 def batch_weights(trainer, batch: dict, forward=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -287,6 +287,8 @@ class TIDPOTrainer(DPOTrainer):
         )
         context = self._reference_context if uses_reference else contextlib.nullcontext
         model_hash = (hash_module(positive), hash_module(negative) if negative is not positive else None)
+        models = {"positive": positive, "negative": negative}  # emptied below, which frees the models
+        del positive, negative
         columns = list(TOKENIZED_COLUMNS)
         if args.tis_system_prompts is not None:  # the contexts are re-rendered from the messages
             columns += ["prompt", "chosen", "rejected"]
@@ -310,8 +312,8 @@ class TIDPOTrainer(DPOTrainer):
                 with context():
                     return tis_dpo_weight_lists(
                         dataset,
-                        positive,
-                        negative,
+                        models["positive"],
+                        models["negative"],
                         self._tokenizer,
                         system_prompts=args.tis_system_prompts,
                         clamp=args.tis_clamp,
@@ -324,8 +326,7 @@ class TIDPOTrainer(DPOTrainer):
             return cached_weight_columns(self.accelerator, dataset, name, key, compute)
 
         self.train_dataset, self.eval_dataset = map_train_and_eval(add_columns, self.train_dataset, self.eval_dataset)
-        # `add_columns` holds the models in closure cells: deleting the names empties the cells and frees the models
-        del positive, negative
+        models.clear()
         gc.collect()
         clear_device_cache()
 
@@ -657,7 +658,9 @@ class TIDPOTrainer(DPOTrainer):
             kl_chosen=kl_chosen,
             kl_rejected=kl_rejected,
         )
-        policy_logps = self._sequence_logps(policy.per_token_logps, mask, mask).detach()  # unweighted, for logps/*
+        policy_logps = policy.sequence_logps.detach()  # unweighted, TRL's logps/*
+        if self.ld_alpha is not None:
+            policy_logps = length_desensitized_logps(policy.per_token_logps, mask, mask, self.ld_alpha).detach()
         parts = LossParts(
             dpo_losses, policy_logps, chosen_rewards, rejected_rewards, weights, mask, triplet, kl_chosen, kl_rejected
         )
