@@ -733,3 +733,28 @@ def test_policy_anchors_keep_their_completion_under_keep_end(model_dir, tokenize
     first = anchors["anchor_input_ids"][0][anchors["anchor_attention_mask"][0].bool()].tolist()
     kept_prompt = first[: len(first) - int(anchors["anchor_completion_mask"][0].sum())]
     assert kept_prompt == prompts[0][-(max_length - new_tokens) :]
+
+
+def test_reference_importance_under_reentrant_checkpointing_does_not_warn(
+    tmp_path, model_dir, ref_model_dir, tokenizer, standard_dataset, caplog
+):
+    """With `importance_model="reference"` the attribution pass is the reference's own by design: reentrant
+    checkpointing of the policy changes nothing there, so the "separate forward" warning must not fire."""
+    trainer = TIDPOTrainer(
+        model=model_dir,
+        ref_model=load(ref_model_dir),
+        args=TIDPOConfig(
+            output_dir=str(tmp_path),
+            **{**CPU_ARGS, "gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True}},
+            triplet_gamma=0.0,
+            importance_model="reference",
+            precompute_token_weights=False,
+            max_steps=1,
+        ),
+        train_dataset=standard_dataset,
+        processing_class=tokenizer,
+    )
+    with caplog.at_level(logging.WARNING, logger="trl_tidpo.trainer.tidpo_trainer"):
+        trainer.train()
+    assert trainer.model.is_gradient_checkpointing
+    assert not [r for r in caplog.records if "use_reentrant" in r.getMessage()]
