@@ -72,7 +72,8 @@ class TIDPOConfig(DPOConfig):
             `[L, U]` of `w = exp(μ·clamp(r̂, L, U))` (TIS-DPO Eq. 19; μ = +1 chosen, −1 rejected).
         tis_transform (`str`, *optional*, defaults to `"exp_clamp"`):
             `"exp_clamp"` (paper Eq. 19) or `"rank"` (official code: each response's ranks of μ·r̂ mapped linearly onto
-            [0.7, 1.3], EOS weight 0). Cost: one forward of π+ and one of π− over each dataset, once (cached).
+            [0.7, 1.3], last token weight 0: each response's last kept token, the EOS of plain text). Cost: one
+            forward of π+ and one of π− over each dataset, once (cached).
 
         > Parameters that control the triplet loss
 
@@ -177,7 +178,7 @@ class TIDPOConfig(DPOConfig):
         default="exp_clamp",
         metadata={
             "help": "'exp_clamp' (TIS-DPO paper, Eq. 19) or 'rank' (official code: ranks mapped onto [0.7, 1.3], "
-            "EOS 0).",
+            "last token weight 0).",
             "choices": ["exp_clamp", "rank"],
         },
     )
