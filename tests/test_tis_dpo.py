@@ -406,6 +406,19 @@ def test_trainer_prompt_based_variant_uses_reference(tmp_path, model_dir, chat_t
             torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-6, rtol=1e-6)
 
 
+def test_prompt_based_variant_with_sync_ref_model_raises(tmp_path, model_dir, chat_tokenizer):
+    """The prompt-based variant reads the reference once, before training; `sync_ref_model=True` moves it after."""
+    with pytest.raises(ValueError, match="fixed TIS models"):
+        TIDPOTrainer(
+            model=model_dir,
+            args=tidpo_args(
+                tmp_path, token_weighting="tis_dpo", tis_system_prompts=SYSTEM_PROMPTS, sync_ref_model=True
+            ),
+            train_dataset=chat_dataset(),
+            processing_class=chat_tokenizer,
+        )
+
+
 def test_models_loaded_from_paths_are_freed(tmp_path, model_dir, tokenizer, standard_dataset, monkeypatch):
     paths = []
     for seed in (5, 6):

@@ -263,6 +263,14 @@ class TIDPOConfig(DPOConfig):
                 f"`importance_model='reference'` selects the model of the 'ti_dpo' attribution, but `token_weighting` is "
                 f"{self.token_weighting!r}. Set `token_weighting='ti_dpo'` or leave `importance_model='policy'`."
             )
+        if self.importance_model == "reference" and self.precompute_token_weights and self.sync_ref_model:
+            # Refused rather than warned: the cached weights would silently stop being the reference's
+            raise ValueError(
+                "`importance_model='reference'` with `precompute_token_weights=True` caches the reference's weights "
+                "once before training, but `sync_ref_model=True` updates the reference during training, so the cached "
+                "weights would go stale. Set `precompute_token_weights=False` (recompute them from the synced reference "
+                "each step) or `sync_ref_model=False`."
+            )
         self._validate_tis_fields()
 
     def _validate_tis_fields(self):

@@ -128,6 +128,14 @@ class TIDPOTrainer(DPOTrainer):
         tis_positive = tis_positive_model if tis_positive_model is not None else args.tis_positive_model
         tis_negative = tis_negative_model if tis_negative_model is not None else args.tis_negative_model
         check_tis_sources(args.token_weighting, tis_positive, tis_negative, args.tis_system_prompts)
+        if args.token_weighting == "tis_dpo" and tis_positive is None and args.sync_ref_model:
+            # Checked here, not in the config: only now is it known that no π+ model stands in for the reference
+            raise ValueError(
+                "The prompt-based TIS-DPO variant (`tis_system_prompts` without `tis_positive_model`) computes the "
+                "weights once, before training, from the reference under the two system prompts, but "
+                "`sync_ref_model=True` updates the reference during training, so the weights would go stale. Give two "
+                "fixed TIS models (`tis_positive_model` and `tis_negative_model`) or set `sync_ref_model=False`."
+            )
 
         super().__init__(
             model=model,
