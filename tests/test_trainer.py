@@ -758,3 +758,37 @@ def test_reference_importance_under_reentrant_checkpointing_does_not_warn(
         trainer.train()
     assert trainer.model.is_gradient_checkpointing
     assert not [r for r in caplog.records if "use_reentrant" in r.getMessage()]
+
+
+def test_prior_only_weights_skip_the_attribution(tmp_path, model_dir, tokenizer, standard_dataset, monkeypatch):
+    """
+    `importance_lambda=0`: the weights are the Gaussian prior alone (Eq. 8 with λ = 0), so no attribution runs: no
+    `torch.autograd.grad`, no hook on the input embeddings. The weights equal the prior of each completion, by loops.
+    """
+    trainer = TIDPOTrainer(
+        model=model_dir,
+        args=TIDPOConfig(output_dir=str(tmp_path), **CPU_ARGS, triplet_gamma=0.0, importance_lambda=0.0),
+        train_dataset=standard_dataset,
+        processing_class=tokenizer,
+    )
+    batch = first_batch(trainer)
+    trainer.model.train()
+
+    def no_grad_call(*args, **kwargs):
+        raise AssertionError("torch.autograd.grad was called with importance_lambda=0")
+
+    monkeypatch.setattr(torch.autograd, "grad", no_grad_call)
+    embedding_hooks = []
+    probe = trainer.model.get_input_embeddings().register_forward_hook(
+        lambda module, args, output: embedding_hooks.append(len(module._forward_hooks))
+    )
+    weights, fallback = batch_weights(trainer, batch)
+    probe.remove()
+
+    assert embedding_hooks == [1]  # one forward, and the probe was the only hook on the embeddings
+    expected, _ = expected_shifted_weights(
+        None, text_rows(tokenizer, standard_dataset), weights.size(1), 0.0, 0.25, "completion", "mean",
+        importance_fn=lambda model, ids: [1.0] * len(ids),  # λ = 0: whatever the attribution, it weighs nothing
+    )  # fmt: skip
+    assert not fallback.any()
+    torch.testing.assert_close(weights, expected, atol=1e-6, rtol=1e-6)

@@ -179,10 +179,16 @@ class TIDPOTrainer(DPOTrainer):
         return args.token_weighting == "ti_dpo" and args.importance_model == "reference" and args.precompute_token_weights
 
     def _attribution_source(self) -> str | None:
-        """Which forward computes raw importance each step: "policy", "reference", or None (weights from the batch)."""
-        if self.args.token_weighting != "ti_dpo" or self._precomputes_reference_weights:
+        """Which forward computes raw importance each step: "policy", "reference", or None (weights from the batch, or
+        the prior alone with `importance_lambda=0`, where the attribution would be multiplied by 0)."""
+        if self.args.token_weighting != "ti_dpo" or self._precomputes_reference_weights or self._prior_only:
             return None
         return self.args.importance_model
+
+    @property
+    def _prior_only(self) -> bool:
+        """TI-DPO weights with `importance_lambda=0`: the Gaussian prior alone, no attribution pass."""
+        return self.args.token_weighting == "ti_dpo" and self.args.weight_options()["importance_lambda"] == 0
 
     def _collator(self, return_prompts: bool = False) -> DataCollatorForTIDPO:
         return DataCollatorForTIDPO(
@@ -475,7 +481,8 @@ class TIDPOTrainer(DPOTrainer):
 
         Args:
             raw_importance (`torch.Tensor` or None): `[2B, T]` raw attribution (the policy's, or the reference's with
-                `importance_model="reference"` and no precomputation); None where the weights come from the batch.
+                `importance_model="reference"` and no precomputation); None where the weights come from the batch, and
+                with `importance_lambda=0` (the prior alone; no attribution is computed).
             completion_mask (`torch.Tensor`): `[2B, T-1]` shifted completion mask.
             attention_mask (`torch.Tensor`): `[2B, T]`.
             batch_weights (`torch.Tensor`, *optional*): the batch's `token_weights` `[2B, T]` (unshifted), used with
@@ -489,6 +496,8 @@ class TIDPOTrainer(DPOTrainer):
         none = torch.zeros(rows, dtype=torch.bool, device=completion_mask.device)
         if self.args.token_weighting == "uniform":
             return HybridWeights(completion_mask.float(), None, None, none, none)
+        if raw_importance is None and self._prior_only and not self._precomputes_reference_weights:
+            return completion_token_weights(None, completion_mask, attention_mask, **self._weight_kwargs())
         if raw_importance is None:  # dataset weights, or cached reference weights
             if batch_weights is None:
                 raise ValueError(
