@@ -3,11 +3,15 @@ Anchors for the triplet loss (SPEC §4): tokenisation of a dataset `anchor` colu
 policy. The collator that carries them is `collator.DataCollatorForTIDPO`.
 """
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+from transformers import GenerationConfig
 from trl.trainer.utils import flush_left
 
+from .attribution import causal_lm_of
 from .tokenization import tokenize_completion
 
 
@@ -49,6 +53,36 @@ def completion_mask_after_generation(generated: torch.Tensor, eos_token_id: int 
     return (~eos_before).long()
 
 
+def anchor_eos_token_ids(model_generation_config: GenerationConfig | None, tokenizer_eos_token_id: int | None) -> list[int]:
+    """
+    The EOS ids anchor sampling stops at: the model's generation config's (a list kept whole: chat models often end a
+    turn on one of several ids), plus the tokenizer's EOS if it is not among them.
+    """
+    eos = getattr(model_generation_config, "eos_token_id", None)
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer_eos_token_id is not None and tokenizer_eos_token_id not in eos_ids:
+        eos_ids.append(tokenizer_eos_token_id)
+    return eos_ids
+
+
+@contextlib.contextmanager
+def _only_generation_config(model, generation_config: GenerationConfig) -> Iterator[None]:
+    """
+    Make `generation_config` the model's own for the block. `generate` fills every setting a passed config leaves unset
+    from `model.generation_config` (a checkpoint's `repetition_penalty`, `no_repeat_ngram_size`, `min_new_tokens`, …);
+    swapping it (on the PEFT wrapper too, which copies its own onto the base model) leaves only the global defaults.
+    """
+    holders = list(dict.fromkeys([model, causal_lm_of(model)]))
+    saved = [holder.generation_config for holder in holders]
+    try:
+        for holder in holders:
+            holder.generation_config = generation_config
+        yield
+    finally:
+        for holder, config in zip(holders, saved, strict=True):
+            holder.generation_config = config
+
+
 @torch.no_grad()
 def sample_policy_anchors(
     model,
@@ -67,8 +101,12 @@ def sample_policy_anchors(
     Args:
         model: an unwrapped causal LM ready for `generate`.
         prompt_input_ids, prompt_attention_mask (`torch.Tensor`): `[B, P]`, left-padded.
-        generation_kwargs (`dict`): sampling settings passed to `generate`.
-        eos_token_id, pad_token_id: token ids.
+        generation_kwargs (`dict`): the sampling settings (`do_sample`, `temperature`, `top_k`, `top_p`,
+            `max_new_tokens`). They make a fresh `GenerationConfig` with the EOS and pad ids: none of the model's other
+            generation settings apply.
+        eos_token_id (`int` or `list[int]`): the EOS id(s); generation and each anchor's completion stop at the first
+            of any of them (see `anchor_eos_token_ids`).
+        pad_token_id (`int`): the pad id.
         max_length (`int`, *optional*): the rows' maximum length. With `truncation_mode="keep_start"` a row is cut
             to its first `max_length` tokens after generation (prompts are shorter than `max_length`: the trainer
             refuses longer ones); with `"keep_end"` the prompt keeps its last `max_length - max_new_tokens` tokens
@@ -83,14 +121,13 @@ def sample_policy_anchors(
         budget = max(1, max_length - generation_kwargs["max_new_tokens"])
         # Left-padded: the last columns hold each prompt's end
         prompt_input_ids, prompt_attention_mask = prompt_input_ids[:, -budget:], prompt_attention_mask[:, -budget:]
-    sequences = model.generate(
-        input_ids=prompt_input_ids,
-        attention_mask=prompt_attention_mask,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        use_cache=True,
-        **generation_kwargs,
+    generation_config = GenerationConfig(
+        **generation_kwargs, eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True
     )
+    with _only_generation_config(model, generation_config):
+        sequences = model.generate(
+            input_ids=prompt_input_ids, attention_mask=prompt_attention_mask, generation_config=generation_config
+        )
     prompt_len = prompt_input_ids.size(1)
     generated = sequences[:, prompt_len:]
     generated_mask = completion_mask_after_generation(generated, eos_token_id)

@@ -15,7 +15,7 @@ from trl.models import unwrap_model_for_generation
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import hash_module, use_adapter
 
-from ..modeling.anchors import sample_policy_anchors, tokenize_anchor
+from ..modeling.anchors import anchor_eos_token_ids, sample_policy_anchors, tokenize_anchor
 from ..modeling.attribution import causal_lm_of, project_to_logits, uses_reentrant_checkpointing
 from ..modeling.collator import DataCollatorForTIDPO
 from ..modeling.forwards import (
@@ -435,7 +435,7 @@ class TIDPOTrainer(DPOTrainer):
             "do_sample": True,
             "max_new_tokens": self.args.anchor_max_new_tokens,
             "temperature": self.args.anchor_temperature,
-            "top_k": self.args.anchor_top_k or None,
+            "top_k": self.args.anchor_top_k,  # 0 disables top-k
             "top_p": self.args.anchor_top_p,
         }
 
@@ -454,7 +454,9 @@ class TIDPOTrainer(DPOTrainer):
                 inputs["prompt_input_ids"],
                 inputs["prompt_attention_mask"],
                 self._anchor_generation_kwargs(),
-                eos_token_id=self._tokenizer.eos_token_id,
+                eos_token_id=anchor_eos_token_ids(
+                    causal_lm_of(unwrapped).generation_config, self._tokenizer.eos_token_id
+                ),
                 pad_token_id=self._tokenizer.pad_token_id,
                 max_length=self.args.max_length,
                 truncation_mode=self.args.truncation_mode,
