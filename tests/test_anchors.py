@@ -3,11 +3,15 @@ tokenisation of a dataset `anchor` column."""
 
 import pytest
 import torch
+from conftest import WORDS
 from helpers_trainer import CPU_ARGS, first_batch, load
+from test_tokenization import TOOLS_TEMPLATE, tools_dataset
 from transformers import GenerationConfig
 
 from trl_tidpo import TIDPOConfig, TIDPOTrainer
-from trl_tidpo.modeling.anchors import anchor_eos_token_ids, sample_policy_anchors
+from trl_tidpo.modeling.anchors import anchor_eos_token_ids, sample_policy_anchors, tokenize_anchor
+from trl_tidpo.modeling.tis_dpo import tokenize_preference_dataset
+from trl_tidpo.tools.demo.tiny_models import build_word_tokenizer
 
 
 SAMPLING = {"do_sample": True, "max_new_tokens": 8, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
@@ -88,3 +92,25 @@ def test_policy_anchors_stop_at_any_of_the_model_eos_ids(tmp_path, model_dir, to
     for row, (before, after) in enumerate(zip(first, second, strict=True)):
         stops = [k for k, token in enumerate(before) if token in (other_eos, eos)]
         assert after == (before[: stops[0] + 1] if stops else before), row
+
+
+def test_dataset_anchor_tokenises_with_the_example_tools_and_template_kwargs():
+    """An anchor equal to `chosen` gets exactly TRL's `chosen_ids` when the chat template renders the example's `tools`
+    and `chat_template_kwargs` (both shift the prompt, so leaving them out would misalign the anchor)."""
+    tokenizer = build_word_tokenizer(WORDS + ["and", "story", "answer"])
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    rows = tokenize_preference_dataset(tools_dataset(), tokenizer)
+    for index, row in enumerate(rows):
+        example = {**row, "anchor": row["chosen"]}
+        assert tokenize_anchor(example, index, tokenizer, implicit_prompt=False) == {"anchor_ids": row["chosen_ids"]}
+
+
+def test_dataset_anchor_whose_prompt_tokens_differ_raises_naming_the_row(tokenizer):
+    """`hello` + `world` (no space) tokenises as one unknown word: the anchor's row does not start with the example's
+    `prompt_ids`, so it would be scored after another context than the pair. Raise, naming the row."""
+    example = {"prompt": "hello", "anchor": "world", "prompt_ids": tokenizer("hello")["input_ids"]}
+    with pytest.raises(ValueError, match="Row 5: the anchor's tokenised row does not start with the example's prompt"):
+        tokenize_anchor(example, 5, tokenizer, implicit_prompt=False)
+    assert tokenize_anchor({**example, "anchor": " world"}, 5, tokenizer, implicit_prompt=False) == {
+        "anchor_ids": tokenizer(" world")["input_ids"] + [tokenizer.eos_token_id]
+    }

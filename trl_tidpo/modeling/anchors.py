@@ -9,19 +9,27 @@ from typing import Any
 
 import torch
 from transformers import GenerationConfig
+from trl.data_utils import common_prefix_length
 from trl.trainer.utils import flush_left
 
 from .attribution import causal_lm_of
 from .tokenization import tokenize_completion
 
 
-def tokenize_anchor(example: dict[str, Any], processing_class, implicit_prompt: bool) -> dict[str, list[int]]:
+def tokenize_anchor(
+    example: dict[str, Any], index: int, processing_class, implicit_prompt: bool
+) -> dict[str, list[int]]:
     """
-    Tokenise a dataset `anchor` like TRL tokenises `chosen` (see `tokenize_completion`), aligned on the example's
-    already tokenised `prompt_ids`.
+    Tokenise a dataset `anchor` like TRL tokenises `chosen` (see `tokenize_completion`, with the example's `tools` and
+    `chat_template_kwargs`), aligned on the example's already tokenised `prompt_ids`.
 
     In the implicit-prompt format (no `prompt` column; `chosen` repeats the prompt) the anchor repeats it too, and it
-    is removed first; an anchor that does not start with the prompt raises.
+    is removed first; an anchor that does not start with the prompt raises. So does an anchor whose tokenised row does
+    not start with the example's `prompt_ids` (the anchor would be scored after another context than the pair).
+
+    Args:
+        example (`dict`): a row with `prompt`, `anchor` and `prompt_ids`.
+        index (`int`): the row's index, for the error messages.
 
     Returns:
         `dict`: `{"anchor_ids": list[int]}`.
@@ -30,15 +38,26 @@ def tokenize_anchor(example: dict[str, Any], processing_class, implicit_prompt: 
     if implicit_prompt:
         if anchor[: len(prompt)] != prompt:
             raise ValueError(
-                "In a dataset without a 'prompt' column, the 'anchor' column must start with the same prompt as "
-                f"'chosen' and 'rejected'. This anchor does not: {str(anchor)[:80]!r}. Add an explicit 'prompt' column."
+                f"Row {index}: in a dataset without a 'prompt' column, the 'anchor' column must start with the same "
+                f"prompt as 'chosen' and 'rejected'. This anchor does not: {str(anchor)[:80]!r}. Add an explicit "
+                "'prompt' column."
             )
         anchor = anchor[len(prompt) :]
-    prompt_ids, anchor_ids = tokenize_completion(processing_class, prompt, anchor)
+    prompt_ids, anchor_ids = tokenize_completion(
+        processing_class, prompt, anchor, example.get("tools"), example.get("chat_template_kwargs")
+    )
     # Align on the prompt TRL kept for this example (it may end earlier, see `common_prefix_length`)
-    kept = len(example["prompt_ids"])
+    kept = example["prompt_ids"]
     full = prompt_ids + anchor_ids
-    return {"anchor_ids": full[kept:]}
+    if full[: len(kept)] != kept:
+        raise ValueError(
+            f"Row {index}: the anchor's tokenised row does not start with the example's prompt tokens "
+            f"(`prompt_ids`, {len(kept)} tokens): they differ from token {common_prefix_length(full, kept)} on, so "
+            "the anchor would be scored after another context than the chosen and rejected responses. The prompt and "
+            "anchor likely merge into other tokens at their boundary; end the prompt on a token boundary (e.g. start "
+            "the anchor with a space) or make the anchor render like the responses."
+        )
+    return {"anchor_ids": full[len(kept) :]}
 
 
 def completion_mask_after_generation(generated: torch.Tensor, eos_token_id: int | list[int]) -> torch.Tensor:

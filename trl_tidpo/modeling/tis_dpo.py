@@ -259,14 +259,18 @@ def _system_contexts(
 ) -> list[list[int]]:
     """Token ids before each `side` completion once `system_prompt` leads the conversation (prompt-based variant)."""
     contexts = []
-    for index, (prompt, completion, expected) in enumerate(
-        zip(dataset["prompt"], dataset[side], completion_ids, strict=True)
+    tools = dataset["tools"] if "tools" in dataset.column_names else [None] * len(dataset)
+    template_kwargs = (
+        dataset["chat_template_kwargs"] if "chat_template_kwargs" in dataset.column_names else [None] * len(dataset)
+    )
+    for index, (prompt, completion, expected, row_tools, row_kwargs) in enumerate(
+        zip(dataset["prompt"], dataset[side], completion_ids, tools, template_kwargs, strict=True)
     ):
         if prompt and prompt[0]["role"] == "system":  # merge with the data's own system message
             messages = [{"role": "system", "content": f"{system_prompt}\n\n{prompt[0]['content']}"}] + prompt[1:]
         else:
             messages = [{"role": "system", "content": system_prompt}] + prompt
-        context, ids = tokenize_completion(tokenizer, messages, completion)
+        context, ids = tokenize_completion(tokenizer, messages, completion, row_tools, row_kwargs)
         if ids != expected:
             raise ValueError(
                 f"Row {index}: with the system prompt {system_prompt!r}, the {side} completion tokenises to "

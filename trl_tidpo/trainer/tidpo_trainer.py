@@ -220,6 +220,7 @@ class TIDPOTrainer(DPOTrainer):
             map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
             dataset = dataset.map(
                 tokenize_anchor,
+                with_indices=True,
                 fn_kwargs={"processing_class": processing_class, "implicit_prompt": implicit_prompt},
                 **map_kwargs,
             )
