@@ -41,7 +41,7 @@ from ..ops.importance import HybridWeights, completion_token_weights
 from ..ops.sequential_kl import sequential_kl
 from ..ops.triplet import triplet_distances, triplet_loss
 from ..ops.weighted_losses import token_weighted_dpo_losses, weighted_sequence_logps
-from .dataset_checks import check_dataset_columns
+from .dataset_checks import check_dataset_columns, overlong_prompt_rows, raise_for_overlong_prompts
 from .loss_parts import LossParts, TripletTerms
 from .metrics import Gather, dpo_metrics, token_weight_metrics, triplet_and_kl_metrics
 from .tidpo_config import TIDPOConfig
@@ -205,16 +205,13 @@ class TIDPOTrainer(DPOTrainer):
         implicit_prompt = "prompt" not in next(iter(dataset))
         num_rows = len(dataset) if isinstance(dataset, Dataset) else None
         # TRL 1.16 always re-tokenises from the text columns, which an already tokenised dataset may not have
-        if not set(TOKENIZED_COLUMNS) <= set(next(iter(dataset))):
+        if set(TOKENIZED_COLUMNS) <= set(next(iter(dataset))):
+            overlong = len(overlong_prompt_rows(dataset, args.max_length, args.truncation_mode))
+        else:
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        if num_rows is not None and len(dataset) < num_rows:
-            # TRL drops them silently; they would train on nothing, so say it before anything is written
-            raise ValueError(
-                f"{num_rows - len(dataset)} of the {num_rows} pairs of the {dataset_name} dataset have a prompt of "
-                f"`max_length={args.max_length}` tokens or more, so `truncation_mode='keep_start'` leaves their "
-                "completions empty. Raise `max_length`, shorten or filter those prompts, or set "
-                "`truncation_mode='keep_end'`."
-            )
+            overlong = num_rows - len(dataset) if num_rows is not None else 0  # the rows TRL dropped
+        # TRL drops them silently; they would train on nothing, so say it before anything is written
+        raise_for_overlong_prompts(overlong, num_rows, dataset_name, args.max_length)
         needs_anchor_ids = args.triplet_gamma > 0 and args.anchor_source == "dataset"
         if needs_anchor_ids and "anchor_ids" not in next(iter(dataset)):
             map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
