@@ -13,7 +13,6 @@ from trl_tidpo.modeling.anchors import anchor_eos_token_ids, sample_policy_ancho
 from trl_tidpo.modeling.tis_dpo import tokenize_preference_dataset
 from trl_tidpo.tools.demo.tiny_models import build_word_tokenizer
 
-
 SAMPLING = {"do_sample": True, "max_new_tokens": 8, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
 

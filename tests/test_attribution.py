@@ -4,6 +4,7 @@ row-by-row `torch.autograd.grad` w.r.t. `inputs_embeds`.
 """
 
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 import torch
@@ -19,7 +20,6 @@ from trl_tidpo.modeling.attribution import (
     project_to_logits,
 )
 from trl_tidpo.tools.demo.tiny_models import build_tiny_llama
-
 
 VOCAB = 40
 LENGTHS = [7, 4, 9, 2]  # right-padded rows of different lengths
@@ -150,7 +150,7 @@ def test_project_to_logits_bf16_hidden_is_float32():
 class _DeviceMoves(torch.Tensor):
     """A tensor that records the device every `.to(...)` call on it asks for (None when the call names no device)."""
 
-    moves: list = []
+    moves: ClassVar[list] = []
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

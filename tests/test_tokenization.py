@@ -11,7 +11,6 @@ from trl_tidpo.modeling.tis_dpo import tokenize_preference_dataset
 from trl_tidpo.modeling.tokenization import tokenize_completion
 from trl_tidpo.tools.demo.tiny_models import build_word_tokenizer
 
-
 # The test chat template, plus two things it renders only when asked: the tools and a `verbose` template argument
 TOOLS_TEMPLATE = (
     "{% if tools %}{% for tool in tools %}{{ tool['name'] }} {% endfor %}{% endif %}"
