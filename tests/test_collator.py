@@ -5,7 +5,6 @@ import torch
 
 from trl_tidpo.modeling.collator import DataCollatorForTIDPO
 
-
 PAD = 0
 EXAMPLES = [
     {
