@@ -4,6 +4,7 @@ row-by-row `torch.autograd.grad` w.r.t. `inputs_embeds`.
 """
 
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 import torch
@@ -19,7 +20,6 @@ from trl_tidpo.modeling.attribution import (
     project_to_logits,
 )
 from trl_tidpo.tools.demo.tiny_models import build_tiny_llama
-
 
 VOCAB = 40
 LENGTHS = [7, 4, 9, 2]  # right-padded rows of different lengths
@@ -145,6 +145,35 @@ def test_project_to_logits_bf16_hidden_is_float32():
     result = project_to_logits(hidden, head, _text_config())
     assert result.dtype == torch.float32
     torch.testing.assert_close(result, hidden.float() @ head.weight.t(), atol=1e-6, rtol=1e-6)
+
+
+class _DeviceMoves(torch.Tensor):
+    """A tensor that records the device every `.to(...)` call on it asks for (None when the call names no device)."""
+
+    moves: ClassVar[list] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to:
+            positional = [a for a in args[1:] if isinstance(a, (str, torch.device))]
+            device = kwargs.get("device", positional[0] if positional else None)
+            cls.moves.append(None if device is None else torch.device(device))
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_project_to_logits_moves_hidden_to_the_head_device():
+    """
+    Under a multi-GPU `device_map` the backbone's last layer and the LM head may sit on different devices: the hidden
+    state is moved to the head's device before the product. (One CPU here, so the test checks the move asked for.)
+    """
+    head = nn.Linear(4, 3, bias=False)
+    _DeviceMoves.moves = []
+    hidden = torch.randn(2, 4).as_subclass(_DeviceMoves)
+    result = project_to_logits(hidden, head, _text_config())
+    assert head.weight.device in _DeviceMoves.moves
+    expected = hidden.as_subclass(torch.Tensor) @ head.weight.detach().t()
+    torch.testing.assert_close(result.as_subclass(torch.Tensor), expected)
 
 
 def test_last_attended_index():

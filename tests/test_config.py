@@ -153,3 +153,13 @@ def test_dropout_must_be_off_for_ti_dpo_weights(tmp_path):
     with pytest.raises(ValueError, match="disable_dropout"):
         _config(tmp_path, disable_dropout=False)
     assert _config(tmp_path, disable_dropout=False, token_weighting="uniform").disable_dropout is False
+
+
+def test_cached_reference_weights_with_sync_ref_model_raise(tmp_path):
+    """TRL's `SyncRefModelCallback` moves the reference during training: weights cached from it once would go stale."""
+    with pytest.raises(ValueError, match="precompute_token_weights=False"):
+        _config(tmp_path, importance_model="reference", precompute_token_weights=True, sync_ref_model=True)
+
+
+def test_reference_weights_each_step_with_sync_ref_model_are_accepted(tmp_path):
+    _config(tmp_path, importance_model="reference", precompute_token_weights=False, sync_ref_model=True)

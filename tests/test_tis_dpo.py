@@ -125,6 +125,11 @@ def chat_log_ratios(positive, negative, tokenizer, prompt, completion) -> list[f
     return [p - n for p, n in zip(*per_model, strict=True)]
 
 
+def last_token_unranked(n: int) -> list[bool]:
+    """The official code's rank transform ranks every scored token of a response but its last, which weighs 0."""
+    return [True] * (n - 1) + [False]
+
+
 def expected_text_weights(positive, negative, tokenizer, dataset, transform="exp_clamp", clamp=(-0.5, 1.5)):
     """`{side}_token_weights` of every row of a plain-text dataset, by explicit loops."""
     columns = {"chosen_token_weights": [], "rejected_token_weights": []}
@@ -134,7 +139,7 @@ def expected_text_weights(positive, negative, tokenizer, dataset, transform="exp
             if transform == "exp_clamp":
                 weights = exp_clamp_loop(ratios, mu, *clamp)
             else:
-                weights = rank_loop(ratios, mu, [token != tokenizer.eos_token_id for token in ids])
+                weights = rank_loop(ratios, mu, last_token_unranked(len(ids)))
             columns[f"{side}_token_weights"].append(weights)
     return columns
 
@@ -213,7 +218,7 @@ def test_weight_columns_match_full_logits_loop(positive, negative, tokenizer, st
             for ratio in text_log_ratios(positive, negative, tokenizer, example["prompt"], example["chosen"])[0]
         ]
         assert min(flat) < clamp[0] and max(flat) > clamp[1]
-    else:  # the EOS weighs 0, the other tokens span [0.7, 1.3]
+    else:  # the last token (the EOS) weighs 0, the other tokens span [0.7, 1.3]
         for row in result["chosen_token_weights"]:
             assert row[-1] == 0.0
             if len(row) > 2:
@@ -250,6 +255,39 @@ def test_keep_start_truncation_scores_only_kept_tokens(positive, negative, token
         assert len(cut_row) == len(full_row)
         assert cut_row[kept:] == [0.0] * (len(full_row) - kept)
         torch.testing.assert_close(torch.tensor(cut_row[:kept]), torch.tensor(full_row[:kept]), atol=1e-5, rtol=1e-5)
+    assert truncated_rows > 0
+
+
+def test_rank_ranks_an_eos_inside_the_response(positive, negative, tokenizer):
+    """
+    The official rank transform zeroes the last token of each response, not every EOS: an `<eos>` written inside the
+    completion (`yes <eos> no` + the appended `<eos>`) is ranked like any token; only the final one weighs 0.
+    """
+    dataset = Dataset.from_dict(
+        {"prompt": ["hello", "what"], "chosen": [" yes <eos> no", " yes"], "rejected": [" no", " no <eos> maybe"]}
+    )
+    result = compute_tis_dpo_weight_columns(dataset, positive, negative, tokenizer, transform="rank")
+    for example, chosen, rejected in zip(dataset, result["chosen_token_weights"], result["rejected_token_weights"]):
+        for side, mu, got in (("chosen", 1.0, chosen), ("rejected", -1.0, rejected)):
+            ratios, ids = text_log_ratios(positive, negative, tokenizer, example["prompt"], example[side])
+            expected = rank_loop(ratios, mu, last_token_unranked(len(ids)))
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(expected))
+    assert result["chosen_token_weights"][0][1] > 0  # the EOS inside `yes <eos> no`
+
+
+def test_rank_zeroes_the_last_kept_token_under_truncation(positive, negative, tokenizer, standard_dataset):
+    """With `keep_start` truncation the rank transform ranks the kept tokens and zeroes the last of them (the official
+    code ranks the response it trains on), whatever that token is."""
+    cut = compute_tis_dpo_weight_columns(standard_dataset, positive, negative, tokenizer, transform="rank", max_length=9)
+    truncated_rows = 0
+    for example, got in zip(standard_dataset, cut["chosen_token_weights"]):
+        ratios, ids = text_log_ratios(positive, negative, tokenizer, example["prompt"], example["chosen"])
+        row, start = tokenize_row(tokenizer, example["prompt"], example["chosen"])
+        kept = max(0, min(len(row), 9) - start)
+        truncated_rows += kept < len(ids)
+        ranked = rank_loop(ratios[:kept], 1.0, last_token_unranked(kept)) if kept else []
+        expected = ranked + [0.0] * (len(ids) - kept)
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-6, rtol=1e-6)
     assert truncated_rows > 0
 
 
@@ -365,9 +403,22 @@ def test_trainer_prompt_based_variant_uses_reference(tmp_path, model_dir, chat_t
         for side, mu in (("chosen", 1.0), ("rejected", -1.0)):
             ratios = chat_log_ratios(reference, reference, chat_tokenizer, example["prompt"], example[side])
             ids = trainer.train_dataset[index][f"{side}_ids"]
-            expected = rank_loop(ratios, mu, [token != chat_tokenizer.eos_token_id for token in ids])
+            expected = rank_loop(ratios, mu, last_token_unranked(len(ids)))
             got = trainer.train_dataset[index][f"{side}_token_weights"]
             torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-6, rtol=1e-6)
+
+
+def test_prompt_based_variant_with_sync_ref_model_raises(tmp_path, model_dir, chat_tokenizer):
+    """The prompt-based variant reads the reference once, before training; `sync_ref_model=True` moves it after."""
+    with pytest.raises(ValueError, match="fixed TIS models"):
+        TIDPOTrainer(
+            model=model_dir,
+            args=tidpo_args(
+                tmp_path, token_weighting="tis_dpo", tis_system_prompts=SYSTEM_PROMPTS, sync_ref_model=True
+            ),
+            train_dataset=chat_dataset(),
+            processing_class=chat_tokenizer,
+        )
 
 
 def test_models_loaded_from_paths_are_freed(tmp_path, model_dir, tokenizer, standard_dataset, monkeypatch):

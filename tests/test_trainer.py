@@ -29,7 +29,7 @@ from peft import LoraConfig
 from trl import DPOConfig
 
 import trl_tidpo.modeling.attribution as attribution_module
-from trl_tidpo import TIDPOTrainer
+from trl_tidpo import TIDPOConfig, TIDPOTrainer
 
 
 B = 4  # pairs per batch in these tests
@@ -692,3 +692,62 @@ def test_policy_anchors_keep_their_completion_under_keep_end(model_dir, tokenize
     first = anchors["anchor_input_ids"][0][anchors["anchor_attention_mask"][0].bool()].tolist()
     kept_prompt = first[: len(first) - int(anchors["anchor_completion_mask"][0].sum())]
     assert kept_prompt == prompts[0][-(max_length - new_tokens) :]
+
+
+def test_reference_importance_under_reentrant_checkpointing_does_not_warn(
+    tmp_path, model_dir, ref_model_dir, tokenizer, standard_dataset, caplog
+):
+    """With `importance_model="reference"` the attribution pass is the reference's own by design: reentrant
+    checkpointing of the policy changes nothing there, so the "separate forward" warning must not fire."""
+    trainer = TIDPOTrainer(
+        model=model_dir,
+        ref_model=load(ref_model_dir),
+        args=TIDPOConfig(
+            output_dir=str(tmp_path),
+            **{**CPU_ARGS, "gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True}},
+            triplet_gamma=0.0,
+            importance_model="reference",
+            precompute_token_weights=False,
+            max_steps=1,
+        ),
+        train_dataset=standard_dataset,
+        processing_class=tokenizer,
+    )
+    with caplog.at_level(logging.WARNING, logger="trl_tidpo.trainer.tidpo_trainer"):
+        trainer.train()
+    assert trainer.model.is_gradient_checkpointing
+    assert not [r for r in caplog.records if "use_reentrant" in r.getMessage()]
+
+
+def test_prior_only_weights_skip_the_attribution(tmp_path, model_dir, tokenizer, standard_dataset, monkeypatch):
+    """
+    `importance_lambda=0`: the weights are the Gaussian prior alone (Eq. 8 with λ = 0), so no attribution runs: no
+    `torch.autograd.grad`, no hook on the input embeddings. The weights equal the prior of each completion, by loops.
+    """
+    trainer = TIDPOTrainer(
+        model=model_dir,
+        args=TIDPOConfig(output_dir=str(tmp_path), **CPU_ARGS, triplet_gamma=0.0, importance_lambda=0.0),
+        train_dataset=standard_dataset,
+        processing_class=tokenizer,
+    )
+    batch = first_batch(trainer)
+    trainer.model.train()
+
+    def no_grad_call(*args, **kwargs):
+        raise AssertionError("torch.autograd.grad was called with importance_lambda=0")
+
+    monkeypatch.setattr(torch.autograd, "grad", no_grad_call)
+    embedding_hooks = []
+    probe = trainer.model.get_input_embeddings().register_forward_hook(
+        lambda module, args, output: embedding_hooks.append(len(module._forward_hooks))
+    )
+    weights, fallback = batch_weights(trainer, batch)
+    probe.remove()
+
+    assert embedding_hooks == [1]  # one forward, and the probe was the only hook on the embeddings
+    expected, _ = expected_shifted_weights(
+        None, text_rows(tokenizer, standard_dataset), weights.size(1), 0.0, 0.25, "completion", "mean",
+        importance_fn=lambda model, ids: [1.0] * len(ids),  # λ = 0: whatever the attribution, it weighs nothing
+    )  # fmt: skip
+    assert not fallback.any()
+    torch.testing.assert_close(weights, expected, atol=1e-6, rtol=1e-6)

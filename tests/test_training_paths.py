@@ -423,3 +423,48 @@ def test_save_model_writes_the_ti_dpo_model_card(tmp_path, model_dir, tokenizer,
         assert "https://huggingface.co/papers/2505.19653" in card
         assert "@inproceedings{yang2026tidpo" in card
     assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_prompt_tuning_under_reentrant_checkpointing_keeps_exact_weights(tmp_path, model_dir, tokenizer, standard_dataset):
+    """
+    Prompt tuning prepends virtual tokens to the hidden states. Under reentrant checkpointing the policy attributes in
+    a forward of its own (`attribute_rows` -> `attribute_in_own_forward` -> `attribute_captured`), which must cut the
+    virtual tokens off before picking each row's last attended position: the weights equal an independent
+    `inputs_embeds` computation with the virtual tokens in front (target at position `V + L_r`).
+    """
+    from peft import PromptTuningConfig
+
+    virtual = 3
+    trainer = TIDPOTrainer(
+        model=model_dir,
+        args=tidpo_args(
+            tmp_path, triplet_gamma=0.0, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}
+        ),
+        train_dataset=standard_dataset,
+        processing_class=tokenizer,
+        peft_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual),
+    )
+    # as `Trainer.train()` does before the first step
+    trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    batch = first_batch(trainer)
+    trainer.model.train()
+    assert trainer._policy_attribution_mode(trainer.model) == "own_forward"
+    weights, fallback = batch_weights(trainer, batch)
+
+    peft_model = trainer.model
+    base = peft_model.get_base_model()
+
+    def importance_with_virtual_tokens(model, ids):
+        embeds = base.get_input_embeddings()(torch.tensor([ids])).detach().requires_grad_(True)
+        prompt = peft_model.get_prompt(batch_size=1).detach().to(embeds.dtype)  # [1, V, H]
+        logits = base(inputs_embeds=torch.cat([prompt, embeds], dim=1), use_cache=False).logits[0]
+        (grad,) = torch.autograd.grad(logits[virtual + len(ids) - 1].max(), embeds)
+        return [float(grad[0, j].abs().sum()) for j in range(len(ids))]
+
+    base.gradient_checkpointing_disable()  # the independent computation takes embedding gradients
+    expected, _ = expected_shifted_weights(
+        None, rows_from_batch(batch), weights.size(1), 0.7, 0.25, "completion", "mean",
+        importance_fn=importance_with_virtual_tokens,
+    )  # fmt: skip
+    assert not fallback.any()
+    torch.testing.assert_close(weights, expected, atol=1e-5, rtol=1e-4)

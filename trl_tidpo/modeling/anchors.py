@@ -3,21 +3,33 @@ Anchors for the triplet loss (SPEC §4): tokenisation of a dataset `anchor` colu
 policy. The collator that carries them is `collator.DataCollatorForTIDPO`.
 """
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+from transformers import GenerationConfig
+from trl.data_utils import common_prefix_length
 from trl.trainer.utils import flush_left
 
+from .attribution import causal_lm_of
 from .tokenization import tokenize_completion
 
 
-def tokenize_anchor(example: dict[str, Any], processing_class, implicit_prompt: bool) -> dict[str, list[int]]:
+def tokenize_anchor(
+    example: dict[str, Any], index: int, processing_class, implicit_prompt: bool
+) -> dict[str, list[int]]:
     """
-    Tokenise a dataset `anchor` like TRL tokenises `chosen` (see `tokenize_completion`), aligned on the example's
-    already tokenised `prompt_ids`.
+    Tokenise a dataset `anchor` like TRL tokenises `chosen` (see `tokenize_completion`, with the example's `tools` and
+    `chat_template_kwargs`), aligned on the example's already tokenised `prompt_ids`.
 
     In the implicit-prompt format (no `prompt` column; `chosen` repeats the prompt) the anchor repeats it too, and it
-    is removed first; an anchor that does not start with the prompt raises.
+    is removed first; an anchor that does not start with the prompt raises. So does an anchor whose tokenised row does
+    not start with the example's `prompt_ids` (the anchor would be scored after another context than the pair).
+
+    Args:
+        example (`dict`): a row with `prompt`, `anchor` and `prompt_ids`.
+        index (`int`): the row's index, for the error messages.
 
     Returns:
         `dict`: `{"anchor_ids": list[int]}`.
@@ -26,15 +38,26 @@ def tokenize_anchor(example: dict[str, Any], processing_class, implicit_prompt: 
     if implicit_prompt:
         if anchor[: len(prompt)] != prompt:
             raise ValueError(
-                "In a dataset without a 'prompt' column, the 'anchor' column must start with the same prompt as "
-                f"'chosen' and 'rejected'. This anchor does not: {str(anchor)[:80]!r}. Add an explicit 'prompt' column."
+                f"Row {index}: in a dataset without a 'prompt' column, the 'anchor' column must start with the same "
+                f"prompt as 'chosen' and 'rejected'. This anchor does not: {str(anchor)[:80]!r}. Add an explicit "
+                "'prompt' column."
             )
         anchor = anchor[len(prompt) :]
-    prompt_ids, anchor_ids = tokenize_completion(processing_class, prompt, anchor)
+    prompt_ids, anchor_ids = tokenize_completion(
+        processing_class, prompt, anchor, example.get("tools"), example.get("chat_template_kwargs")
+    )
     # Align on the prompt TRL kept for this example (it may end earlier, see `common_prefix_length`)
-    kept = len(example["prompt_ids"])
+    kept = example["prompt_ids"]
     full = prompt_ids + anchor_ids
-    return {"anchor_ids": full[kept:]}
+    if full[: len(kept)] != kept:
+        raise ValueError(
+            f"Row {index}: the anchor's tokenised row does not start with the example's prompt tokens "
+            f"(`prompt_ids`, {len(kept)} tokens): they differ from token {common_prefix_length(full, kept)} on, so "
+            "the anchor would be scored after another context than the chosen and rejected responses. The prompt and "
+            "anchor likely merge into other tokens at their boundary; end the prompt on a token boundary (e.g. start "
+            "the anchor with a space) or make the anchor render like the responses."
+        )
+    return {"anchor_ids": full[len(kept) :]}
 
 
 def completion_mask_after_generation(generated: torch.Tensor, eos_token_id: int | list[int]) -> torch.Tensor:
@@ -47,6 +70,36 @@ def completion_mask_after_generation(generated: torch.Tensor, eos_token_id: int 
     is_eos = torch.isin(generated, eos_ids.to(generated.device))
     eos_before = (is_eos.long().cumsum(dim=-1) - is_eos.long()) > 0  # an EOS strictly earlier in the row
     return (~eos_before).long()
+
+
+def anchor_eos_token_ids(model_generation_config: GenerationConfig | None, tokenizer_eos_token_id: int | None) -> list[int]:
+    """
+    The EOS ids anchor sampling stops at: the model's generation config's (a list kept whole: chat models often end a
+    turn on one of several ids), plus the tokenizer's EOS if it is not among them.
+    """
+    eos = getattr(model_generation_config, "eos_token_id", None)
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer_eos_token_id is not None and tokenizer_eos_token_id not in eos_ids:
+        eos_ids.append(tokenizer_eos_token_id)
+    return eos_ids
+
+
+@contextlib.contextmanager
+def _only_generation_config(model, generation_config: GenerationConfig) -> Iterator[None]:
+    """
+    Make `generation_config` the model's own for the block. `generate` fills every setting a passed config leaves unset
+    from `model.generation_config` (a checkpoint's `repetition_penalty`, `no_repeat_ngram_size`, `min_new_tokens`, …);
+    swapping it (on the PEFT wrapper too, which copies its own onto the base model) leaves only the global defaults.
+    """
+    holders = list(dict.fromkeys([model, causal_lm_of(model)]))
+    saved = [holder.generation_config for holder in holders]
+    try:
+        for holder in holders:
+            holder.generation_config = generation_config
+        yield
+    finally:
+        for holder, config in zip(holders, saved, strict=True):
+            holder.generation_config = config
 
 
 @torch.no_grad()
@@ -67,8 +120,12 @@ def sample_policy_anchors(
     Args:
         model: an unwrapped causal LM ready for `generate`.
         prompt_input_ids, prompt_attention_mask (`torch.Tensor`): `[B, P]`, left-padded.
-        generation_kwargs (`dict`): sampling settings passed to `generate`.
-        eos_token_id, pad_token_id: token ids.
+        generation_kwargs (`dict`): the sampling settings (`do_sample`, `temperature`, `top_k`, `top_p`,
+            `max_new_tokens`). They make a fresh `GenerationConfig` with the EOS and pad ids: none of the model's other
+            generation settings apply.
+        eos_token_id (`int` or `list[int]`): the EOS id(s); generation and each anchor's completion stop at the first
+            of any of them (see `anchor_eos_token_ids`).
+        pad_token_id (`int`): the pad id.
         max_length (`int`, *optional*): the rows' maximum length. With `truncation_mode="keep_start"` a row is cut
             to its first `max_length` tokens after generation (prompts are shorter than `max_length`: the trainer
             refuses longer ones); with `"keep_end"` the prompt keeps its last `max_length - max_new_tokens` tokens
@@ -83,14 +140,13 @@ def sample_policy_anchors(
         budget = max(1, max_length - generation_kwargs["max_new_tokens"])
         # Left-padded: the last columns hold each prompt's end
         prompt_input_ids, prompt_attention_mask = prompt_input_ids[:, -budget:], prompt_attention_mask[:, -budget:]
-    sequences = model.generate(
-        input_ids=prompt_input_ids,
-        attention_mask=prompt_attention_mask,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        use_cache=True,
-        **generation_kwargs,
+    generation_config = GenerationConfig(
+        **generation_kwargs, eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True
     )
+    with _only_generation_config(model, generation_config):
+        sequences = model.generate(
+            input_ids=prompt_input_ids, attention_mask=prompt_attention_mask, generation_config=generation_config
+        )
     prompt_len = prompt_input_ids.size(1)
     generated = sequences[:, prompt_len:]
     generated_mask = completion_mask_after_generation(generated, eos_token_id)

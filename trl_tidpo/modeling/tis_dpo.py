@@ -4,7 +4,8 @@ ICLR 2025; SPEC §7), estimated once, before training, from two contrastive mode
 
     r̂_t = log π+(y_t | x, y_<t) − log π−(y_t | x, y_<t)                 # per completion token
     exp_clamp (paper Eq. 19):  w_t = k · exp(μ · clamp(r̂_t, L, U))       # μ = +1 chosen, −1 rejected
-    rank (official code):      ranks of μ · r̂_t within the response, mapped linearly onto [0.7, 1.3]; EOS weighs 0
+    rank (official code):      ranks of μ · r̂_t within the response, mapped linearly onto [0.7, 1.3]; the last
+                               kept (scored) token of the response weighs 0
 
 π+ and π− are two models (the paper found DPO and reverse DPO from the same start best) or one model under two
 system prompts (the prompt-based variant, conversational data only). The weights become the
@@ -72,7 +73,7 @@ def rank_weights(
     """
     The official TIS-DPO code's rank-based weights: within each row, the `n` masked tokens sorted by `μ · r̂`
     (ascending; ties keep their order) get `low + (high − low) · i / (n − 1)` for the `i`-th of them (1.0 when
-    `n = 1`); every other position (the EOS, padding, tokens never scored) gets 0.
+    `n = 1`); every other position (the response's last kept token, padding, tokens never scored) gets 0.
 
     Example: `r̂ = [0.3, −1.0, 2.0]`, `μ = +1`, all masked → ranks `[1, 0, 2]` → weights `[1.0, 0.7, 1.3]`.
 
@@ -258,14 +259,18 @@ def _system_contexts(
 ) -> list[list[int]]:
     """Token ids before each `side` completion once `system_prompt` leads the conversation (prompt-based variant)."""
     contexts = []
-    for index, (prompt, completion, expected) in enumerate(
-        zip(dataset["prompt"], dataset[side], completion_ids, strict=True)
+    tools = dataset["tools"] if "tools" in dataset.column_names else [None] * len(dataset)
+    template_kwargs = (
+        dataset["chat_template_kwargs"] if "chat_template_kwargs" in dataset.column_names else [None] * len(dataset)
+    )
+    for index, (prompt, completion, expected, row_tools, row_kwargs) in enumerate(
+        zip(dataset["prompt"], dataset[side], completion_ids, tools, template_kwargs, strict=True)
     ):
         if prompt and prompt[0]["role"] == "system":  # merge with the data's own system message
             messages = [{"role": "system", "content": f"{system_prompt}\n\n{prompt[0]['content']}"}] + prompt[1:]
         else:
             messages = [{"role": "system", "content": system_prompt}] + prompt
-        context, ids = tokenize_completion(tokenizer, messages, completion)
+        context, ids = tokenize_completion(tokenizer, messages, completion, row_tools, row_kwargs)
         if ids != expected:
             raise ValueError(
                 f"Row {index}: with the system prompt {system_prompt!r}, the {side} completion tokenises to "
@@ -328,19 +333,21 @@ def tis_dpo_weight_lists(
             positive_model, negative_model, *contexts, completions, tokenizer.pad_token_id, batch_size
         )
         columns[f"{side}_token_weights"] = [
-            _transform_row(ratio, completion, sign, clamp, transform, tokenizer.eos_token_id) + [0.0] * (len(c) - n)
-            for ratio, completion, c, n in zip(ratios, completions, ids, kept)
+            _transform_row(ratio, sign, clamp, transform) + [0.0] * (len(c) - n)
+            for ratio, c, n in zip(ratios, ids, kept)
         ]
     return columns
 
 
-def _transform_row(
-    ratio: torch.Tensor, completion: list[int], sign: float, clamp: Sequence[float], transform: str, eos_token_id
-) -> list[float]:
+def _transform_row(ratio: torch.Tensor, sign: float, clamp: Sequence[float], transform: str) -> list[float]:
+    """Weights of one response's scored tokens `ratio` `[n]`. `"rank"` zeroes the last of them, as the official code
+    does (the position of the EOS that TRL appends to plain text, whatever the token: an EOS inside the response is
+    ranked, and a chat template's trailing tokens after its end-of-turn are the ones zeroed)."""
     if transform == "exp_clamp":
         return exp_clamp(ratio, sign, clamp).tolist()
-    not_eos = torch.tensor([token != eos_token_id for token in completion], dtype=torch.bool)
-    return rank_weights(ratio[None], not_eos[None], sign)[0].tolist()
+    ranked = torch.ones(ratio.size(0), dtype=torch.bool)
+    ranked[-1:] = False  # the last kept token
+    return rank_weights(ratio[None], ranked[None], sign)[0].tolist()
 
 
 def compute_tis_dpo_weight_columns(
@@ -373,7 +380,8 @@ def compute_tis_dpo_weight_columns(
         system_prompts (`Sequence[str]`, *optional*): `(positive, negative)` system prompts of the prompt-based
             variant: π+ sees the first before each prompt, π− the second. Conversational data only.
         clamp (`Sequence[float]`): `(L, U)` of `"exp_clamp"`.
-        transform (`str`): `"exp_clamp"` (paper Eq. 19) or `"rank"` (official code: ranks onto [0.7, 1.3], EOS 0).
+        transform (`str`): `"exp_clamp"` (paper Eq. 19) or `"rank"` (official code: ranks onto [0.7, 1.3], the last
+            kept token 0).
         max_length (`int`, *optional*), truncation_mode (`str`): the trainer's; with `keep_start` only the tokens
             training keeps are scored (the others weigh 0). `None` scores every token.
         batch_size (`int`): rows per forward.

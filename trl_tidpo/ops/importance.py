@@ -82,7 +82,8 @@ def hybrid_token_weights(
     TI-DPO's hybrid token weights `w = scale * (λ·Î + (1-λ)·P̂)` (Eq. 8), detached.
 
     Args:
-        raw_importance (`torch.Tensor`): `[R, T]` raw gradient attribution (see `importance_from_gradients`).
+        raw_importance (`torch.Tensor` or None): `[R, T]` raw gradient attribution (see `importance_from_gradients`);
+            None with `importance_lambda=0` (prior only: no attribution was computed, `Î` is reported as 0).
         span_mask (`torch.Tensor`): `[R, T]`, 1 on the tokens the weights are spread over.
         importance_lambda (`float`): λ in [0, 1]; 1 is gradient-only, 0 prior-only.
         prior_sigma_ratio (`float`): ρ of the Gaussian prior.
@@ -95,7 +96,13 @@ def hybrid_token_weights(
     if normalization not in ("mean", "sum"):
         raise ValueError(f"`normalization` must be 'mean' or 'sum', got {normalization!r}.")
     prior = gaussian_prior(span_mask, prior_sigma_ratio)
-    importance, invalid = normalize_importance(raw_importance, span_mask)
+    if raw_importance is None:
+        if importance_lambda != 0:
+            raise ValueError(f"`raw_importance` is needed for `importance_lambda={importance_lambda}` (> 0).")
+        raw_importance = torch.zeros_like(prior)
+        importance, invalid = raw_importance, torch.zeros(prior.size(0), dtype=torch.bool, device=prior.device)
+    else:
+        importance, invalid = normalize_importance(raw_importance, span_mask)
     empty = ~span_mask.bool().any(dim=-1)
     lam = torch.full_like(invalid, importance_lambda, dtype=torch.float32)
     lam = torch.where(invalid, torch.zeros_like(lam), lam).unsqueeze(-1)  # fallback rows: prior alone
@@ -118,7 +125,8 @@ def completion_token_weights(
     The hybrid weights of right-padded rows, on TRL's shifted token axis (entry `i` weighs token `i+1`).
 
     Args:
-        raw_importance (`torch.Tensor`): `[R, T]` raw attribution, unshifted (entry `j` is token `j`).
+        raw_importance (`torch.Tensor` or None): `[R, T]` raw attribution, unshifted (entry `j` is token `j`); None
+            with `importance_lambda=0`.
         completion_mask (`torch.Tensor`): `[R, T-1]`, shifted: 1 where entry `i` scores a completion token.
         attention_mask (`torch.Tensor`): `[R, T]`, unshifted.
         weight_span (`str`): normalise over the scored `"completion"` tokens or every attended token of the

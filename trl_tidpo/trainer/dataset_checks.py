@@ -49,3 +49,25 @@ def check_dataset_columns(args: TIDPOConfig, train_dataset, eval_dataset) -> Non
         missing = [column for column in required if column not in columns]
         if missing:
             raise ValueError(f"`{name}` is missing column(s) {missing}; it has {columns}.{_missing_column_hint(missing)}")
+
+
+def overlong_prompt_rows(dataset, max_length: int | None, truncation_mode: str) -> list[int]:
+    """
+    Indices of the rows of a tokenised map-style `dataset` whose prompt alone fills `max_length`: with
+    `truncation_mode="keep_start"` the collator would cut away their whole completion, so they train on nothing (TRL
+    drops them when it tokenises; a pre-tokenised dataset skips that step). `keep_end` keeps every completion's end.
+    An `IterableDataset` is not read ahead: no rows.
+    """
+    if max_length is None or truncation_mode != "keep_start" or not isinstance(dataset, Dataset):
+        return []
+    return [index for index, ids in enumerate(dataset["prompt_ids"]) if len(ids) >= max_length]
+
+
+def raise_for_overlong_prompts(count: int, num_rows: int, dataset_name: str, max_length: int | None) -> None:
+    """Refuse a dataset with `count` pairs whose prompt fills `max_length` (see `overlong_prompt_rows`)."""
+    if count:
+        raise ValueError(
+            f"{count} of the {num_rows} pairs of the {dataset_name} dataset have a prompt of `max_length={max_length}` "
+            "tokens or more, so `truncation_mode='keep_start'` leaves their completions empty. Raise `max_length`, "
+            "shorten or filter those prompts, or set `truncation_mode='keep_end'`."
+        )

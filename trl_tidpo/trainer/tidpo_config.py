@@ -72,7 +72,8 @@ class TIDPOConfig(DPOConfig):
             `[L, U]` of `w = exp(μ·clamp(r̂, L, U))` (TIS-DPO Eq. 19; μ = +1 chosen, −1 rejected).
         tis_transform (`str`, *optional*, defaults to `"exp_clamp"`):
             `"exp_clamp"` (paper Eq. 19) or `"rank"` (official code: each response's ranks of μ·r̂ mapped linearly onto
-            [0.7, 1.3], EOS weight 0). Cost: one forward of π+ and one of π− over each dataset, once (cached).
+            [0.7, 1.3], last token weight 0: each response's last kept token, the EOS of plain text). Cost: one
+            forward of π+ and one of π− over each dataset, once (cached).
 
         > Parameters that control the triplet loss
 
@@ -177,7 +178,7 @@ class TIDPOConfig(DPOConfig):
         default="exp_clamp",
         metadata={
             "help": "'exp_clamp' (TIS-DPO paper, Eq. 19) or 'rank' (official code: ranks mapped onto [0.7, 1.3], "
-            "EOS 0).",
+            "last token weight 0).",
             "choices": ["exp_clamp", "rank"],
         },
     )
@@ -261,6 +262,14 @@ class TIDPOConfig(DPOConfig):
             raise ValueError(
                 f"`importance_model='reference'` selects the model of the 'ti_dpo' attribution, but `token_weighting` is "
                 f"{self.token_weighting!r}. Set `token_weighting='ti_dpo'` or leave `importance_model='policy'`."
+            )
+        if self.importance_model == "reference" and self.precompute_token_weights and self.sync_ref_model:
+            # Refused rather than warned: the cached weights would silently stop being the reference's
+            raise ValueError(
+                "`importance_model='reference'` with `precompute_token_weights=True` caches the reference's weights "
+                "once before training, but `sync_ref_model=True` updates the reference during training, so the cached "
+                "weights would go stale. Set `precompute_token_weights=False` (recompute them from the synced reference "
+                "each step) or `sync_ref_model=False`."
             )
         self._validate_tis_fields()
 

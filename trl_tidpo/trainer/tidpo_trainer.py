@@ -15,7 +15,7 @@ from trl.models import unwrap_model_for_generation
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import hash_module, use_adapter
 
-from ..modeling.anchors import sample_policy_anchors, tokenize_anchor
+from ..modeling.anchors import anchor_eos_token_ids, sample_policy_anchors, tokenize_anchor
 from ..modeling.attribution import causal_lm_of, project_to_logits, uses_reentrant_checkpointing
 from ..modeling.collator import DataCollatorForTIDPO
 from ..modeling.forwards import (
@@ -48,7 +48,7 @@ from ..ops.weighted_losses import (
     weighted_sequence_logps,
     wpo_pair_weights,
 )
-from .dataset_checks import check_dataset_columns
+from .dataset_checks import check_dataset_columns, overlong_prompt_rows, raise_for_overlong_prompts
 from .loss_parts import LossParts, TripletTerms
 from .metrics import Gather, dpo_metrics, token_weight_metrics, triplet_and_kl_metrics
 from .tidpo_config import TIDPOConfig
@@ -135,6 +135,14 @@ class TIDPOTrainer(DPOTrainer):
         tis_positive = tis_positive_model if tis_positive_model is not None else args.tis_positive_model
         tis_negative = tis_negative_model if tis_negative_model is not None else args.tis_negative_model
         check_tis_sources(args.token_weighting, tis_positive, tis_negative, args.tis_system_prompts)
+        if args.token_weighting == "tis_dpo" and tis_positive is None and args.sync_ref_model:
+            # Checked here, not in the config: only now is it known that no π+ model stands in for the reference
+            raise ValueError(
+                "The prompt-based TIS-DPO variant (`tis_system_prompts` without `tis_positive_model`) computes the "
+                "weights once, before training, from the reference under the two system prompts, but "
+                "`sync_ref_model=True` updates the reference during training, so the weights would go stale. Give two "
+                "fixed TIS models (`tis_positive_model` and `tis_negative_model`) or set `sync_ref_model=False`."
+            )
 
         super().__init__(
             model=model,
@@ -178,10 +186,16 @@ class TIDPOTrainer(DPOTrainer):
         return args.token_weighting == "ti_dpo" and args.importance_model == "reference" and args.precompute_token_weights
 
     def _attribution_source(self) -> str | None:
-        """Which forward computes raw importance each step: "policy", "reference", or None (weights from the batch)."""
-        if self.args.token_weighting != "ti_dpo" or self._precomputes_reference_weights:
+        """Which forward computes raw importance each step: "policy", "reference", or None (weights from the batch, or
+        the prior alone with `importance_lambda=0`, where the attribution would be multiplied by 0)."""
+        if self.args.token_weighting != "ti_dpo" or self._precomputes_reference_weights or self._prior_only:
             return None
         return self.args.importance_model
+
+    @property
+    def _prior_only(self) -> bool:
+        """TI-DPO weights with `importance_lambda=0`: the Gaussian prior alone, no attribution pass."""
+        return self.args.token_weighting == "ti_dpo" and self.args.weight_options()["importance_lambda"] == 0
 
     def _collator(self, return_prompts: bool = False) -> DataCollatorForTIDPO:
         return DataCollatorForTIDPO(
@@ -198,21 +212,19 @@ class TIDPOTrainer(DPOTrainer):
         implicit_prompt = "prompt" not in next(iter(dataset))
         num_rows = len(dataset) if isinstance(dataset, Dataset) else None
         # TRL 1.16 always re-tokenises from the text columns, which an already tokenised dataset may not have
-        if not set(TOKENIZED_COLUMNS) <= set(next(iter(dataset))):
+        if set(TOKENIZED_COLUMNS) <= set(next(iter(dataset))):
+            overlong = len(overlong_prompt_rows(dataset, args.max_length, args.truncation_mode))
+        else:
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        if num_rows is not None and len(dataset) < num_rows:
-            # TRL drops them silently; they would train on nothing, so say it before anything is written
-            raise ValueError(
-                f"{num_rows - len(dataset)} of the {num_rows} pairs of the {dataset_name} dataset have a prompt of "
-                f"`max_length={args.max_length}` tokens or more, so `truncation_mode='keep_start'` leaves their "
-                "completions empty. Raise `max_length`, shorten or filter those prompts, or set "
-                "`truncation_mode='keep_end'`."
-            )
+            overlong = num_rows - len(dataset) if num_rows is not None else 0  # the rows TRL dropped
+        # TRL drops them silently; they would train on nothing, so say it before anything is written
+        raise_for_overlong_prompts(overlong, num_rows, dataset_name, args.max_length)
         needs_anchor_ids = args.triplet_gamma > 0 and args.anchor_source == "dataset"
         if needs_anchor_ids and "anchor_ids" not in next(iter(dataset)):
             map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
             dataset = dataset.map(
                 tokenize_anchor,
+                with_indices=True,
                 fn_kwargs={"processing_class": processing_class, "implicit_prompt": implicit_prompt},
                 **map_kwargs,
             )
@@ -429,7 +441,7 @@ class TIDPOTrainer(DPOTrainer):
             "do_sample": True,
             "max_new_tokens": self.args.anchor_max_new_tokens,
             "temperature": self.args.anchor_temperature,
-            "top_k": self.args.anchor_top_k or None,
+            "top_k": self.args.anchor_top_k,  # 0 disables top-k
             "top_p": self.args.anchor_top_p,
         }
 
@@ -448,7 +460,9 @@ class TIDPOTrainer(DPOTrainer):
                 inputs["prompt_input_ids"],
                 inputs["prompt_attention_mask"],
                 self._anchor_generation_kwargs(),
-                eos_token_id=self._tokenizer.eos_token_id,
+                eos_token_id=anchor_eos_token_ids(
+                    causal_lm_of(unwrapped).generation_config, self._tokenizer.eos_token_id
+                ),
                 pad_token_id=self._tokenizer.pad_token_id,
                 max_length=self.args.max_length,
                 truncation_mode=self.args.truncation_mode,
@@ -475,7 +489,8 @@ class TIDPOTrainer(DPOTrainer):
 
         Args:
             raw_importance (`torch.Tensor` or None): `[2B, T]` raw attribution (the policy's, or the reference's with
-                `importance_model="reference"` and no precomputation); None where the weights come from the batch.
+                `importance_model="reference"` and no precomputation); None where the weights come from the batch, and
+                with `importance_lambda=0` (the prior alone; no attribution is computed).
             completion_mask (`torch.Tensor`): `[2B, T-1]` shifted completion mask.
             attention_mask (`torch.Tensor`): `[2B, T]`.
             batch_weights (`torch.Tensor`, *optional*): the batch's `token_weights` `[2B, T]` (unshifted), used with
@@ -489,6 +504,8 @@ class TIDPOTrainer(DPOTrainer):
         none = torch.zeros(rows, dtype=torch.bool, device=completion_mask.device)
         if self.args.token_weighting == "uniform":
             return HybridWeights(completion_mask.float(), None, None, none, none)
+        if raw_importance is None and self._prior_only and not self._precomputes_reference_weights:
+            return completion_token_weights(None, completion_mask, attention_mask, **self._weight_kwargs())
         if raw_importance is None:  # dataset weights, or cached reference weights
             if batch_weights is None:
                 raise ValueError(
