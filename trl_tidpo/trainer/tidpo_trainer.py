@@ -131,7 +131,8 @@ class TIDPOTrainer(DPOTrainer):
                 f"`args` must be a `TIDPOConfig`, got `{type(args).__name__}`. Replace `DPOConfig(...)` with "
                 "`TIDPOConfig(...)`: it takes every DPOConfig argument."
             )
-        check_dataset_columns(args, train_dataset, eval_dataset)
+        if isinstance(train_dataset, (Dataset, IterableDataset)):  # None or another type: TRL's own error below
+            check_dataset_columns(args, train_dataset, eval_dataset)
         tis_positive = tis_positive_model if tis_positive_model is not None else args.tis_positive_model
         tis_negative = tis_negative_model if tis_negative_model is not None else args.tis_negative_model
         check_tis_sources(args.token_weighting, tis_positive, tis_negative, args.tis_system_prompts)
