@@ -31,6 +31,8 @@ Skipped, and why:
 - `test_train_with_chat_template_kwargs`: needs a Qwen chat template; the word tokenizer's template takes no kwargs.
 """
 
+import logging
+
 import pytest
 import torch
 from datasets import Dataset, DatasetDict, IterableDatasetDict
@@ -336,6 +338,48 @@ def test_train_with_compute_metrics(kind, tmp_path, model_dir, tokenizer, standa
     with pytest.warns(FutureWarning):  # logits for `compute_metrics` take an extra forward (deprecated in TRL too)
         trainer.train()
     assert any(entry.get("eval_my_metric") == 0.123 for entry in trainer.state.log_history)
+
+
+# ---------------------------------------------------------------------------------------------------- over-long prompts
+
+OVERLONG = Dataset.from_dict(
+    {
+        "prompt": ["hello", "what should i do about a headache the sky is blue", "why", "tell me a story"],
+        "chosen": [" good", " yes", " blue .", " the cat ran ."],
+        "rejected": [" bad", " no", " red", " no ."],
+    }
+)  # with max_length=6, the second prompt (11 tokens) fills it
+
+
+def test_fully_truncated_pairs_dropped(kind, tmp_path, model_dir, tokenizer):
+    """With `keep_start`, a pair whose prompt alone fills `max_length` is dropped while the dataset is prepared (TRL:
+    test_fully_truncated_completion_examples_dropped)."""
+    trainer = make_trainer(kind, tmp_path, model_dir, OVERLONG, tokenizer, {"max_length": 6})
+    assert len(trainer.train_dataset) == 3
+    assert trainer.train_dataset["prompt_ids"] == [
+        tokenizer(p, add_special_tokens=False)["input_ids"] for p in OVERLONG.select([0, 2, 3])["prompt"]
+    ]
+
+
+def test_fully_truncated_pairs_dropped_with_a_warning(tmp_path, model_dir, tokenizer, caplog):
+    """TI-DPO says what TRL drops silently: one warning per dataset naming it, the count and the fix."""
+    eval_dataset = {"long": OVERLONG.select([1, 2]), "short": OVERLONG.select([0, 3])}
+    with caplog.at_level(logging.WARNING, logger="trl_tidpo.trainer.tidpo_trainer"):
+        trainer = make_trainer(
+            "TIDPOTrainer", tmp_path, model_dir, OVERLONG, tokenizer, {"max_length": 6}, eval_dataset=eval_dataset
+        )
+    messages = [r.getMessage() for r in caplog.records if "Dropped" in r.getMessage()]
+    assert len(messages) == 2, messages  # train and eval["long"]; nothing about eval["short"]
+    assert "Dropped 1 of the 4 pairs of the train dataset" in messages[0]
+    assert "Dropped 1 of the 2 pairs of the long dataset" in messages[1]
+    assert all("max_length=6" in m and "raise `max_length`" in m for m in messages)
+    assert len(trainer.eval_dataset["long"]) == 1 and len(trainer.eval_dataset["short"]) == 2
+
+
+def test_every_pair_fully_truncated_raises(tmp_path, model_dir, tokenizer):
+    """Nothing left to train on is an error, not an empty run."""
+    with pytest.raises(ValueError, match=r"Every pair of the train dataset \(1\).*max_length=6"):
+        make_trainer("TIDPOTrainer", tmp_path, model_dir, OVERLONG.select([1]), tokenizer, {"max_length": 6})
 
 
 # ---------------------------------------------------------------------------------------------------- errors

@@ -201,13 +201,20 @@ class TIDPOTrainer(DPOTrainer):
         # TRL 1.16 always re-tokenises from the text columns, which an already tokenised dataset may not have
         if not set(TOKENIZED_COLUMNS) <= set(next(iter(dataset))):
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        if num_rows is not None and len(dataset) < num_rows:
-            # TRL drops them silently; they would train on nothing, so say it before anything is written
+        if num_rows is not None and len(dataset) == 0:
             raise ValueError(
-                f"{num_rows - len(dataset)} of the {num_rows} pairs of the {dataset_name} dataset have a prompt of "
-                f"`max_length={args.max_length}` tokens or more, so `truncation_mode='keep_start'` leaves their "
-                "completions empty. Raise `max_length`, shorten or filter those prompts, or set "
-                "`truncation_mode='keep_end'`."
+                f"Every pair of the {dataset_name} dataset ({num_rows}) has a prompt of `max_length={args.max_length}` "
+                "tokens or more, so `truncation_mode='keep_start'` leaves their completions empty and TRL drops them "
+                "all. Raise `max_length`, shorten those prompts, or set `truncation_mode='keep_end'` (deprecated)."
+            )
+        if num_rows is not None and len(dataset) < num_rows:
+            # TRL drops them (a truncated pair would train on nothing) without a word: say how many
+            logger.warning(
+                f"Dropped {num_rows - len(dataset)} of the {num_rows} pairs of the {dataset_name} dataset: their "
+                f"prompt has `max_length={args.max_length}` tokens or more, so `truncation_mode='keep_start'` would "
+                "leave their completions empty (TRL's DPOTrainer drops them too). To keep them, raise `max_length` "
+                "or shorten those prompts.",
+                main_process_only=True,
             )
         needs_anchor_ids = args.triplet_gamma > 0 and args.anchor_source == "dataset"
         if needs_anchor_ids and "anchor_ids" not in next(iter(dataset)):
