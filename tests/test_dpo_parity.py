@@ -314,3 +314,22 @@ def test_activation_offloading_keeps_ti_dpo_weights(tmp_path, model_dir, ref_mod
     for name, grad in steps[False][1].items():
         torch.testing.assert_close(steps[True][1][name], grad, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     assert SAVED_BY_HOOKS[0] > 0  # the hooks really saw the activations
+
+
+def test_overlong_prompts_dropped_then_same_step(tmp_path, model_dir, ref_model_dir, tokenizer, caplog):
+    """Pairs whose prompt fills `max_length` (keep_start): TI-DPO drops the same pairs as TRL, warns once with the count,
+    and the surviving pairs (some completions truncated) give the same step."""
+    dataset = Dataset.from_dict(
+        {"prompt": ["hello", "what should i do about a headache the sky is blue", "why", "tell me a story", "the sky is"],
+         "chosen": [" good", " yes", " blue and green .", " the cat ran fast .", " blue ."],
+         "rejected": [" bad", " no", " red", " no .", " green and red ."]}
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="trl_tidpo.trainer.tidpo_trainer"):
+        dpo, tidpo = build_pair(tmp_path, model_dir, ref_model_dir, tokenizer, dataset, {"max_length": 6})
+    dropped = [r.getMessage() for r in caplog.records if "Dropped" in r.getMessage()]
+    assert len(dropped) == 1 and "Dropped 1 of the 5 pairs of the train dataset" in dropped[0]
+    assert len(tidpo.train_dataset) == len(dpo.train_dataset) == 4
+    for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        assert tidpo.train_dataset[column] == dpo.train_dataset[column]
+    assert first_batch(dpo)["input_ids"].size(1) == 6  # completions are truncated too
+    assert_same_step(dpo, tidpo)
