@@ -156,7 +156,7 @@ def test_token_weights_train_with_every_option(
     assert len(changed) == len(before)
 
 
-# ------------------------------------------------------------------------------------------- remaining DPOConfig options
+# -------------------------------------------------------------------------------------- remaining DPOConfig options
 
 LABEL_SMOOTHING_CASES = [
     pytest.param({"loss_type": "sigmoid", "label_smoothing": 0.2}, id="sigmoid"),  # TRL 1.16's sigmoid ignores it
@@ -176,17 +176,25 @@ def test_label_smoothing(tmp_path, model_dir, ref_model_dir, tokenizer, standard
 
 
 def test_pad_to_multiple_of(tmp_path, model_dir, ref_model_dir, tokenizer, standard_dataset):
-    dpo, tidpo = build_pair(tmp_path, model_dir, ref_model_dir, tokenizer, standard_dataset, {"pad_to_multiple_of": 16})
+    dpo, tidpo = build_pair(
+        tmp_path, model_dir, ref_model_dir, tokenizer, standard_dataset, {"pad_to_multiple_of": 16}
+    )
     width = first_batch(tidpo)["input_ids"].size(1)
     assert width % 16 == 0 and width > first_batch(dpo)["attention_mask"].sum(dim=1).max()  # padding really added
     assert_same_step(dpo, tidpo)
 
 
-def test_padding_free_falls_back_with_trl_warning(tmp_path, model_dir, ref_model_dir, tokenizer, standard_dataset, caplog):
+def test_padding_free_falls_back_with_trl_warning(
+    tmp_path, model_dir, ref_model_dir, tokenizer, standard_dataset, caplog
+):
     """TRL 1.16 disables `padding_free` with a warning and pads; TI-DPO does the same, and then trains like it."""
     with caplog.at_level(logging.WARNING):
-        dpo, tidpo = build_pair(tmp_path, model_dir, ref_model_dir, tokenizer, standard_dataset, {"padding_free": True})
-    warnings = [r.getMessage() for r in caplog.records if "`padding_free=True` is temporarily unavailable" in r.getMessage()]
+        dpo, tidpo = build_pair(
+            tmp_path, model_dir, ref_model_dir, tokenizer, standard_dataset, {"padding_free": True}
+        )
+    warnings = [
+        r.getMessage() for r in caplog.records if "`padding_free=True` is temporarily unavailable" in r.getMessage()
+    ]
     assert len(warnings) == 2  # one per trainer
     assert dpo.padding_free is False and tidpo.padding_free is False
     assert_same_step(dpo, tidpo)
@@ -206,6 +214,7 @@ def test_empty_prompts_with_sigmoid(tmp_path, model_dir, ref_model_dir, tokenize
 def offloading_stand_in(model):
     """What activation offloading installs, without an accelerator (TRL's needs one: on CPU both trainers fail at
     construction the same way): saved-tensor hooks that move every saved activation out and back."""
+
     def pack(tensor):
         SAVED_BY_HOOKS[0] += 1
         return tensor.detach().clone()
@@ -236,12 +245,14 @@ def test_activation_offloading(tmp_path, model_dir, ref_model_dir, tokenizer, st
     assert SAVED_BY_HOOKS[0] > 0  # the hooks really saw the activations
     torch.testing.assert_close(tidpo_loss, dpo_loss, atol=1e-6, rtol=1e-5)
     for name, grad in dpo_grads.items():
-        torch.testing.assert_close(tidpo_grads[name], grad, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            tidpo_grads[name], grad, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
     assert sum(int(g.abs().sum() > 0) for g in dpo_grads.values()) > 0
 
 
 def test_sync_ref_model(tmp_path, model_dir, ref_model_dir, tokenizer, standard_dataset):
-    """`sync_ref_model`: from the same start, 4 steps with a mix every 2 give the same losses, metrics and reference."""
+    """`sync_ref_model`: from the same start, 4 steps with a mix every 2 give the same losses, metrics, reference."""
     options = {
         "sync_ref_model": True, "ref_model_mixup_alpha": 0.4, "ref_model_sync_steps": 2, "max_steps": 4,
         "learning_rate": 0.05,
@@ -260,7 +271,9 @@ def test_sync_ref_model(tmp_path, model_dir, ref_model_dir, tokenizer, standard_
     tidpo_ref = dict(tidpo.ref_model.named_parameters())
     moved = 0
     for name, param in dpo.ref_model.named_parameters():
-        torch.testing.assert_close(tidpo_ref[name], param, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            tidpo_ref[name], param, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
         moved += int(not torch.equal(param, ref_before[name]))
     assert moved == len(ref_before)  # the reference was really mixed
 
@@ -282,8 +295,8 @@ def moe_model_dir(tmp_path_factory, tokenizer):
 
 @pytest.mark.parametrize("coef", [None, 0.5], ids=["architecture-coef", "coef-0.5"])
 def test_router_aux_loss_coef_on_moe(tmp_path, moe_model_dir, tokenizer, standard_dataset, coef):
-    """An MoE policy: the load-balancing loss (`router_aux_loss_coef`, by default the config's own) is added to the loss
-    and logged as `aux_loss`, exactly as TRL does."""
+    """An MoE policy: the load-balancing loss (`router_aux_loss_coef`, by default the config's own) is added to the
+    loss and logged as `aux_loss`, exactly as TRL does."""
     dpo, tidpo = build_pair(
         tmp_path, moe_model_dir, moe_model_dir, tokenizer, standard_dataset, {"router_aux_loss_coef": coef}
     )
@@ -292,7 +305,9 @@ def test_router_aux_loss_coef_on_moe(tmp_path, moe_model_dir, tokenizer, standar
     assert tidpo._metrics["train"]["aux_loss"][-1] > 0
 
 
-def test_activation_offloading_keeps_ti_dpo_weights(tmp_path, model_dir, ref_model_dir, tokenizer, standard_dataset, monkeypatch):
+def test_activation_offloading_keeps_ti_dpo_weights(
+    tmp_path, model_dir, ref_model_dir, tokenizer, standard_dataset, monkeypatch
+):
     """TI-DPO's attribution (`autograd.grad` on a retained graph) under offloading hooks: the same step as without."""
     steps = {}
     SAVED_BY_HOOKS[0] = 0
@@ -312,15 +327,17 @@ def test_activation_offloading_keeps_ti_dpo_weights(tmp_path, model_dir, ref_mod
         assert trainer._metrics["train"]["token_weights/std"][-1] > 0  # TI-DPO weights, not uniform
     torch.testing.assert_close(steps[True][0], steps[False][0], atol=1e-6, rtol=1e-5)
     for name, grad in steps[False][1].items():
-        torch.testing.assert_close(steps[True][1][name], grad, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            steps[True][1][name], grad, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
     assert SAVED_BY_HOOKS[0] > 0  # the hooks really saw the activations
 
 
 def test_overlong_prompts_dropped_then_same_step(tmp_path, model_dir, ref_model_dir, tokenizer, caplog):
-    """Pairs whose prompt fills `max_length` (keep_start): TI-DPO drops the same pairs as TRL, warns once with the count,
-    and the surviving pairs (some completions truncated) give the same step."""
+    """Pairs whose prompt fills `max_length` (keep_start): TI-DPO drops the same pairs as TRL, warns once with the
+    count, and the surviving pairs (some completions truncated) give the same step."""
     dataset = Dataset.from_dict(
-        {"prompt": ["hello", "what should i do about a headache the sky is blue", "why", "tell me a story", "the sky is"],
+        {"prompt": ["hello", "what should i do about a headache the sky is blue", "why", "tell me a story", "the sky"],
          "chosen": [" good", " yes", " blue and green .", " the cat ran fast .", " blue ."],
          "rejected": [" bad", " no", " red", " no .", " green and red ."]}
     )  # fmt: skip

@@ -4,14 +4,19 @@ The intent of TRL's own `DPOTrainer` tests (tests/test_dpo_trainer.py, TRL 1.16)
 must behave the same. Offline on CPU: a tiny Llama and a word-level tokenizer (conftest) stand in for the hub models
 and the `trl-internal-testing/zen` datasets, and each training runs 1-2 steps.
 
-Ported (intent, not code): every loss type trains and moves every parameter (with an eval dataset, as TRL's
-`test_train_loss_types`); multi-loss (MPO), WPO, LD-DPO and f-divergences train; a model passed as an instance; an
-explicit reference stays frozen; `sync_ref_model` moves the reference; gradient checkpointing; PEFT (a `peft_config`, a
-`PeftModel`, with gradient checkpointing: base frozen, adapter moves); the dataset formats (standard, conversational,
-implicit prompt); an `IterableDataset` for training; eval datasets of every shape at init, passed to `evaluate()`, and
-during training (one dataset, a dict of datasets, `compute_metrics`); the train-dataset type errors (None, DatasetDict);
-the model tags; the collator's padding, masks and `pad_to_multiple_of`; and the error cases (a missing column, a
-`loss_weights` of the wrong length, `ref_model is model`, `router_aux_loss_coef` on a dense model).
+Ported (intent, not code): every loss type trains, evaluates and moves every parameter (`test_train_loss_types`);
+multi-loss (MPO), and WPO with LD-DPO and an f-divergence together, train (one run where TRL has one per option: the
+one-step parity of each, alone, is in tests/test_dpo_parity.py); gradient checkpointing; float16 `model_init_kwargs`;
+per-example `chat_template_kwargs`; a model passed as an instance; an explicit reference stays frozen; `sync_ref_model`
+moves the reference; PEFT (a `peft_config`, a `PeftModel`, with gradient checkpointing: base frozen, adapter moves);
+the four dataset formats (standard, conversational, implicit prompt), tokenised alike by both; an `IterableDataset` for
+training; eval datasets of every shape at init, passed to `evaluate()` (also after training), and during training (a
+dict of datasets, `compute_metrics`); pairs whose prompt fills `max_length` dropped
+(`test_fully_truncated_completion_examples_dropped`, with TI-DPO's warning); the model tags; the collator's padding,
+masks and `pad_to_multiple_of`; and the errors: no or an unsupported train dataset, a streaming one without
+`max_steps`, a missing column, a `loss_weights` of the wrong length, an unknown loss type, `ref_model is model`,
+`exo_pair` without label smoothing, `router_aux_loss_coef` on a dense model, `sync_ref_model` with PEFT, a LoRA adapter
+on `lm_head`.
 
 Skipped, and why:
 - every `precompute_ref_log_probs` case (`test_evaluate_with_eval_dataset[...-True]`,
@@ -26,9 +31,8 @@ Skipped, and why:
 - hub-only cases: `test_trust_remote_code` (a remote-code model on the hub), `test_train_gpt_oss` /
   `test_train_toolcall_data` (hub datasets and a GPT-OSS tokenizer), the model zoo of `test_train`, and
   `test_train_moe_*` on GPT-OSS (a tiny MoE built from a config is covered by tests/test_dpo_parity.py);
-- `test_train_model_dtype` (float16 training) and `test_peft_with_quantization` (4-bit, fp16 compute): half-precision
-  training on CPU is not what these tests are about; quantised LoRA is covered by tests/test_training_paths.py.
-- `test_train_with_chat_template_kwargs`: needs a Qwen chat template; the word tokenizer's template takes no kwargs.
+- `test_peft_with_quantization` (bitsandbytes 4-bit with float16 compute): QLoRA on CPU is tested on TI-DPO in
+  tests/test_training_paths.py, and is not a uniform-parity question.
 """
 
 import logging
@@ -44,7 +48,6 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl_tidpo import TIDPOConfig, TIDPOTrainer
 from trl_tidpo.modeling.collator import DataCollatorForTIDPO
 from trl_tidpo.ops.weighted_losses import LOSS_TYPES
-
 
 TRAINERS = {
     "DPOTrainer": (DPOTrainer, DPOConfig, {}),
@@ -217,11 +220,34 @@ def test_same_tokenisation_of_every_format(tmp_path, model_dir, tokenizer, stand
     """Both trainers tokenise every dataset format into the same prompt/chosen/rejected ids."""
     for dataset_format, convert in DATASET_FORMATS.items():
         dataset = convert(standard_dataset)
-        prepared = [
-            make_trainer(kind, tmp_path, model_dir, dataset, tokenizer).train_dataset for kind in TRAINERS
-        ]
+        prepared = [make_trainer(kind, tmp_path, model_dir, dataset, tokenizer).train_dataset for kind in TRAINERS]
         for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
             assert prepared[0][column] == prepared[1][column], (dataset_format, column)
+
+
+def test_train_model_dtype(kind, tmp_path, model_dir, tokenizer, standard_dataset):
+    """`model_init_kwargs={"dtype": float16}`: loads, trains and stays in float16 (TRL: test_train_model_dtype)."""
+    options = {"model_init_kwargs": {"dtype": torch.float16}}
+    trainer = make_trainer(kind, tmp_path, model_dir, standard_dataset, tokenizer, options)
+    before = clone_params(trainer.model)
+    trainer.train()
+    for name, param in before.items():
+        new = trainer.model.get_parameter(name)
+        assert new.dtype == torch.float16
+        if "norm" not in name:  # TRL skips the layer norms here too
+            assert not torch.equal(param, new), f"Parameter {name} has not changed."
+
+
+def test_train_with_chat_template_kwargs(kind, tmp_path, model_dir, tokenizer, standard_dataset):
+    """Per-example `chat_template_kwargs` reach the chat template (TRL: test_train_with_chat_template_kwargs)."""
+    polite = tokenizer.__class__.from_pretrained(model_dir)
+    polite.chat_template = polite.chat_template.replace("<|user|> {{", "<|user|> {% if polite %}please {% endif %}{{")
+    dataset = conversational(standard_dataset)
+    dataset = dataset.add_column("chat_template_kwargs", [{"polite": bool(i % 2)} for i in range(len(dataset))])
+    trainer = make_trainer(kind, tmp_path, model_dir, dataset, polite)
+    please = polite.convert_tokens_to_ids("please")
+    assert [row["prompt_ids"][1] == please for row in trainer.train_dataset.select(range(4))] == [False, True] * 2
+    assert_trained(trainer)
 
 
 # ---------------------------------------------------------------------------------------------------- PEFT
@@ -275,14 +301,13 @@ def eval_dataset_of(shape: str, dataset: Dataset):
     return {"data1": split, "data2": split}  # dict_of_dataset, dict_of_iterable_dataset
 
 
-EVAL_SHAPES = [
-    "dataset", "iterable_dataset", "dataset_dict", "iterable_dataset_dict", "dict_of_dataset", "dict_of_iterable_dataset"
-]  # fmt: skip
+EVAL_SHAPES = ["dataset", "iterable_dataset", "dataset_dict", "iterable_dataset_dict"]
+EVAL_SHAPES += ["dict_of_dataset", "dict_of_iterable_dataset"]
 
 
 @pytest.mark.parametrize("shape", EVAL_SHAPES)
 def test_evaluate_with_eval_dataset(kind, tmp_path, model_dir, tokenizer, standard_dataset, shape):
-    """`evaluate()` accepts an unprepared dataset of every shape (TRL: test_evaluate_with_eval_dataset, no precompute)."""
+    """`evaluate()` takes an unprepared dataset of any shape (TRL: test_evaluate_with_eval_dataset, no precompute)."""
     trainer = make_trainer(kind, tmp_path, model_dir, standard_dataset, tokenizer)
     metrics = trainer.evaluate(eval_dataset=eval_dataset_of(shape, standard_dataset.select(range(4))))
     keys = ["eval_loss"] if shape in ("dataset", "iterable_dataset") else ["eval_data1_loss", "eval_data2_loss"]
@@ -292,7 +317,7 @@ def test_evaluate_with_eval_dataset(kind, tmp_path, model_dir, tokenizer, standa
 
 @pytest.mark.parametrize("shape", [*EVAL_SHAPES, "none"])
 def test_init_with_eval_dataset(kind, tmp_path, model_dir, tokenizer, standard_dataset, shape):
-    """An eval dataset of every shape is tokenised at init, each split on its own (TRL: test_init_with_eval_dataset)."""
+    """An eval dataset of any shape is tokenised at init, each split on its own (TRL: test_init_with_eval_dataset)."""
     eval_dataset = None if shape == "none" else eval_dataset_of(shape, standard_dataset.select(range(4)))
     trainer = make_trainer(kind, tmp_path, model_dir, standard_dataset, tokenizer, eval_dataset=eval_dataset)
     if shape == "none":
@@ -340,7 +365,7 @@ def test_train_with_compute_metrics(kind, tmp_path, model_dir, tokenizer, standa
     assert any(entry.get("eval_my_metric") == 0.123 for entry in trainer.state.log_history)
 
 
-# ---------------------------------------------------------------------------------------------------- over-long prompts
+# ----------------------------------------------------------------------------------------------- over-long prompts
 
 OVERLONG = Dataset.from_dict(
     {

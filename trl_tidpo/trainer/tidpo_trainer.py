@@ -203,8 +203,8 @@ class TIDPOTrainer(DPOTrainer):
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         if num_rows is not None and len(dataset) == 0:
             raise ValueError(
-                f"Every pair of the {dataset_name} dataset ({num_rows}) has a prompt of `max_length={args.max_length}` "
-                "tokens or more, so `truncation_mode='keep_start'` leaves their completions empty and TRL drops them "
+                f"Every pair of the {dataset_name} dataset ({num_rows}) has a prompt of "
+                f"`max_length={args.max_length}` tokens or more, so `truncation_mode='keep_start'` leaves their completions empty and TRL drops them "
                 "all. Raise `max_length`, shorten those prompts, or set `truncation_mode='keep_end'` (deprecated)."
             )
         if num_rows is not None and len(dataset) < num_rows:
