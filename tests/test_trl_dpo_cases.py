@@ -532,3 +532,17 @@ def test_default_collators_agree(tmp_path, model_dir, tokenizer, standard_datase
     assert set(result) == set(expected)
     for key in expected:
         assert torch.equal(result[key], expected[key]), key
+
+
+def test_fully_truncated_pairs_dropped_from_a_stream_with_a_warning(tmp_path, model_dir, tokenizer, caplog):
+    """A streamed dataset cannot be counted ahead: the same pairs as TRL are dropped, with a warning at the first."""
+    prepared = {}
+    for kind in TRAINERS:
+        with caplog.at_level(logging.WARNING, logger="trl_tidpo.trainer.tidpo_trainer"):
+            trainer = make_trainer(
+                kind, tmp_path, model_dir, OVERLONG.to_iterable_dataset(), tokenizer, {"max_length": 6}
+            )
+            prepared[kind] = [row["prompt_ids"] for row in trainer.train_dataset]  # the filter runs as rows stream
+    assert len(prepared["TIDPOTrainer"]) == 3 and prepared["TIDPOTrainer"] == prepared["DPOTrainer"]
+    messages = [r.getMessage() for r in caplog.records if "streamed train dataset" in r.getMessage()]
+    assert len(messages) == 1 and "max_length=6" in messages[0] and "raise `max_length`" in messages[0]

@@ -1,4 +1,5 @@
 import contextlib
+import copy
 import gc
 import os
 import shutil
@@ -57,6 +58,28 @@ from .tidpo_config import TIDPOConfig
 logger = get_logger(__name__)
 
 _ANCHOR_KEYS = ("anchor_input_ids", "anchor_attention_mask", "anchor_completion_mask")
+
+
+def _drop_overlong_prompts_with_a_warning(max_length: int, dataset_name: str):
+    """TRL's filter of a streamed dataset's pairs whose prompt fills `max_length`, warning at the first one dropped."""
+    warned = False
+
+    def keep(example: dict) -> bool:
+        nonlocal warned
+        if len(example["prompt_ids"]) < max_length:
+            return True
+        if not warned:
+            logger.warning(
+                f"Dropping the pairs of the streamed {dataset_name} dataset whose prompt has "
+                f"`max_length={max_length}` tokens or more (a stream cannot be counted ahead; this is the first): "
+                "`truncation_mode='keep_start'` would leave their completions empty (TRL's DPOTrainer drops them "
+                "too). To keep them, raise `max_length` or shorten those prompts.",
+                main_process_only=True,
+            )
+            warned = True
+        return False
+
+    return keep
 
 
 class TIDPOTrainer(DPOTrainer):
@@ -198,14 +221,23 @@ class TIDPOTrainer(DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         implicit_prompt = "prompt" not in next(iter(dataset))
         num_rows = len(dataset) if isinstance(dataset, Dataset) else None
+        drops_overlong = args.max_length is not None and args.truncation_mode == "keep_start"
         # TRL 1.16 always re-tokenises from the text columns, which an already tokenised dataset may not have
         if not set(TOKENIZED_COLUMNS) <= set(next(iter(dataset))):
-            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            if isinstance(dataset, IterableDataset) and drops_overlong:
+                # TRL filters a stream's over-long prompts without a word: tokenise without its filter, filter here
+                unfiltered = copy.copy(args)
+                unfiltered.max_length = None  # TRL's preparation reads `max_length` only for that filter
+                dataset = super()._prepare_dataset(dataset, processing_class, unfiltered, dataset_name)
+                dataset = dataset.filter(_drop_overlong_prompts_with_a_warning(args.max_length, dataset_name))
+            else:
+                dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         if num_rows is not None and len(dataset) == 0:
             raise ValueError(
                 f"Every pair of the {dataset_name} dataset ({num_rows}) has a prompt of "
-                f"`max_length={args.max_length}` tokens or more, so `truncation_mode='keep_start'` leaves their completions empty and TRL drops them "
-                "all. Raise `max_length`, shorten those prompts, or set `truncation_mode='keep_end'` (deprecated)."
+                f"`max_length={args.max_length}` tokens or more, so `truncation_mode='keep_start'` leaves their "
+                "completions empty and TRL drops them all. Raise `max_length`, shorten those prompts, or set "
+                "`truncation_mode='keep_end'` (deprecated)."
             )
         if num_rows is not None and len(dataset) < num_rows:
             # TRL drops them (a truncated pair would train on nothing) without a word: say how many
