@@ -1,5 +1,6 @@
 """Tests of `trl_tidpo.trainer.dataset_checks`: what `TIDPOTrainer` refuses in a dataset before it trains."""
 
+import logging
 import pytest
 from datasets import Dataset
 from helpers_trainer import CPU_ARGS
@@ -27,13 +28,26 @@ def test_overlong_prompt_rows_by_hand():
     assert overlong_prompt_rows(dataset, None, "keep_start") == []
 
 
-def test_pretokenized_dataset_with_overlong_prompts_raises(tmp_path, model_dir, tokenizer):
-    """A pre-tokenised dataset skips TRL's tokenisation (and its drop of these rows): the same check applies."""
-    with pytest.raises(ValueError, match=r"2 of the 4 pairs of the train dataset have a prompt of `max_length=5`"):
-        TIDPOTrainer(
+def test_pretokenized_dataset_drops_overlong_prompts_with_a_warning(tmp_path, model_dir, tokenizer, caplog):
+    """A pre-tokenised dataset skips TRL's tokenisation (and its drop of these rows): they are dropped here, as TRL
+    drops them, and the count is warned about."""
+    with caplog.at_level(logging.WARNING):
+        trainer = TIDPOTrainer(
             model=model_dir,
             args=TIDPOConfig(output_dir=str(tmp_path), **CPU_ARGS, triplet_gamma=0.0, max_length=5),
             train_dataset=tokenized_dataset([4, 5, 1, 9]),
+            processing_class=tokenizer,
+        )
+    assert [len(ids) for ids in trainer.train_dataset["prompt_ids"]] == [4, 1]
+    assert any("Dropped 2 of the 4 pairs of the train dataset" in r.getMessage() for r in caplog.records)
+
+
+def test_pretokenized_dataset_whose_every_prompt_is_overlong_raises(tmp_path, model_dir, tokenizer):
+    with pytest.raises(ValueError, match=r"Every pair of the train dataset \(2\) has a prompt of `max_length=5`"):
+        TIDPOTrainer(
+            model=model_dir,
+            args=TIDPOConfig(output_dir=str(tmp_path), **CPU_ARGS, triplet_gamma=0.0, max_length=5),
+            train_dataset=tokenized_dataset([5, 9]),
             processing_class=tokenizer,
         )
 

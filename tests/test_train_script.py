@@ -350,9 +350,9 @@ BAD_INPUT = {
         r"missing column\(s\) \['anchor'\].*anchor_source='policy'",
     ),
     "empty-dataset": (_empty_file, [], None, ValueError, r"empty\.jsonl` is an empty file: .* at least one"),
-    "completion-empty-after-truncation": (
-        None, ["--max_length", "4"], None, ValueError,
-        r"max_length=4.* tokens or more.*completions empty.*truncation_mode='keep_end'",
+    "every-completion-empty-after-truncation": (
+        None, ["--max_length", "1"], None, ValueError,
+        r"Every pair of the train dataset \(8\) has a prompt of `max_length=1` tokens or more.*completions empty",
     ),
     "4bit-without-bitsandbytes": (
         None, ["--load_in_4bit", "--use_peft"], _no_bitsandbytes, ImportError,

@@ -1,5 +1,6 @@
 """Checks of the datasets handed to `TIDPOTrainer`, run at construction before anything loads or tokenises."""
 
+from accelerate.logging import get_logger
 from datasets import Dataset
 
 from ..modeling.weight_columns import WEIGHT_COLUMNS
@@ -7,6 +8,8 @@ from .tidpo_config import TIDPOConfig
 
 
 TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+logger = get_logger(__name__)
 
 
 def named_datasets(train_dataset, eval_dataset) -> dict:
@@ -63,11 +66,57 @@ def overlong_prompt_rows(dataset, max_length: int | None, truncation_mode: str) 
     return [index for index, ids in enumerate(dataset["prompt_ids"]) if len(ids) >= max_length]
 
 
-def raise_for_overlong_prompts(count: int, num_rows: int, dataset_name: str, max_length: int | None) -> None:
-    """Refuse a dataset with `count` pairs whose prompt fills `max_length` (see `overlong_prompt_rows`)."""
-    if count:
+def report_dropped_overlong_prompts(count: int, num_rows: int | None, dataset_name: str, max_length: int | None) -> None:
+    """
+    Say that `count` pairs whose prompt fills `max_length` were dropped (TRL's `DPOTrainer` drops them without a
+    word): a warning, or an error when no pair is left to train on.
+    """
+    if not count:
+        return
+    if count == num_rows:
         raise ValueError(
-            f"{count} of the {num_rows} pairs of the {dataset_name} dataset have a prompt of `max_length={max_length}` "
-            "tokens or more, so `truncation_mode='keep_start'` leaves their completions empty. Raise `max_length`, "
-            "shorten or filter those prompts, or set `truncation_mode='keep_end'`."
+            f"Every pair of the {dataset_name} dataset ({num_rows}) has a prompt of `max_length={max_length}` tokens "
+            "or more, so `truncation_mode='keep_start'` leaves their completions empty and TRL drops them all. Raise "
+            "`max_length`, shorten those prompts, or set `truncation_mode='keep_end'` (deprecated)."
         )
+    logger.warning(
+        f"Dropped {count} of the {num_rows} pairs of the {dataset_name} dataset: their prompt has "
+        f"`max_length={max_length}` tokens or more, so `truncation_mode='keep_start'` would leave their completions "
+        "empty (TRL's DPOTrainer drops them too). To keep them, raise `max_length` or shorten those prompts.",
+        main_process_only=True,
+    )
+
+
+def drop_overlong_prompt_rows(dataset, max_length: int | None, truncation_mode: str, dataset_name: str):
+    """A pre-tokenised map-style `dataset` without its over-long-prompt rows (as TRL drops them when it tokenises),
+    reported by `report_dropped_overlong_prompts`."""
+    overlong = overlong_prompt_rows(dataset, max_length, truncation_mode)
+    num_rows = len(dataset) if isinstance(dataset, Dataset) else None
+    report_dropped_overlong_prompts(len(overlong), num_rows, dataset_name, max_length)
+    if not overlong:
+        return dataset
+    dropped = set(overlong)
+    return dataset.select([index for index in range(len(dataset)) if index not in dropped])
+
+
+def overlong_prompt_filter(max_length: int, dataset_name: str):
+    """TRL's filter of a streamed dataset's pairs whose prompt fills `max_length`, warning at the first one dropped
+    (a stream cannot be counted ahead)."""
+    warned = False
+
+    def keep(example: dict) -> bool:
+        nonlocal warned
+        if len(example["prompt_ids"]) < max_length:
+            return True
+        if not warned:
+            logger.warning(
+                f"Dropping the pairs of the streamed {dataset_name} dataset whose prompt has `max_length={max_length}` "
+                "tokens or more (a stream cannot be counted ahead; this is the first): `truncation_mode='keep_start'` "
+                "would leave their completions empty (TRL's DPOTrainer drops them too). To keep them, raise "
+                "`max_length` or shorten those prompts.",
+                main_process_only=True,
+            )
+            warned = True
+        return False
+
+    return keep

@@ -1,4 +1,5 @@
 import contextlib
+import copy
 import gc
 import os
 import shutil
@@ -48,7 +49,12 @@ from ..ops.weighted_losses import (
     weighted_sequence_logps,
     wpo_pair_weights,
 )
-from .dataset_checks import check_dataset_columns, overlong_prompt_rows, raise_for_overlong_prompts
+from .dataset_checks import (
+    check_dataset_columns,
+    drop_overlong_prompt_rows,
+    overlong_prompt_filter,
+    report_dropped_overlong_prompts,
+)
 from .loss_parts import LossParts, TripletTerms
 from .metrics import Gather, dpo_metrics, token_weight_metrics, triplet_and_kl_metrics
 from .tidpo_config import TIDPOConfig
@@ -131,7 +137,8 @@ class TIDPOTrainer(DPOTrainer):
                 f"`args` must be a `TIDPOConfig`, got `{type(args).__name__}`. Replace `DPOConfig(...)` with "
                 "`TIDPOConfig(...)`: it takes every DPOConfig argument."
             )
-        check_dataset_columns(args, train_dataset, eval_dataset)
+        if isinstance(train_dataset, (Dataset, IterableDataset)):  # None or another type: TRL's own error below
+            check_dataset_columns(args, train_dataset, eval_dataset)
         tis_positive = tis_positive_model if tis_positive_model is not None else args.tis_positive_model
         tis_negative = tis_negative_model if tis_negative_model is not None else args.tis_negative_model
         check_tis_sources(args.token_weighting, tis_positive, tis_negative, args.tis_system_prompts)
@@ -211,14 +218,21 @@ class TIDPOTrainer(DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         implicit_prompt = "prompt" not in next(iter(dataset))
         num_rows = len(dataset) if isinstance(dataset, Dataset) else None
+        drops_overlong = args.max_length is not None and args.truncation_mode == "keep_start"
         # TRL 1.16 always re-tokenises from the text columns, which an already tokenised dataset may not have
         if set(TOKENIZED_COLUMNS) <= set(next(iter(dataset))):
-            overlong = len(overlong_prompt_rows(dataset, args.max_length, args.truncation_mode))
+            dataset = drop_overlong_prompt_rows(dataset, args.max_length, args.truncation_mode, dataset_name)
+        elif isinstance(dataset, IterableDataset) and drops_overlong:
+            # TRL filters a stream's over-long prompts without a word: tokenise without its filter, filter here
+            unfiltered = copy.copy(args)
+            unfiltered.max_length = None  # TRL's preparation reads `max_length` only for that filter
+            dataset = super()._prepare_dataset(dataset, processing_class, unfiltered, dataset_name)
         else:
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-            overlong = num_rows - len(dataset) if num_rows is not None else 0  # the rows TRL dropped
-        # TRL drops them silently; they would train on nothing, so say it before anything is written
-        raise_for_overlong_prompts(overlong, num_rows, dataset_name, args.max_length)
+            dropped = num_rows - len(dataset) if num_rows is not None else 0  # the pairs TRL dropped
+            report_dropped_overlong_prompts(dropped, num_rows, dataset_name, args.max_length)
+        if isinstance(dataset, IterableDataset) and drops_overlong:
+            dataset = dataset.filter(overlong_prompt_filter(args.max_length, dataset_name))
         needs_anchor_ids = args.triplet_gamma > 0 and args.anchor_source == "dataset"
         if needs_anchor_ids and "anchor_ids" not in next(iter(dataset)):
             map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
