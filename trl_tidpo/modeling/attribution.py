@@ -9,19 +9,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from accelerate.utils import is_peft_model
+from accelerate.utils import extract_model_from_parallel, is_peft_model
 from torch import nn
 
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from ..ops.importance import importance_from_gradients
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:
-    """The `*ForCausalLM` module inside a DDP/FSDP/PEFT wrapping (the module whose head and backbone we hook)."""
-    while hasattr(model, "module") and not hasattr(model, "get_input_embeddings"):
-        model = model.module  # DDP / DeepSpeed engine
+    """
+    The `*ForCausalLM` module inside a DDP/DeepSpeed/FSDP/compile/PEFT wrapping (the module whose head and backbone we
+    hook, and whose `.config` is the model config).
+
+    A `DeepSpeedEngine` forwards unknown attributes to its module, so it *has* `get_input_embeddings`, but its own
+    `.config` is the DeepSpeed config dict: unwrap by type (accelerate's list of containers), never by attribute.
+    """
+    model = extract_model_from_parallel(model, keep_torch_compile=False)
     if is_peft_model(model):
         model = model.get_base_model()
     return model
@@ -116,17 +120,18 @@ def project_to_logits(hidden: torch.Tensor, lm_head: nn.Module, config) -> torch
     Returns:
         `torch.Tensor`: `[N, vocab]` float32.
     """
-    weight, bias = lm_head.weight, lm_head.bias
-    # ZeRO-3 keeps the head partitioned outside its own forward: gather it for this direct read. The product is taken
-    # in the head's dtype (as the model does) and upcast after, so a bf16 head is never copied to float32 whole.
-    with maybe_gather_lm_head_ctx(weight, bias):
+    if is_deepspeed_zero3_enabled():
+        # ZeRO-3 keeps the head partitioned outside its own forward: call the module, whose ZeRO-3 hooks gather the
+        # weight for the product and again before its backward, so that gradients (the sequential KL's) reach it
+        logits = lm_head(hidden.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)).float()
+    else:
+        weight, bias = lm_head.weight, lm_head.bias
         if hasattr(weight, "full_tensor"):  # FSDP2 DTensor
             weight = weight.full_tensor()
             bias = bias.full_tensor() if bias is not None else None
-        if is_deepspeed_zero3_enabled():  # autograd must not keep a parameter that is re-partitioned on exit
-            weight = weight.detach().clone()
-            bias = bias.detach().clone() if bias is not None else None
-        # to the head's device too: under a multi-GPU `device_map` the backbone's last layer may sit elsewhere
+        # The product is taken in the head's dtype (as the model does) and upcast after, so a bf16 head is never
+        # copied to float32 whole; on the head's device too: under a multi-GPU `device_map` the backbone's last layer
+        # may sit elsewhere
         logits = (hidden.to(device=weight.device, dtype=weight.dtype) @ weight.t()).float()
         if bias is not None:
             logits = logits + bias.float()

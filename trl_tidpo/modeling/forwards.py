@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ContextManager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attribution import attribute_captured, attribute_in_own_forward, capture_activations, causal_lm_of
@@ -139,6 +140,7 @@ def policy_pair_forward(
     keep_hidden: bool,
     router_logits: bool,
     own_forward_context: Callable[[], ContextManager],
+    attributed_rows: int | None = None,
 ) -> PairForward:
     """
     The policy's forward over the pair rows, with its raw token importance.
@@ -149,11 +151,14 @@ def policy_pair_forward(
             inside `own_forward_context()` (reentrant checkpointing cannot serve `autograd.grad`); None: no importance.
         keep_hidden (`bool`): keep the last hidden state (sequential KL).
         router_logits (`bool`): ask an MoE model for its auxiliary loss.
+        attributed_rows (`int`, *optional*): attribute only the first rows (the pairs of a batch stacked with its
+            anchors, see `stack_anchor_rows`); all rows by default.
 
     Under `no_grad` (evaluation), grad is enabled for the attribution only and every output is detached.
     """
     grad_was_enabled = torch.is_grad_enabled()
     fused = attribution == "fused"
+    rows = batch.input_ids.size(0) if attributed_rows is None else attributed_rows
     model_kwargs = scoring_kwargs(batch.input_ids, batch.attention_mask, batch.completion_mask)
     if router_logits:
         model_kwargs["output_router_logits"] = True
@@ -165,10 +170,10 @@ def policy_pair_forward(
         outputs = model(**model_kwargs)
         if fused:
             raw_importance = attribute_captured(
-                captured, batch.attention_mask, causal_lm_of(model), retain_graph=grad_was_enabled
+                captured, batch.attention_mask[:rows], causal_lm_of(model), retain_graph=grad_was_enabled
             )
     if attribution == "own_forward":
-        raw_importance = attribute_rows(model, batch.input_ids, batch.attention_mask, own_forward_context)
+        raw_importance = attribute_rows(model, batch.input_ids[:rows], batch.attention_mask[:rows], own_forward_context)
     forward = PairForward(
         per_token_logps=outputs.log_probs,
         completion_mask=batch.completion_mask[:, 1:],
@@ -227,3 +232,53 @@ def anchor_forward(
         per_token_logps=outputs.log_probs[:, -seq_len:],  # real tokens only (prompt-learning PEFT)
         completion_mask=anchors.completion_mask[:, 1:],
     )
+
+
+def stack_anchor_rows(batch: PairBatch, anchors: AnchorBatch, pad_token_id: int) -> PairBatch:
+    """
+    The pair rows then the anchor rows as one `[3B, T']` batch, right-padded to the wider of the two widths, for one
+    forward. Needed under reentrant checkpointing, where each checkpointed forward accumulates its parameter gradients
+    in a backward of its own: a second policy forward (the anchors') would make DDP and ZeRO-3 reduce the same
+    parameters twice in one step (ZeRO-3 asserts). Split the result with `split_anchor_rows`.
+    """
+    width = max(batch.input_ids.size(1), anchors.input_ids.size(1))
+
+    def stacked(pair_rows: torch.Tensor, anchor_rows: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.cat([F.pad(t, (0, width - t.size(1)), value=value) for t in (pair_rows, anchor_rows)])
+
+    return PairBatch(
+        input_ids=stacked(batch.input_ids, anchors.input_ids, pad_token_id),
+        attention_mask=stacked(batch.attention_mask, anchors.attention_mask, 0),
+        completion_mask=stacked(batch.completion_mask, anchors.completion_mask, 0),
+    )
+
+
+def split_anchor_rows(
+    stacked: PairForward, batch: PairBatch, anchors: AnchorBatch
+) -> tuple[PairForward, AnchorForward]:
+    """The `PairForward` of `batch` and the `AnchorForward` of `anchors` from a forward over `stack_anchor_rows`."""
+    rows, width = batch.input_ids.shape
+    anchor_width = anchors.input_ids.size(1)
+
+    def pair_part(value, unshifted: bool = False):
+        if value is None or value.dim() == 0:
+            return value
+        return value[:rows, : width if unshifted else width - 1]
+
+    pair = PairForward(
+        per_token_logps=pair_part(stacked.per_token_logps),
+        completion_mask=batch.completion_mask[:, 1:],
+        attention_mask=batch.attention_mask,
+        raw_importance=pair_part(stacked.raw_importance, unshifted=True),
+        last_hidden=pair_part(stacked.last_hidden, unshifted=True),
+        entropy=pair_part(stacked.entropy),
+        mean_logits=pair_part(stacked.mean_logits),
+        is_top1=pair_part(stacked.is_top1),
+        aux_loss=stacked.aux_loss,
+        log_sum_sq_probs=pair_part(stacked.log_sum_sq_probs),
+    )
+    anchor = AnchorForward(
+        per_token_logps=stacked.per_token_logps[rows:, : anchor_width - 1],
+        completion_mask=anchors.completion_mask[:, 1:],
+    )
+    return pair, anchor

@@ -4,6 +4,7 @@ shared by every precompute, the helper that applies a precompute to the train se
 reference model's TI-DPO weights (`importance_model="reference"`).
 """
 
+import hashlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +15,9 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from datasets import Dataset, IterableDataset, concatenate_datasets
 from datasets.fingerprint import Hasher, get_temporary_cache_files_directory, is_caching_enabled
+from torch import nn
 from torch.utils.data import DataLoader
+from trl.trainer.utils import hash_module
 
 from ..ops.importance import HybridWeights
 from .collator import DataCollatorForTIDPO
@@ -71,6 +74,26 @@ def cached_weight_columns(
                 new_fingerprint=fingerprint[0], cache_file_name=cache_file, desc=f"Caching token weights of {name}"
             )
     return concatenate_datasets([dataset, weights], axis=1)
+
+
+def hash_model(module: nn.Module) -> str:
+    """
+    TRL's `hash_module` of the full parameters, a cache key of the model. Under ZeRO-3 a rank holds a partition of each
+    parameter (an empty tensor in `state_dict`), which would give every model of one architecture the same hash and so
+    reuse another model's cached weights: each parameter is gathered in turn (collective, same order on every rank).
+    """
+    if not any(hasattr(param, "ds_id") for param in module.parameters()):
+        return hash_module(module)
+    import deepspeed
+
+    digest = hashlib.sha256()
+    tensors = sorted([*module.named_parameters(), *module.named_buffers()], key=lambda item: item[0])
+    for _, tensor in tensors:
+        with deepspeed.zero.GatheredParameters([tensor] if hasattr(tensor, "ds_id") else []):
+            value = tensor.detach().cpu()
+            digest.update(str(value.dtype).encode())
+            digest.update(value.float().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def require_map_style(dataset, name: str, what: str, instead: str) -> None:

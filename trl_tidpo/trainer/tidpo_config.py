@@ -226,12 +226,6 @@ class TIDPOConfig(DPOConfig):
         self._validate_tidpo_fields()
         self._refuse_unsupported_dpo_options()
         super().__post_init__()
-        plugin = getattr(self, "deepspeed_plugin", None)
-        if self.tdpo_alpha > 0 and plugin is not None and plugin.zero_stage == 3:
-            raise ValueError(
-                "`tdpo_alpha > 0` is not supported with DeepSpeed ZeRO-3: the sequential KL reads the partitioned LM head "
-                "outside its forward, so its gradient could not reach the head. Use ZeRO-2 or FSDP2, or `tdpo_alpha=0`."
-            )
 
     def _validate_tidpo_fields(self):
         for name, spec in self.__dataclass_fields__.items():

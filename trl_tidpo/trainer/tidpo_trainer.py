@@ -12,9 +12,9 @@ from accelerate.utils import is_peft_model
 from accelerate.utils.memory import clear_device_cache
 from datasets import Dataset, IterableDataset
 from trl import DPOTrainer
-from trl.models import unwrap_model_for_generation
+from trl.models import prepare_deepspeed, unwrap_model_for_generation
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import hash_module, use_adapter
+from trl.trainer.utils import use_adapter
 
 from ..modeling.anchors import anchor_eos_token_ids, sample_policy_anchors, tokenize_anchor
 from ..modeling.attribution import causal_lm_of, project_to_logits, uses_reentrant_checkpointing
@@ -28,11 +28,14 @@ from ..modeling.forwards import (
     attribute_rows,
     policy_pair_forward,
     reference_pair_forward,
+    split_anchor_rows,
+    stack_anchor_rows,
 )
 from ..modeling.tis_dpo import check_tis_sources, columns_fingerprint, load_contrastive_model, tis_dpo_weight_lists
 from ..modeling.weight_cache import (
     TOKENIZED_COLUMNS,
     cached_weight_columns,
+    hash_model,
     map_train_and_eval,
     reference_weight_lists,
     require_map_style,
@@ -167,15 +170,23 @@ class TIDPOTrainer(DPOTrainer):
         )
         if self._is_vision_dataset:
             raise ValueError("TIDPOTrainer supports text-only preference data; this dataset has images.")
+        # TRL 1.16 settles the checkpointing kwargs (`use_reentrant=True` for PEFT + ZeRO-3, else False) on a new
+        # `gradient_checkpointing_kwargs` dict when none was given, but transformers 5 enables checkpointing from
+        # `activation_checkpointing_kwargs` (its new name, still None): the first step would run with transformers'
+        # default and every step after a `disable_gradient_checkpointing` block with TRL's. Under PEFT + ZeRO-3 that
+        # first non-reentrant step fails in ZeRO-3's gradient reduction. Both names point at TRL's settings here.
+        args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs
         if data_collator is None:
             self.data_collator = self._collator(return_prompts=self._uses_policy_anchors)
         self._gather = Gather(self.accelerator)
         self._fallback_rows_seen = 0
         self._warned_separate_attribution_pass = False
+        self._precompute_engines = []  # DeepSpeed inference engines built for the passes below
         if self._precomputes_reference_weights:
             self._add_reference_weight_columns()
         if args.token_weighting == "tis_dpo":
             self._add_tis_dpo_weight_columns(tis_positive, tis_negative)
+        self._release_precompute_engines()
 
     # ------------------------------------------------------------------ what this configuration runs
 
@@ -259,10 +270,11 @@ class TIDPOTrainer(DPOTrainer):
         by the data, the reference model's hash and the weight settings)."""
         reference = self._reference_model()
         settings = (*self.args.weight_options().values(), self.args.max_length, self.args.truncation_mode)
-        key = (hash_module(reference), settings, "tidpo-reference-weights")
+        key = (hash_model(reference), settings, "tidpo-reference-weights")
 
         def attribute(input_ids, attention_mask):
-            return attribute_rows(reference, input_ids, attention_mask, self._reference_attribution_context)
+            model = self._precompute_model(reference)
+            return attribute_rows(model, input_ids, attention_mask, self._reference_attribution_context)
 
         def add_columns(dataset: Dataset, name: str) -> Dataset:
             require_map_style(
@@ -312,7 +324,10 @@ class TIDPOTrainer(DPOTrainer):
             else load_contrastive_model(negative, init_kwargs, self.model.dtype, self.accelerator.device)
         )
         context = self._reference_context if uses_reference else contextlib.nullcontext
-        model_hash = (hash_module(positive), hash_module(negative) if negative is not positive else None)
+        model_hash = (hash_model(positive), hash_model(negative) if negative is not positive else None)
+        same_model = negative is positive
+        positive = self._precompute_model(positive)
+        negative = positive if same_model else self._precompute_model(negative)
         models = {"positive": positive, "negative": negative}  # emptied below, which frees the models
         del positive, negative
         columns = list(TOKENIZED_COLUMNS)
@@ -356,6 +371,37 @@ class TIDPOTrainer(DPOTrainer):
         gc.collect()
         clear_device_cache()
 
+    # ------------------------------------------------------------------ DeepSpeed before training
+
+    def _precompute_model(self, model):
+        """
+        `model` ready for a pass before training (cached reference weights, TIS-DPO weights). Under DeepSpeed the
+        policy is neither on its device (ZeRO-1/2) nor gathered (ZeRO-3) until `train` wraps it, and so is a TIS-DPO
+        model loaded here: they run inside an inference engine, the policy inside the one TRL builds for its own
+        precomputation (`DPOTrainer._precompute_engine`). TRL already wrapped `ref_model`.
+        """
+        if not self.is_deepspeed_enabled or model is self.ref_model:
+            return model
+        if model is self.model:
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+                self._precompute_engines.append(self._precompute_engine)
+            return self._precompute_engine
+        engine = prepare_deepspeed(model, self.accelerator)
+        self._precompute_engines.append(engine)
+        return engine
+
+    def _release_precompute_engines(self) -> None:
+        """
+        Remove the module hooks of the engines `_precompute_model` built. Under ZeRO-3 the policy's engine would
+        otherwise keep gathering and tracing the policy's modules beside the training engine, which breaks ZeRO-3's
+        parameter trace at the second step ("pop from an empty deque").
+        """
+        for engine in self._precompute_engines:
+            engine.destroy()
+        self._precompute_engines = []
+        self._precompute_engine = None
+
     # ------------------------------------------------------------------ forwards
 
     def _reference_model(self):
@@ -384,20 +430,39 @@ class TIDPOTrainer(DPOTrainer):
             yield
 
     def _policy_attribution_mode(self, model) -> str | None:
-        """Where the policy's attribution runs: "fused" into the loss's forward, in its "own_forward" (reentrant
-        checkpointing cannot serve `autograd.grad` w.r.t. activations), or nowhere (None)."""
+        """Where the policy's attribution runs: "fused" into the loss's forward, in its "own_forward" (see
+        `_separate_attribution_reason`), or nowhere (None)."""
         if self._attribution_source() != "policy":
             return None
-        if not uses_reentrant_checkpointing(model):
+        reason = self._separate_attribution_reason(model)
+        if reason is None:
             return "fused"
         if not self._warned_separate_attribution_pass:
-            logger.warning(
+            logger.warning(reason)
+            self._warned_separate_attribution_pass = True
+        return "own_forward"
+
+    def _separate_attribution_reason(self, model) -> str | None:
+        """
+        Why the policy's attribution cannot share the loss's forward, or None when it can:
+
+        - under DeepSpeed ZeRO-3, the attribution's backward runs ZeRO-3's backward hooks, which re-partition the
+          parameters that the loss's own backward (on the same retained graph) then needs;
+        - reentrant checkpointing cannot serve `autograd.grad` w.r.t. activations.
+        """
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            return (
+                "DeepSpeed ZeRO-3 re-partitions the parameters after any backward through the model, so the "
+                "attribution backward cannot share the loss's graph; token importance is computed in a separate "
+                "forward without checkpointing (exact, but one extra forward per step, with its parameter gathers)."
+            )
+        if uses_reentrant_checkpointing(model):
+            return (
                 "Reentrant gradient checkpointing is on (`use_reentrant=True`), which cannot give gradients w.r.t. "
                 "activations; token importance is computed in a separate forward without checkpointing (exact, but "
                 "one extra forward per step). Use `gradient_checkpointing_kwargs={'use_reentrant': False}` to avoid it."
             )
-            self._warned_separate_attribution_pass = True
-        return "own_forward"
+        return None
 
     def concatenated_forward(self, model, inputs: dict[str, torch.Tensor], is_ref_model: bool = False) -> PairForward:
         """
@@ -483,11 +548,33 @@ class TIDPOTrainer(DPOTrainer):
             )
         return AnchorBatch.from_inputs(anchors)
 
-    def _anchor_forwards(self, model, anchors: AnchorBatch) -> tuple[AnchorForward, AnchorForward]:
-        """The anchor rows scored by the policy and by the reference."""
-        policy = anchor_forward(model, anchors)
-        reference = anchor_forward(self._reference_model(), anchors, self._reference_mode)
-        return policy, reference
+    def _forwards(self, model, batch: dict) -> tuple[PairForward, PairForward, AnchorForward | None, AnchorForward | None]:
+        """The policy's and the reference's forwards of the pair rows, and of the anchor rows when the triplet loss is
+        on (a forward of their own: they need no attribution; stacked with the pairs under reentrant checkpointing)."""
+        anchors = self._anchor_batch(model, batch) if self._uses_anchors else None
+        if anchors is not None and uses_reentrant_checkpointing(model):
+            policy, anchor = self._stacked_policy_forward(model, batch, anchors)
+        else:
+            policy = self.concatenated_forward(model, batch)
+            anchor = anchor_forward(model, anchors) if anchors is not None else None
+        reference = self._reference_model()
+        ref = self.concatenated_forward(reference, batch, is_ref_model=True)
+        ref_anchor = anchor_forward(reference, anchors, self._reference_mode) if anchors is not None else None
+        return policy, ref, anchor, ref_anchor
+
+    def _stacked_policy_forward(self, model, batch: dict, anchors: AnchorBatch) -> tuple[PairForward, AnchorForward]:
+        """One policy forward over the pair and anchor rows (see `stack_anchor_rows`), attributing the pairs only."""
+        pairs = PairBatch.from_inputs(batch)
+        stacked = policy_pair_forward(
+            model,
+            stack_anchor_rows(pairs, anchors, self._tokenizer.pad_token_id),
+            attribution=self._policy_attribution_mode(model),
+            keep_hidden=self.args.tdpo_alpha > 0,
+            router_logits=self.aux_loss_enabled,
+            own_forward_context=self._without_checkpointing,
+            attributed_rows=pairs.input_ids.size(0),
+        )
+        return split_anchor_rows(stacked, pairs, anchors)
 
     # ------------------------------------------------------------------ weights, triplet, KL
 
@@ -651,8 +738,7 @@ class TIDPOTrainer(DPOTrainer):
 
     def _loss_parts(self, model, batch: dict) -> tuple[PairForward, LossParts]:
         """Run one step's forwards, weights, KL and triplet terms, and the weighted DPO loss."""
-        policy = self.concatenated_forward(model, batch)
-        ref = self.concatenated_forward(self._reference_model(), batch, is_ref_model=True)
+        policy, ref, anchor, ref_anchor = self._forwards(model, batch)
         importance = ref.raw_importance if self._attribution_source() == "reference" else policy.raw_importance
         weights = self.compute_token_weights(
             importance, policy.completion_mask, policy.attention_mask, batch.get("token_weights")
@@ -673,8 +759,7 @@ class TIDPOTrainer(DPOTrainer):
         if self.args.tdpo_alpha > 0:
             kl_chosen, kl_rejected = self._sequential_kl(model, policy, ref).chunk(2)
         triplet = None
-        if self._uses_anchors:
-            anchor, ref_anchor = self._anchor_forwards(model, self._anchor_batch(model, batch))
+        if anchor is not None:
             triplet = self._triplet_terms(policy, ref, anchor, ref_anchor)
         dpo_losses, chosen_rewards, rejected_rewards = self.dpo_loss(
             chosen_logps,
