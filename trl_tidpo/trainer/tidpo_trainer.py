@@ -11,7 +11,7 @@ from accelerate.utils import is_peft_model
 from accelerate.utils.memory import clear_device_cache
 from datasets import Dataset, IterableDataset
 from trl import DPOTrainer
-from trl.models import unwrap_model_for_generation
+from trl.models import prepare_deepspeed, unwrap_model_for_generation
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import hash_module, use_adapter
 
@@ -389,6 +389,12 @@ class TIDPOTrainer(DPOTrainer):
             )
         args = self.args
         reference = self._reference_model()
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            # as TRL: before `train` the parameters are still on CPU (ZeRO-1/2) or sharded (ZeRO-3); one inference
+            # engine places and gathers them, reused by every precompute pass
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            reference = self._precompute_engine
         with_anchors = self._uses_anchors and args.anchor_source == "dataset"
         columns = [*TOKENIZED_COLUMNS, "anchor_ids"] if with_anchors else TOKENIZED_COLUMNS
         settings = (args.max_length, args.truncation_mode, self.accelerator.mixed_precision, with_anchors)
