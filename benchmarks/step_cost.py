@@ -27,6 +27,10 @@ Method
   including that one-time pass) and once reading them (peak of the training steps).
 - Precompute: wall time of computing the reference token weights (`importance_model="reference"`) for the benchmark
   dataset, also per batch in DPO steps.
+- `--precompute-ref-log-probs`: every mode, DPO included, with `precompute_ref_log_probs=True`. In the `full` setting
+  no `ref_model` is passed then, so, as in TRL, no reference is kept in memory (the policy at construction serves the
+  one-time precompute), except for the modes that still run the reference at every step (policy anchors), which get
+  the explicit reference. `tdpo_kl` refuses the option. Compare its peaks with a run without the flag.
 
 Settings: `full` = full fine-tuning, no gradient checkpointing, explicit reference model; `lora` = LoRA with TRL's
 `ModelConfig` defaults (r 16, alpha 32, dropout 0.05, PEFT's default q_proj/v_proj) and TRL's default gradient
@@ -65,6 +69,7 @@ from trl import DPOConfig, DPOTrainer
 
 from trl_tidpo import TIDPOConfig, TIDPOTrainer
 from trl_tidpo.tools.demo.tiny_models import build_word_tokenizer
+from trl_tidpo.trainer.tidpo_trainer import reference_needed_at_each_step
 
 # name -> (TIDPOConfig overrides, description); "dpo" is TRL's DPOTrainer itself
 MODES = {
@@ -228,6 +233,7 @@ def common_args(setup: Setup, setting: str) -> dict:
         "seed": 0,
         "gradient_checkpointing": setting == "lora",
         "dataloader_num_workers": 0,
+        "precompute_ref_log_probs": setup.args.precompute_ref_log_probs,
     }
 
 
@@ -244,18 +250,21 @@ def build_trainer(setup: Setup, mode: str, setting: str):
         "train_dataset": dataset,
         "processing_class": setup.tokenizer,
     }
+    if overrides is None:
+        config = DPOConfig(**common_args(setup, setting))
+    else:
+        if setup.args.precompute_batch_size:
+            overrides = {**overrides, "precompute_ref_batch_size": setup.args.precompute_batch_size}
+        config = TIDPOConfig(**common_args(setup, setting), **overrides)
     if setting == "lora":
         # TRL's ModelConfig defaults (lora_r=16, lora_alpha=32, lora_dropout=0.05, PEFT's default target modules)
         kwargs["peft_config"] = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM")
-    else:
+    elif not config.precompute_ref_log_probs or (overrides is not None and reference_needed_at_each_step(config)):
         if setup.shared_ref is None:  # frozen: one copy serves every trainer of the process
             setup.shared_ref = build_model(setup.args, setup.tokenizer, setup.device, setup.dtype).eval()
         kwargs["ref_model"] = setup.shared_ref
     if overrides is None:
-        return DPOTrainer(args=DPOConfig(**common_args(setup, setting)), **kwargs)
-    if setup.args.precompute_batch_size:
-        overrides = {**overrides, "precompute_ref_batch_size": setup.args.precompute_batch_size}
-    config = TIDPOConfig(**common_args(setup, setting), **overrides)
+        return DPOTrainer(args=config, **kwargs)
     return TimedTIDPOTrainer(args=config, **kwargs)
 
 
@@ -554,6 +563,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="pairs per batch of the one-time reference precompute (TRL's precompute_ref_batch_size; default: --batch-size)",
     )
+    parser.add_argument(
+        "--precompute-ref-log-probs",
+        action="store_true",
+        help="every mode (DPO too) with precompute_ref_log_probs=True; full setting: no reference kept where none is needed",
+    )
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -562,6 +576,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, value)
     if args.seq_len - args.prompt_len < 2:
         parser.error("--seq-len must exceed --prompt-len by at least 2")
+    if args.precompute_ref_log_probs and "tdpo_kl" in args.modes:
+        parser.error("--precompute-ref-log-probs: tdpo_kl refuses precompute_ref_log_probs (its KL runs the reference)")
     return args
 
 

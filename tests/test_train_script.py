@@ -363,9 +363,9 @@ BAD_INPUT = {
         r"`--load_in_4bit`: None of the available devices.*drop `--load_in_4bit`",
     ),
     "8bit-without-lora": (None, ["--load_in_8bit"], None, ValueError, r"`--load_in_8bit`.*add `--use_peft`"),
-    "precompute-ref-log-probs": (
-        None, ["--precompute_ref_log_probs", "True"], None, ValueError,
-        r"precompute_ref_log_probs=True` is not supported.*per token",
+    "precompute-ref-log-probs-with-kl": (
+        None, ["--precompute_ref_log_probs", "True", "--tdpo_alpha", "0.5"], None, ValueError,
+        r"precompute_ref_log_probs=True` with `tdpo_alpha > 0`.*tdpo_alpha=0",
     ),
     "missing-train-split": (
         _save_dict_folder, ["--dataset_train_split", "train_prefs"], None, ValueError,

@@ -1,4 +1,5 @@
-"""`DataCollatorForTIDPO`: TRL's preference collator plus prompts (policy anchors), anchor rows and token weights."""
+"""`DataCollatorForTIDPO`: TRL's preference collator plus prompts (policy anchors), anchor rows, token weights and
+precomputed per-token reference log-probs."""
 
 from dataclasses import dataclass
 from typing import Any
@@ -26,15 +27,25 @@ class DataCollatorForTIDPO(DataCollatorForPreference):
     - when examples carry `anchor_ids`: `anchor_input_ids`, `anchor_attention_mask`, `anchor_completion_mask`
       `[B, T_a]`, right-padded and truncated like the chosen and rejected rows;
     - when examples carry `chosen_token_weights` and `rejected_token_weights` (one float per completion token):
-      `token_weights` `[2B, T]` float32, aligned with `input_ids` (0 on prompt and padding), truncated like them.
+      `token_weights` `[2B, T]` float32, aligned with `input_ids` (0 on prompt and padding), truncated like them;
+    - when examples carry `chosen_ref_token_logps` and `rejected_ref_token_logps` (`precompute_ref_log_probs=True`, one
+      float per completion token): `ref_token_logps` `[2B, T]` float32, on the same layout as `token_weights`; with
+      `anchor_ref_token_logps` too, `anchor_ref_token_logps` `[B, T_a]` aligned with `anchor_input_ids`.
     """
 
     return_prompts: bool = False
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         output = super().torch_call(examples)
+        width = output["input_ids"].size(1)
         if "chosen_token_weights" in examples[0]:
-            output["token_weights"] = self._token_weights(examples, output["input_ids"].size(1))
+            output["token_weights"] = self._completion_values(
+                examples, ("chosen_token_weights", "rejected_token_weights"), width
+            )
+        if "chosen_ref_token_logps" in examples[0]:
+            output["ref_token_logps"] = self._completion_values(
+                examples, ("chosen_ref_token_logps", "rejected_ref_token_logps"), width
+            )
         if self.return_prompts:
             prompts = [torch.tensor(example["prompt_ids"], dtype=torch.long) for example in examples]
             output["prompt_input_ids"] = pad(prompts, padding_value=self.pad_token_id, padding_side="left")
@@ -53,13 +64,19 @@ class DataCollatorForTIDPO(DataCollatorForPreference):
                 [torch.ones_like(i) for i in ids], padding_value=0, padding_side="right"
             )
             output["anchor_completion_mask"] = pad(completion, padding_value=0, padding_side="right")
+            if "anchor_ref_token_logps" in examples[0]:
+                output["anchor_ref_token_logps"] = self._completion_values(
+                    examples, ("anchor_ref_token_logps",), output["anchor_input_ids"].size(1)
+                )
         return output
 
-    def _token_weights(self, examples: list[dict[str, Any]], width: int) -> torch.Tensor:
+    def _completion_values(self, examples: list[dict[str, Any]], columns: tuple[str, ...], width: int) -> torch.Tensor:
+        """`[len(columns) * B, width]` float32: each column's per-completion-token values placed after the prompt (0
+        elsewhere), truncated like the rows and right-padded; the rows of `columns[0]` first."""
         rows = []
-        for side in ("chosen", "rejected"):
+        for column in columns:
             for example in examples:
-                row = [0.0] * len(example["prompt_ids"]) + list(example[f"{side}_token_weights"])
+                row = [0.0] * len(example["prompt_ids"]) + list(example[column])
                 row = _truncate(row, self.max_length, self.truncation_mode)
                 rows.append(row + [0.0] * (width - len(row)))
         return torch.tensor(rows, dtype=torch.float32)

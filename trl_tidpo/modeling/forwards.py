@@ -282,3 +282,22 @@ def split_anchor_rows(
         completion_mask=anchors.completion_mask[:, 1:],
     )
     return pair, anchor
+
+
+def precomputed_reference_forward(batch: PairBatch, ref_token_logps: torch.Tensor) -> PairForward:
+    """
+    The reference's pair forward read from the batch (`precompute_ref_log_probs=True`): `ref_token_logps` `[2B, T]`
+    are the precomputed per-token log-probs aligned with `input_ids` (0 off the completion), moved to TRL's shifted
+    axis (entry `i` scores token `i+1`). No model runs.
+    """
+    return PairForward(
+        per_token_logps=ref_token_logps[:, 1:],
+        completion_mask=batch.completion_mask[:, 1:],
+        attention_mask=batch.attention_mask,
+    )
+
+
+def precomputed_anchor_forward(anchors: AnchorBatch, anchor_ref_token_logps: torch.Tensor) -> AnchorForward:
+    """The reference's anchor forward read from the batch: `anchor_ref_token_logps` `[B, T_a]`, aligned with the anchor
+    rows, moved to the shifted axis."""
+    return AnchorForward(per_token_logps=anchor_ref_token_logps[:, 1:], completion_mask=anchors.completion_mask[:, 1:])

@@ -31,8 +31,9 @@ OMP_NUM_THREADS=1 ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_pr
 `--dataset_name` is a hub id or a local path: a JSON / JSONL / parquet / CSV file (its rows are the training
 split), a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a folder of data files.
 
-`precompute_ref_log_probs=True` is refused: TRL caches only the sequence sums of the reference log-probs, while
-TI-DPO's token-weighted margin and triplet loss need them per token (and the weights change every step).
+`--precompute_ref_log_probs True` caches the reference's log-probs per completion token (TRL caches sums; TI-DPO's
+weights are known only at the step) and, for full fine-tuning, frees the reference unless policy anchors or per-step
+reference attribution still need it; it is refused with `--tdpo_alpha > 0`.
 """
 
 import gc

@@ -101,6 +101,20 @@ class TIDPOConfig(DPOConfig):
             models' full distributions at completion positions, computed in chunks.
         kl_chunk_size (`int`, *optional*, defaults to `64`):
             Completion positions per chunk of the sequential KL; memory grows as `2 × kl_chunk_size × vocab` floats.
+
+        > Parameters that control the reference model (DPOConfig's, with TI-DPO's meaning)
+
+        precompute_ref_log_probs (`bool`, *optional*, defaults to `False`):
+            As in TRL: run the reference once over the train and eval datasets before training (and over a dataset
+            given to `evaluate`, when it is called), sharded across processes, and read its log-probs from the batch
+            instead of a reference forward per step. They are stored per completion token (the columns
+            `chosen_ref_token_logps`/`rejected_ref_token_logps`, cached like the reference weights), not as TRL's
+            sums, since the token weights are known only at the step; dataset anchors get `anchor_ref_token_logps`.
+            For full fine-tuning without a `ref_model`, the reference is not kept in memory during training, as in
+            TRL, unless something still runs it at every step: policy anchors (`triplet_gamma > 0`,
+            `anchor_source="policy"`) and `importance_model="reference"` with `precompute_token_weights=False` keep
+            it (a warning says so). Refused with `tdpo_alpha > 0`: the sequential KL needs the reference's full
+            distributions at every step. Map-style datasets only (TRL's error for an `IterableDataset`).
     """
 
     token_weighting: str = field(
@@ -212,8 +226,13 @@ class TIDPOConfig(DPOConfig):
     precompute_ref_log_probs: bool = field(
         default=False,
         metadata={
-            "help": "Not supported by TIDPOTrainer (must stay False): TRL caches only sequence sums of the reference "
-            "log-probs, while the token-weighted margin and the triplet loss need them per token."
+            "help": "Compute the reference's log-probs once before training (train and eval datasets; a dataset given "
+            "to `evaluate` when it is called) and read them from the batch instead of running the reference at each "
+            "step. Unlike TRL, which stores sequence sums, they are stored per token (cached dataset columns), since "
+            "the token weights are known only at the step. For full fine-tuning without a `ref_model` the reference "
+            "is then not kept in memory, unless policy anchors or `importance_model='reference'` with "
+            "`precompute_token_weights=False` still run it at every step (a warning says so). Dataset anchors are "
+            "precomputed too. Not with `tdpo_alpha > 0`, whose KL needs the reference's full distributions."
         },
     )
 
@@ -307,9 +326,9 @@ class TIDPOConfig(DPOConfig):
                 f"`tdpo_alpha > 0` (TDPO's sequential KL) is derived for the reverse-KL margin, not "
                 f"`f_divergence_type={self.f_divergence_type!r}`. Set `tdpo_alpha=0` or `f_divergence_type='reverse_kl'`."
             )
-        if self.precompute_ref_log_probs:
+        if self.precompute_ref_log_probs and self.tdpo_alpha > 0:
             raise ValueError(
-                "`precompute_ref_log_probs=True` is not supported by TIDPOTrainer: TRL caches only the sequence sums of "
-                "the reference log-probs, while the token-weighted margin and the triplet loss need them per token. "
-                "Set `precompute_ref_log_probs=False`."
+                "`precompute_ref_log_probs=True` with `tdpo_alpha > 0`: TDPO's sequential KL needs the reference's full "
+                "next-token distributions at every step, so the reference forward would run anyway and nothing would "
+                "be saved. Set `precompute_ref_log_probs=False` or `tdpo_alpha=0`."
             )

@@ -27,16 +27,22 @@ from ..modeling.forwards import (
     anchor_forward,
     attribute_rows,
     policy_pair_forward,
+    precomputed_anchor_forward,
+    precomputed_reference_forward,
     reference_pair_forward,
     split_anchor_rows,
     stack_anchor_rows,
 )
 from ..modeling.tis_dpo import check_tis_sources, columns_fingerprint, load_contrastive_model, tis_dpo_weight_lists
 from ..modeling.weight_cache import (
+    ANCHOR_REF_LOGP_COLUMN,
+    REF_LOGP_COLUMNS,
     TOKENIZED_COLUMNS,
-    cached_weight_columns,
+    cached_columns,
     hash_model,
     map_train_and_eval,
+    precompute_in_shards,
+    reference_logp_lists,
     reference_weight_lists,
     require_map_style,
 )
@@ -66,6 +72,21 @@ from .tidpo_config import TIDPOConfig
 logger = get_logger(__name__)
 
 _ANCHOR_KEYS = ("anchor_input_ids", "anchor_attention_mask", "anchor_completion_mask")
+
+
+def reference_needed_at_each_step(args: TIDPOConfig) -> list[str]:
+    """
+    What runs the reference model at every step even with `precompute_ref_log_probs=True` (which then keeps it in
+    memory): policy anchors (the reference scores each sampled anchor) and `importance_model="reference"` without
+    `precompute_token_weights` (its attribution). Dataset anchors are precomputed with the pairs; `tdpo_alpha > 0`
+    is refused by the config.
+    """
+    needs = []
+    if args.triplet_gamma > 0 and args.anchor_source == "policy":
+        needs.append("policy anchors (`anchor_source='policy'`)")
+    if args.token_weighting == "ti_dpo" and args.importance_model == "reference" and not args.precompute_token_weights:
+        needs.append("`importance_model='reference'` with `precompute_token_weights=False`")
+    return needs
 
 
 class TIDPOTrainer(DPOTrainer):
@@ -154,6 +175,17 @@ class TIDPOTrainer(DPOTrainer):
                 "fixed TIS models (`tis_positive_model` and `tis_negative_model`) or set `sync_ref_model=False`."
             )
 
+        # `precompute_ref_log_probs`: TRL drops the reference of a full fine-tuning, but these parts still run it at
+        # every step, so TRL is asked to build it as without precomputation, and the precompute runs after, on it
+        kept_for = reference_needed_at_each_step(args) if args.precompute_ref_log_probs else []
+        if kept_for:
+            if args.sync_ref_model:  # TRL's own check, which the switch below would skip
+                raise ValueError(
+                    "You cannot use `sync_ref_model=True` together with `precompute_ref_log_probs=True`: the "
+                    "precomputed reference log-probs would go stale as the reference is updated. Set "
+                    "`precompute_ref_log_probs=False` or disable `sync_ref_model`."
+                )
+            args.precompute_ref_log_probs = False
         super().__init__(
             model=model,
             ref_model=ref_model,
@@ -168,6 +200,9 @@ class TIDPOTrainer(DPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
+        if kept_for:
+            args.precompute_ref_log_probs = True
+            self._precompute_with_kept_reference(kept_for)
         if self._is_vision_dataset:
             raise ValueError("TIDPOTrainer supports text-only preference data; this dataset has images.")
         # TRL 1.16 settles the checkpointing kwargs (`use_reentrant=True` for PEFT + ZeRO-3, else False) on a new
@@ -259,7 +294,7 @@ class TIDPOTrainer(DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        for column in ("anchor_ids", *WEIGHT_COLUMNS):
+        for column in ("anchor_ids", *WEIGHT_COLUMNS, *REF_LOGP_COLUMNS, ANCHOR_REF_LOGP_COLUMN):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 
@@ -287,12 +322,13 @@ class TIDPOTrainer(DPOTrainer):
             def compute() -> dict:
                 columns, fallback_rows = reference_weight_lists(
                     dataset,
+                    accelerator=self.accelerator,
                     collator=self._collator(),
                     batch_size=self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size,
-                    device=self.accelerator.device,
                     attribute=attribute,
                     weigh=self.compute_token_weights,
                     truncation_mode=self.args.truncation_mode,
+                    name=name,
                 )
                 if fallback_rows:
                     logger.warning(
@@ -301,7 +337,7 @@ class TIDPOTrainer(DPOTrainer):
                     )
                 return columns
 
-            return cached_weight_columns(self.accelerator, dataset, name, key, compute)
+            return cached_columns(self.accelerator, dataset, name, key, compute)
 
         self.train_dataset, self.eval_dataset = map_train_and_eval(add_columns, self.train_dataset, self.eval_dataset)
 
@@ -348,23 +384,31 @@ class TIDPOTrainer(DPOTrainer):
             )
             key = (columns_fingerprint(dataset, columns), model_hash, settings, "tis-dpo-weights")
 
+            def weigh(rows: Dataset) -> dict:
+                return tis_dpo_weight_lists(
+                    rows,
+                    models["positive"],
+                    models["negative"],
+                    self._tokenizer,
+                    system_prompts=args.tis_system_prompts,
+                    clamp=args.tis_clamp,
+                    transform=args.tis_transform,
+                    max_length=args.max_length,
+                    truncation_mode=args.truncation_mode,
+                    batch_size=len(rows),
+                )
+
             def compute() -> dict:
-                logger.info(f"Computing TIS-DPO token weights of the {name} dataset ({len(dataset)} pairs).")
                 with context():
-                    return tis_dpo_weight_lists(
+                    return precompute_in_shards(
+                        self.accelerator,
                         dataset,
-                        models["positive"],
-                        models["negative"],
-                        self._tokenizer,
-                        system_prompts=args.tis_system_prompts,
-                        clamp=args.tis_clamp,
-                        transform=args.tis_transform,
-                        max_length=args.max_length,
-                        truncation_mode=args.truncation_mode,
                         batch_size=args.precompute_ref_batch_size or args.per_device_train_batch_size,
+                        compute=weigh,
+                        desc=f"Computing TIS-DPO token weights for {name} dataset",
                     )
 
-            return cached_weight_columns(self.accelerator, dataset, name, key, compute)
+            return cached_columns(self.accelerator, dataset, name, key, compute)
 
         self.train_dataset, self.eval_dataset = map_train_and_eval(add_columns, self.train_dataset, self.eval_dataset)
         models.clear()
@@ -401,6 +445,80 @@ class TIDPOTrainer(DPOTrainer):
             engine.destroy()
         self._precompute_engines = []
         self._precompute_engine = None
+
+    # ------------------------------------------------------------------ reference log-probs computed before training
+
+    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        """
+        TRL's hook for `precompute_ref_log_probs=True`, called as TRL calls it (at construction for the train and eval
+        datasets, and by `evaluate` for a dataset passed to it): the reference's *per-token* log-probs of each
+        completion (and of each dataset anchor) as dataset columns, where TRL stores their sums. Cached like the
+        reference weights, keyed by the tokenised columns, the reference's hash and the settings that change them.
+        """
+        if isinstance(dataset, IterableDataset):  # TRL's error
+            raise ValueError(
+                "`precompute_ref_log_probs=True` is not supported with IterableDataset. Please use a map-style "
+                "Dataset or set `precompute_ref_log_probs=False`."
+            )
+        args = self.args
+        reference = self._reference_model()
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            # as TRL: before `train` the parameters are still on CPU (ZeRO-1/2) or sharded (ZeRO-3); one inference
+            # engine places and gathers them, reused by every precompute pass
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            reference = self._precompute_engine
+        with_anchors = self._uses_anchors and args.anchor_source == "dataset"
+        columns = [*TOKENIZED_COLUMNS, "anchor_ids"] if with_anchors else TOKENIZED_COLUMNS
+        settings = (args.max_length, args.truncation_mode, self.accelerator.mixed_precision, with_anchors)
+        key = (self._precompute_model_hash, settings, "tidpo-reference-token-logps")
+
+        def score_pairs(batch: PairBatch) -> torch.Tensor:
+            with self.accelerator.autocast():  # as TRL's `compute_ref_log_probs`
+                return reference_pair_forward(
+                    reference,
+                    batch,
+                    attribute=False,
+                    keep_hidden=False,
+                    reference_mode=self._reference_mode,
+                    attribution_context=self._reference_attribution_context,
+                ).per_token_logps
+
+        def score_anchors(anchors: AnchorBatch) -> torch.Tensor:
+            with self.accelerator.autocast():
+                return anchor_forward(reference, anchors, self._reference_mode).per_token_logps
+
+        def compute() -> dict:
+            return reference_logp_lists(
+                dataset,
+                accelerator=self.accelerator,
+                collator=self._collator(),
+                batch_size=batch_size,
+                score_pairs=score_pairs,
+                score_anchors=score_anchors if with_anchors else None,
+                truncation_mode=args.truncation_mode,
+                name=name,
+            )
+
+        return cached_columns(
+            self.accelerator, dataset, name, key, compute, what="reference log probs", columns=columns
+        )
+
+    def _precompute_with_kept_reference(self, kept_for: list[str]) -> None:
+        """`precompute_ref_log_probs=True` where some part of the step still runs the reference (kept in memory)."""
+        logger.warning(
+            f"`precompute_ref_log_probs=True`: the reference's per-token log-probs of the completions are precomputed, "
+            f"but {' and '.join(kept_for)} run the reference at every step, so it stays in memory during training."
+        )
+        self.precompute_ref_logps = True
+        self._precompute_model_hash = hash_model(self._reference_model())
+        train_batch = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
+        eval_batch = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+
+        def add_columns(dataset: Dataset, name: str) -> Dataset:
+            return self._precompute_ref_logps(dataset, name, train_batch if name == "train" else eval_batch)
+
+        self.train_dataset, self.eval_dataset = map_train_and_eval(add_columns, self.train_dataset, self.eval_dataset)
 
     # ------------------------------------------------------------------ forwards
 
@@ -557,9 +675,14 @@ class TIDPOTrainer(DPOTrainer):
         else:
             policy = self.concatenated_forward(model, batch)
             anchor = anchor_forward(model, anchors) if anchors is not None else None
-        reference = self._reference_model()
-        ref = self.concatenated_forward(reference, batch, is_ref_model=True)
-        ref_anchor = anchor_forward(reference, anchors, self._reference_mode) if anchors is not None else None
+        ref = self._reference_forward(batch)
+        ref_anchor = None
+        if anchors is not None:
+            precomputed = batch.get("anchor_ref_token_logps")  # dataset anchors with `precompute_ref_log_probs=True`
+            if precomputed is not None:
+                ref_anchor = precomputed_anchor_forward(anchors, precomputed)
+            else:
+                ref_anchor = anchor_forward(self._reference_model(), anchors, self._reference_mode)
         return policy, ref, anchor, ref_anchor
 
     def _stacked_policy_forward(self, model, batch: dict, anchors: AnchorBatch) -> tuple[PairForward, AnchorForward]:
@@ -575,6 +698,26 @@ class TIDPOTrainer(DPOTrainer):
             attributed_rows=pairs.input_ids.size(0),
         )
         return split_anchor_rows(stacked, pairs, anchors)
+
+    def _reference_forward(self, batch: dict) -> PairForward:
+        """
+        The reference's pair forward: run, or with `precompute_ref_log_probs=True` read from the batch's
+        `ref_token_logps` (plus the reference's attribution when `importance_model="reference"` is not precomputed).
+        """
+        if not self.precompute_ref_logps:
+            return self.concatenated_forward(self._reference_model(), batch, is_ref_model=True)
+        if "ref_token_logps" not in batch:
+            raise ValueError(
+                "`precompute_ref_log_probs=True` reads the reference's per-token log-probs from the batch "
+                "(`ref_token_logps`), which is missing: the default collator builds it from the "
+                f"{list(REF_LOGP_COLUMNS)} columns the trainer adds; a custom `data_collator` must too."
+            )
+        forward = precomputed_reference_forward(PairBatch.from_inputs(batch), batch["ref_token_logps"])
+        if self._attribution_source() == "reference":
+            forward.raw_importance = attribute_rows(
+                self._reference_model(), batch["input_ids"], batch["attention_mask"], self._reference_attribution_context
+            )
+        return forward
 
     # ------------------------------------------------------------------ weights, triplet, KL
 
