@@ -20,6 +20,7 @@ from datasets import Dataset
 from helpers_trainer import expected_shifted_weights, first_batch, load, raw_importance, text_rows
 from peft import LoraConfig
 
+import trl_tidpo.trainer.precompute as precompute_module
 import trl_tidpo.trainer.tidpo_trainer as tidpo_trainer_module
 from conftest import ANCHORS
 from trainer_probes import batch_weights, tidpo_args
@@ -103,13 +104,13 @@ def test_reference_weight_cache_is_reused_and_keyed(
     standard_dataset.save_to_disk(str(tmp_path / "data"))
     dataset = Dataset.load_from_disk(str(tmp_path / "data"))
     computed = []
-    original = tidpo_trainer_module.reference_weight_lists
+    original = precompute_module.reference_weight_lists
 
     def counting(dataset, **kwargs):
         computed.append(kwargs["weigh"].__self__.args.importance_lambda)  # the trainer whose weights are computed
         return original(dataset, **kwargs)
 
-    monkeypatch.setattr(tidpo_trainer_module, "reference_weight_lists", counting)
+    monkeypatch.setattr(precompute_module, "reference_weight_lists", counting)
 
     def build(name: str, **overrides) -> TIDPOTrainer:
         return reference_trainer(tmp_path / name, model_dir, ref_model_dir, tokenizer, dataset, **overrides)

@@ -400,3 +400,27 @@ def test_missing_model_is_named(tmp_path, pairs_file):
     with pytest.raises(ValueError, match="--model_name_or_path` is required"):
         main(cpu_argv(model_dir=None, dataset=pairs_file, output_dir=tmp_path / "out")[2:])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "variable, engine", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")]
+)
+def test_script_warns_when_the_accelerate_config_engine_was_not_applied(monkeypatch, caplog, capsys, variable, engine):
+    """On CPU accelerate runs an FSDP config as plain DDP without a word (and DeepSpeed under ACCELERATE_USE_CPU)."""
+    import logging
+    from types import SimpleNamespace
+
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    PartialState()  # accelerate's logger needs the state
+    accelerator = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2, print=print)
+    monkeypatch.setenv(variable, "true")
+    with caplog.at_level(logging.WARNING):
+        train_script.report_distributed_type(accelerator)
+    assert "Distributed type: MULTI_CPU, 2 process(es)." in capsys.readouterr().out
+    assert f"asked for {engine}, but the trainer runs under MULTI_CPU" in caplog.text
+    monkeypatch.delenv(variable)
+    caplog.clear()
+    train_script.report_distributed_type(accelerator)
+    assert "asked for" not in caplog.text

@@ -29,6 +29,7 @@ from peft import LoraConfig
 from trl import DPOConfig
 
 import trl_tidpo.modeling.attribution as attribution_module
+import trl_tidpo.trainer.tidpo_trainer as tidpo_trainer_module
 from trl_tidpo import TIDPOConfig, TIDPOTrainer
 
 
@@ -628,7 +629,7 @@ def _train_weights(tmp_path, model_dir, tokenizer, dataset, **overrides) -> tupl
     """Weights after two steps at lr 1e-2, and whether gradient checkpointing was on in the trained model."""
     trainer = TIDPOTrainer(
         model=model_dir,
-        args=tidpo_args(tmp_path, triplet_gamma=0.0, learning_rate=1e-2, max_steps=2, **overrides),
+        args=tidpo_args(tmp_path, **{"triplet_gamma": 0.0, "learning_rate": 1e-2, "max_steps": 2, **overrides}),
         train_dataset=dataset,
         processing_class=tokenizer,
     )
@@ -751,3 +752,35 @@ def test_prior_only_weights_skip_the_attribution(tmp_path, model_dir, tokenizer,
     )  # fmt: skip
     assert not fallback.any()
     torch.testing.assert_close(weights, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_reentrant_checkpointing_scores_anchors_in_the_pairs_forward(
+    tmp_path, model_dir, tokenizer, standard_dataset, monkeypatch
+):
+    """
+    Under reentrant checkpointing the anchor rows join the chosen/rejected rows in one policy forward (a second
+    checkpointed forward would reduce each parameter twice under DDP/ZeRO-3): same weights as separate forwards without
+    checkpointing.
+    """
+    dataset = standard_dataset.add_column("anchor", ANCHORS)
+    stacked = []
+    original = tidpo_trainer_module.stack_anchor_rows
+
+    def spy(*args, **kwargs):
+        stacked.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tidpo_trainer_module, "stack_anchor_rows", spy)
+    # plain SGD: the update is linear in the gradient (Adam's first steps are sign-like and amplify float noise)
+    anchors = {"triplet_gamma": 0.1, "anchor_source": "dataset", "optim": "sgd", "learning_rate": 0.5}
+    plain, _ = _train_weights(tmp_path / "plain", model_dir, tokenizer, dataset, **anchors)
+    assert not stacked
+    checkpointed, checkpointing = _train_weights(
+        tmp_path / "gc", model_dir, tokenizer, dataset, gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": True}, **anchors,
+    )  # fmt: skip
+    assert checkpointing and len(stacked) == 2  # the policy's forward, two steps
+    initial = clone_params(load(model_dir))
+    for name in plain:
+        assert not torch.equal(plain[name], initial[name]), f"{name} did not train"
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")

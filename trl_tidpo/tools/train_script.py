@@ -46,6 +46,7 @@ import torch
 import transformers
 from accelerate import PartialState
 from accelerate.logging import get_logger
+from accelerate.utils import DistributedType
 from datasets import Dataset, DatasetDict, IterableDatasetDict, load_dataset, load_from_disk
 from packaging.version import Version
 from transformers.utils import is_bitsandbytes_available
@@ -292,6 +293,32 @@ def load_quantized_model(model_args: ModelConfig, training_args: TIDPOConfig):
 # ---------------------------------------------------------------------------------------------- training
 
 
+# What `accelerate launch` sets in the processes it starts when its config asks for an engine
+REQUESTED_ENGINES = {"ACCELERATE_USE_DEEPSPEED": DistributedType.DEEPSPEED, "ACCELERATE_USE_FSDP": DistributedType.FSDP}
+
+
+def report_distributed_type(accelerator) -> None:
+    """
+    Print the distributed type the trainer runs under, and warn when the accelerate config asked for DeepSpeed or FSDP
+    but the trainer did not get it: accelerate falls back to plain data parallelism without a word on CPU (FSDP needs
+    CUDA; `ACCELERATE_USE_CPU=true` also turns DeepSpeed off).
+    """
+    running = accelerator.distributed_type
+    detail = ""
+    if running == DistributedType.DEEPSPEED:
+        detail = f", ZeRO stage {accelerator.state.deepspeed_plugin.zero_stage}"
+    elif running == DistributedType.FSDP:
+        detail = f", FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
+    accelerator.print(f"Distributed type: {running.value}{detail}, {accelerator.num_processes} process(es).")
+    for variable, requested in REQUESTED_ENGINES.items():
+        if os.environ.get(variable, "false").lower() == "true" and running != requested:
+            logger.warning(
+                f"The accelerate config asked for {requested.value}, but the trainer runs under {running.value}: "
+                "accelerate fell back silently. FSDP needs CUDA GPUs; DeepSpeed on CPU needs `DS_ACCELERATOR=cpu` "
+                "and must not be combined with `ACCELERATE_USE_CPU=true` (see the README's CPU command)."
+            )
+
+
 def train(
     script_args: TIDPOScriptArguments,
     training_args: TIDPOConfig,
@@ -328,6 +355,7 @@ def train(
         eval_dataset=eval_dataset,
         peft_config=get_peft_config(model_args),
     )
+    report_distributed_type(trainer.accelerator)
     if script_args.ignore_bias_buffers:
         # torch distributed hack, as in TRL's script
         trainer.model._ddp_params_and_buffers_to_ignore = [
