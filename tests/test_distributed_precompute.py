@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent(
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import trl_tidpo.modeling.weight_cache as weight_cache
-    import trl_tidpo.trainer.tidpo_trainer as tidpo_trainer
+    import trl_tidpo.trainer.precompute as precompute
     from trl_tidpo import TIDPOConfig, TIDPOTrainer
 
     model_dir, ref_model_dir, data, out = sys.argv[1:5]
@@ -55,7 +55,7 @@ SCRIPT = textwrap.dedent(
             record["shares"].setdefault(f"{current[-1]}: {desc}", []).extend(rows["prompt_ids"])
             return compute(rows)
         return precompute_in_shards(accelerator, dataset, batch_size=batch_size, compute=recorded, desc=desc)
-    weight_cache.precompute_in_shards = tidpo_trainer.precompute_in_shards = recording
+    weight_cache.precompute_in_shards = precompute.precompute_in_shards = recording
 
     spec = json.loads(os.environ["TRAINER_SPEC"])
     dataset = Dataset.from_list([json.loads(line) for line in open(data)])

@@ -21,7 +21,7 @@ from helpers_trainer import CPU_ARGS, first_batch, load, token_logps, tokenize_r
 from test_dpo_parity import assert_same_step
 from trl import DPOConfig, DPOTrainer
 
-import trl_tidpo.trainer.tidpo_trainer as tidpo_trainer_module
+import trl_tidpo.trainer.precompute as precompute_module
 from conftest import ANCHORS, PAIRS
 from trl_tidpo import TIDPOConfig, TIDPOTrainer
 
@@ -112,13 +112,13 @@ def test_cache_is_reused_by_a_second_trainer(tmp_path, model_dir, ref_model_dir,
     standard_dataset.save_to_disk(str(tmp_path / "data"))
     dataset = Dataset.load_from_disk(str(tmp_path / "data"))
     computed = []
-    original = tidpo_trainer_module.reference_logp_lists
+    original = precompute_module.reference_logp_lists
 
     def counting(dataset, **kwargs):
         computed.append(kwargs["name"])
         return original(dataset, **kwargs)
 
-    monkeypatch.setattr(tidpo_trainer_module, "reference_logp_lists", counting)
+    monkeypatch.setattr(precompute_module, "reference_logp_lists", counting)
 
     def build(name: str) -> TIDPOTrainer:
         return TIDPOTrainer(
@@ -223,7 +223,7 @@ def test_dataset_anchors_are_precomputed_and_need_no_reference(tmp_path, model_d
     ids=["policy-anchors", "reference-attribution"],
 )
 def test_parts_that_run_the_reference_each_step_keep_it(tmp_path, model_dir, tokenizer, standard_dataset, caplog, options, reason):
-    with caplog.at_level(logging.WARNING, logger="trl_tidpo.trainer.tidpo_trainer"):
+    with caplog.at_level(logging.WARNING, logger="trl_tidpo.trainer"):
         trainer = TIDPOTrainer(
             model=model_dir,
             args=TIDPOConfig(**precompute_args(tmp_path, max_steps=1, learning_rate=1e-2, **options)),
