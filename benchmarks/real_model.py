@@ -504,15 +504,15 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one seed, 40 train / 24 held-out prompts, 6 samples each, 10 steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=21)
     parser.add_argument("--train-prompts", type=int, default=128)
     parser.add_argument("--eval-prompts", type=int, default=64)
-    parser.add_argument("--samples", type=int, default=8, help="sampled answers per prompt")
+    parser.add_argument("--samples", type=int, default=6, help="sampled answers per prompt")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT")
     parser.add_argument("--target-variants", nargs="*", default=["DPO", "TI-DPO"],
                         help="variants whose final models the attribution targets are measured on")
     parser.add_argument("--weight-pairs", type=int, default=16, help="held-out pairs for the weight metrics")
-    parser.add_argument("--eval-every", type=int, default=8)
+    parser.add_argument("--eval-every", type=int, default=7)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -522,7 +522,7 @@ def parse_args(argv):
     parser.add_argument("--gen-batch-size", type=int, default=64)
     parser.add_argument("--data-seed", type=int, default=1234, help="problems and sampled pairs (shared by all seeds)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU; 1 is fastest on a busy machine)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU; 1 is fastest on a busy machine)")
     parser.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
     parser.add_argument("--output", default="real_model.json")
     parser.add_argument("--plot", default="real_model_accuracy.png")
@@ -540,7 +540,7 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
+    if args.device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*", category=FutureWarning)
     work = Path(args.work_dir)
