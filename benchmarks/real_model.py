@@ -252,58 +252,75 @@ def closing_token_count(tokenizer, comp_ids: list[int]) -> int:
     return count
 
 
-def target_attributions(model, tokenizer, prompt, completion, with_reference: bool) -> dict[str, list[float]]:
+def attributions_by_target(model, prompt_ids: list[int], comp_ids: list[int], closing: int, reference=None) -> dict[str, list[float]]:
     """
     Raw attribution `Σ_k |∂s/∂e_jk|` (SPEC §2 step 3) of each completion token for several targets `s`, with the
     embedding activations perturbed by one shared zero tensor `δ` (gradients are taken w.r.t. `δ`, so policy and
     reference see the same perturbation):
 
     - `paper`: the largest logit at the last position (Eq. 5), over the whole completion;
-    - `paper, closing tokens out`: the same target and gradient, with the template's closing tokens (`<|im_end|>`,
-      newline) removed from the span (their share is given to the other tokens);
+    - `paper, closing tokens out`: the same gradient, with the last `closing` tokens (the template's `<|im_end|>` and
+      newline, or the EOS) removed from the span;
     - `log-likelihood`: `Σ_t log π(y_t | x, y_<t)` over the completion;
-    - `implicit reward`: `Σ_t log π(y_t | ...) − log π_ref(y_t | ...)` (the LoRA adapter off gives π_ref).
+    - `implicit reward`: `Σ_t log π(y_t | ...) − log π_ref(y_t | ...)`, only with a `reference`: `"adapter"` (the
+      LoRA adapter switched off) or a reference model (its own embeddings plus the same `δ`).
 
-    Returns each target's attribution normalised to sum to 1 over its span, as a list over the completion tokens
-    (0 outside the span).
+    Returns:
+        `dict[str, list[float]]`: per target, the attribution normalised to sum to 1 over its span, one value per
+        completion token (0 outside the span).
     """
     device = next(model.parameters()).device
-    prompt_ids, comp_ids = completion_ids(tokenizer, prompt, completion)
     ids = torch.tensor([prompt_ids + comp_ids], device=device)
     n_prompt, n = len(prompt_ids), len(comp_ids)
-    scored = torch.tensor([[0] * n_prompt + [1] * n], device=device)
-    embedding = model.get_input_embeddings()
-    delta = torch.zeros(1, ids.size(1), embedding.embedding_dim, device=device, requires_grad=True)
-    handle = embedding.register_forward_hook(lambda module, args, output: output + delta.to(output.dtype))
-    was_training = model.training
-    model.eval()
+    scored = torch.tensor([[0] * n_prompt + [1] * n], device=device)[:, 1:]
+    hidden = model.get_input_embeddings().embedding_dim
+    delta = torch.zeros(1, ids.size(1), hidden, device=device, requires_grad=True)
+
+    def add_delta(module, args, output):
+        return output + delta.to(output.dtype)
+
+    models = [model] + ([reference] if isinstance(reference, torch.nn.Module) else [])
+    handles = [m.get_input_embeddings().register_forward_hook(add_delta) for m in models]
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+
+    def token_logps(m):
+        logits = m(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        return torch.gather(F.log_softmax(logits, dim=-1), 2, ids[:, 1:, None]).squeeze(-1)
+
     try:
         with torch.enable_grad():
             logits = model(input_ids=ids, use_cache=False).logits.float()
-            max_logit = logits[0, -1].max()
             logps = torch.gather(F.log_softmax(logits[:, :-1], dim=-1), 2, ids[:, 1:, None]).squeeze(-1)
-            loglik = (logps * scored[:, 1:]).sum()
-            targets = {"paper": max_logit, "log-likelihood": loglik}
-            if with_reference:
+            targets = {"paper": logits[0, -1].max(), "log-likelihood": (logps * scored).sum()}
+            if reference == "adapter":
                 with model.disable_adapter():
-                    ref_logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-                ref_logps = torch.gather(F.log_softmax(ref_logits, dim=-1), 2, ids[:, 1:, None]).squeeze(-1)
-                targets["implicit reward"] = ((logps - ref_logps) * scored[:, 1:]).sum()
+                    ref_logps = token_logps(model)
+            elif reference is not None:
+                ref_logps = token_logps(reference)
+            if reference is not None:
+                targets["implicit reward"] = ((logps - ref_logps) * scored).sum()
             raw = {}
             for name, target in targets.items():
                 (grad,) = torch.autograd.grad(target, delta, retain_graph=True)
                 raw[name] = grad[0, n_prompt:].float().abs().sum(-1)  # [n]
     finally:
-        handle.remove()
-        model.train(was_training)
-    closing = closing_token_count(tokenizer, comp_ids)
-    out = {}
-    for name, values in raw.items():
-        out[name] = (values / values.sum()).tolist() if values.sum() > 0 else [0.0] * n
+        for handle in handles:
+            handle.remove()
+        for m, mode in zip(models, modes):
+            m.train(mode)
     content = raw["paper"].clone()
     content[n - closing :] = 0
-    out["paper, closing tokens out"] = (content / content.sum()).tolist()
-    return out
+    raw["paper, closing tokens out"] = content
+    return {name: (v / v.sum()).tolist() if v.sum() > 0 else [0.0] * n for name, v in raw.items()}
+
+
+def target_attributions(model, tokenizer, prompt, completion, with_reference: bool) -> dict[str, list[float]]:
+    """`attributions_by_target` of one conversational (prompt, completion), the LoRA adapter off as reference."""
+    prompt_ids, comp_ids = completion_ids(tokenizer, prompt, completion)
+    closing = closing_token_count(tokenizer, comp_ids)
+    return attributions_by_target(model, prompt_ids, comp_ids, closing, "adapter" if with_reference else None)
 
 
 def target_metrics(model, tokenizer, pairs: list[dict], with_reference: bool) -> dict[str, dict[str, float]]:
@@ -502,9 +519,9 @@ def plot(summary: dict, path: Path) -> None:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one seed, 40 train / 24 held-out prompts, 6 samples each, 10 steps")
+    parser.add_argument("--quick", action="store_true", help="one seed, 40 train / 24 held-out prompts, 6 steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=21)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--train-prompts", type=int, default=128)
     parser.add_argument("--eval-prompts", type=int, default=64)
     parser.add_argument("--samples", type=int, default=6, help="sampled answers per prompt")
@@ -512,10 +529,10 @@ def parse_args(argv):
     parser.add_argument("--target-variants", nargs="*", default=["DPO", "TI-DPO"],
                         help="variants whose final models the attribution targets are measured on")
     parser.add_argument("--weight-pairs", type=int, default=16, help="held-out pairs for the weight metrics")
-    parser.add_argument("--eval-every", type=int, default=7)
+    parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=5, help="enough for ' 132.'")
     parser.add_argument("--anchor-max-new-tokens", type=int, default=12)
@@ -530,7 +547,7 @@ def parse_args(argv):
     parser.add_argument("--save-adapter", default=None, help="save seed 0's TI-DPO LoRA adapter here")
     args = parser.parse_args(argv)
     if args.quick:
-        defaults = {"seeds": [0], "steps": 10, "train_prompts": 40, "eval_prompts": 24, "eval_every": 5, "weight_pairs": 6,
+        defaults = {"seeds": [0], "steps": 6, "train_prompts": 40, "eval_prompts": 24, "eval_every": 3, "weight_pairs": 6,
                     "samples": 6}
         for key, value in defaults.items():
             if getattr(args, key) == parser.get_default(key):
@@ -556,6 +573,9 @@ def main(argv: list[str] | None = None) -> dict:
     sampling_seconds = time.perf_counter() - t0
     print(f"{len(train_pairs)} train pairs from {len(train_problems)} prompts, {len(eval_pairs)} held-out pairs from "
           f"{len(eval_problems)} prompts ({sampling_seconds:.0f} s)", flush=True)
+    if not train_pairs or not eval_pairs:
+        raise SystemExit("No preference pair could be formed (no prompt had both a correct and an incorrect sample): "
+                         "raise --train-prompts, --eval-prompts or --samples.")
     weight_pairs = eval_pairs[: args.weight_pairs]
     start_accuracy = cached(work / f"start-accuracy-{key}.json",
                             lambda: task_accuracy(model, tokenizer, eval_problems, args, "eval start model"))
