@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -54,7 +53,10 @@ def measure(model, tokenizer, rows: list[dict], reference=None) -> dict[str, dic
         metrics = {}
         for suffix, keep_special in (("", True), ("_content", False)):
             kept = [
-                ([s for s, sp in zip(ss, sps) if keep_special or not sp], [c for c, sp in zip(cs, sps) if keep_special or not sp])
+                (
+                    [s for s, sp in zip(ss, sps) if keep_special or not sp],
+                    [c for c, sp in zip(cs, sps) if keep_special or not sp],
+                )
                 for ss, cs, sps in zip(rows_scores, labels, special)
             ]
             metrics[f"roc_auc{suffix}"] = roc_auc([s for ss, _ in kept for s in ss], [c for _, cs in kept for c in cs])
@@ -83,8 +85,11 @@ def run_seed(seed: int, args, work: Path) -> dict:
 def markdown(per_seed: list[dict]) -> str:
     names = list(TARGETS) + ["TI-DPO weights (λ=0.7, paper target)"]
     lines = []
-    for key, label in (("roc_auc_content", "ROC-AUC, special tokens left out"), ("roc_auc", "ROC-AUC, all tokens"),
-                       ("top_k_share_content", "top-k share, special tokens left out")):
+    for key, label in (
+        ("roc_auc_content", "ROC-AUC, special tokens left out"),
+        ("roc_auc", "ROC-AUC, all tokens"),
+        ("top_k_share_content", "top-k share, special tokens left out"),
+    ):
         lines += [f"\n{label}:\n", "| target | start (SFT) model | after DPO | after TI-DPO |", "|---|---|---|---|"]
         for name in names:
             cells = []

@@ -13,7 +13,6 @@ import os
 import re
 import sys
 
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -21,7 +20,6 @@ from real_model import completion_ids
 
 from trl_tidpo import token_weights
 from trl_tidpo.smollm2 import load_smollm2
-
 
 PROMPT = "I have a headache, what should I do?"
 # The paper's texts and printed per-word weights (/work/shared/PAPER_CASE_STUDY.md). B's table omits "but", "if",
@@ -34,8 +32,10 @@ RESPONSES = {
          ("and", .03), ("avoid", .92), ("self-medicating", .89)],
     ),
     "B (intermediate)": (
-        "According to your description, it is advised to get more rest, but if the symptoms worsen, you should consult "
-        "a doctor.",
+        (
+            "According to your description, it is advised to get more rest, but if the symptoms worsen, you should "
+            "consult a doctor."
+        ),
         [("According", .04), ("to", .04), ("your", .04), ("description", .07), ("it", .03), ("is", .03),
          ("advised", .13), ("to", .02), ("get", .06), ("more", .06), ("rest", .11), ("symptoms", .18),
          ("worsen", .88), ("you", .03), ("should", .82), ("consult", .90), ("doctor", .95)],
@@ -103,7 +103,11 @@ def score(model, tokenizer, text: str, paper: list[tuple[str, float]]) -> dict:
         "ours (λ=1)": token_weights(model, tokenizer, prompt, completion, importance_lambda=1.0),
         "prior alone": token_weights(model, tokenizer, prompt, completion, importance_lambda=0.0),
     }
-    closing = [i for i, token_id in enumerate(ids) if token_id in tokenizer.all_special_ids or not tokenizer.decode([token_id]).strip()]
+    closing = [
+        i
+        for i, token_id in enumerate(ids)
+        if token_id in tokenizer.all_special_ids or not tokenizer.decode([token_id]).strip()
+    ]
     result = {"closing_share_lambda1": sum(variants["ours (λ=1)"].importance[i] for i in closing), "words": {}}
     for name, tw in variants.items():
         assert tw.token_ids == ids
@@ -126,25 +130,38 @@ def markdown(results: dict, adapter: str | None) -> str:
     lines = []
     models = list(results)
     for response, (_, paper) in RESPONSES.items():
-        lines += [f"\n**{response}** (word weights, max-rescaled; ours = λ=0.7 defaults, max over a word's tokens)\n",
-                  "| word | paper | " + " | ".join(f"ours, {m}" for m in models) + " |",
-                  "|---" * (len(models) + 2) + "|"]
+        lines += [
+            f"\n**{response}** (word weights, max-rescaled; ours = λ=0.7 defaults, max over a word's tokens)\n",
+            "| word | paper | " + " | ".join(f"ours, {m}" for m in models) + " |",
+            "|---" * (len(models) + 2) + "|",
+        ]
         for i, (word, value) in enumerate(paper):
             cells = [f"{results[m][response]['words']['ours (λ=0.7)']['max'][i]:.2f}" for m in models]
             lines.append(f"| {word} | {value:.2f} | " + " | ".join(cells) + " |")
-    lines += ["\nSpearman rank correlation with the paper's printed weights:\n",
-              "| weights | " + " | ".join(RESPONSES) + " |", "|---" * (len(RESPONSES) + 1) + "|"]
+    lines += [
+        "\nSpearman rank correlation with the paper's printed weights:\n",
+        "| weights | " + " | ".join(RESPONSES) + " |",
+        "|---" * (len(RESPONSES) + 1) + "|",
+    ]
     baseline = [spearman([len(w) for w, _ in paper], [v for _, v in paper]) for _, paper in RESPONSES.values()]
     lines.append("| word length (characters), no model | " + " | ".join(f"{r:+.2f}" for r in baseline) + " |")
     for m in models:
         for name in ("ours (λ=0.7)", "ours (λ=1)", "prior alone"):
             for agg in ("max", "sum"):
-                cells = [f"{spearman(results[m][r]['words'][name][agg], [v for _, v in RESPONSES[r][1]]):+.2f}" for r in RESPONSES]
+                cells = [
+                    f"{spearman(results[m][r]['words'][name][agg], [v for _, v in RESPONSES[r][1]]):+.2f}"
+                    for r in RESPONSES
+                ]
                 lines.append(f"| {name}, {agg} over tokens, {m} | " + " | ".join(cells) + " |")
-    lines += ["\nShare of the gradient attribution (λ=1, completion span) on the closing `<|im_end|>` and newline:\n",
-              "| model | " + " | ".join(RESPONSES) + " |", "|---" * (len(RESPONSES) + 1) + "|"]
+    lines += [
+        "\nShare of the gradient attribution (λ=1, completion span) on the closing `<|im_end|>` and newline:\n",
+        "| model | " + " | ".join(RESPONSES) + " |",
+        "|---" * (len(RESPONSES) + 1) + "|",
+    ]
     for m in models:
-        lines.append(f"| {m} | " + " | ".join(f"{results[m][r]['closing_share_lambda1']:.2f}" for r in RESPONSES) + " |")
+        lines.append(
+            f"| {m} | " + " | ".join(f"{results[m][r]['closing_share_lambda1']:.2f}" for r in RESPONSES) + " |"
+        )
     return "\n".join(lines)
 
 

@@ -32,20 +32,18 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
-from trl import DPOConfig, DPOTrainer  # noqa: E402
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+from trl import DPOConfig, DPOTrainer
 
-from trl_tidpo import TIDPOConfig, TIDPOTrainer, TokenImportanceCallback, token_weights  # noqa: E402
-from trl_tidpo.smollm2 import load_smollm2  # noqa: E402
-
+from trl_tidpo import TIDPOConfig, TIDPOTrainer, TokenImportanceCallback, token_weights
+from trl_tidpo.smollm2 import load_smollm2
 
 SYSTEM_PROMPT = "Answer with one number."
 ANSWER_PREFIX = "The answer is"  # the assistant turn starts with it, so an answer is a few tokens
@@ -97,7 +95,10 @@ def chat_prompt(question: str) -> list[dict[str, str]]:
 
 def generation_text(tokenizer, question: str) -> str:
     """The prompt as the model sees it when answering: chat template, then the start of the assistant turn."""
-    return tokenizer.apply_chat_template(chat_prompt(question), tokenize=False, add_generation_prompt=True) + ANSWER_PREFIX
+    return (
+        tokenizer.apply_chat_template(chat_prompt(question), tokenize=False, add_generation_prompt=True)
+        + ANSWER_PREFIX
+    )
 
 
 def parse_answer(text: str) -> int | None:
@@ -107,8 +108,18 @@ def parse_answer(text: str) -> int | None:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, questions: list[str], *, samples: int, max_new_tokens: int, sample: bool, batch_size: int,
-             desc: str, seed: int = 0) -> list[list[tuple[str, bool]]]:
+def generate(
+    model,
+    tokenizer,
+    questions: list[str],
+    *,
+    samples: int,
+    max_new_tokens: int,
+    sample: bool,
+    batch_size: int,
+    desc: str,
+    seed: int = 0,
+) -> list[list[tuple[str, bool]]]:
     """
     `samples` continuations of each question's prompt (greedy when `sample` is False), as `(text, ended)`: the text up
     to the end-of-turn token, and whether the model ended its turn within `max_new_tokens`.
@@ -121,7 +132,9 @@ def generate(model, tokenizer, questions: list[str], *, samples: int, max_new_to
     was_training = model.training
     model.eval()
     for i in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False, file=sys.stdout):
-        enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(
+            device
+        )
         kwargs = {"do_sample": True, "temperature": 0.8, "top_k": 0, "top_p": 1.0} if sample else {"do_sample": False}
         generated = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs)
         for row in generated[:, enc["input_ids"].size(1) :].tolist():
@@ -135,14 +148,24 @@ def generate(model, tokenizer, questions: list[str], *, samples: int, max_new_to
 
 def task_accuracy(model, tokenizer, problems: list[dict], args, desc: str) -> float:
     """Share of `problems` whose greedy answer is right (the headline metric)."""
-    answers = generate(model, tokenizer, [p["question"] for p in problems], samples=1, max_new_tokens=args.max_new_tokens,
-                       sample=False, batch_size=args.gen_batch_size, desc=desc)
+    answers = generate(
+        model,
+        tokenizer,
+        [p["question"] for p in problems],
+        samples=1,
+        max_new_tokens=args.max_new_tokens,
+        sample=False,
+        batch_size=args.gen_batch_size,
+        desc=desc,
+    )
     return sum(parse_answer(a[0][0]) == p["answer"] for a, p in zip(answers, problems)) / len(problems)
 
 
 def completion_ids(tokenizer, prompt: list[dict], completion: list[dict]) -> tuple[list[int], list[int]]:
     """Prompt and completion token ids as TRL's DPOTrainer tokenises conversational data."""
-    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
     full_ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"]
     start = 0
     while start < min(len(prompt_ids), len(full_ids)) and prompt_ids[start] == full_ids[start]:
@@ -158,9 +181,17 @@ def sample_pairs(model, tokenizer, problems: list[dict], args, desc: str) -> lis
     frequent incorrect one (the model's likeliest mistake); prompts without both give no pair. Each pair
     records its critical token: the first completion token where chosen and rejected diverge.
     """
-    answers = generate(model, tokenizer, [p["question"] for p in problems], samples=args.samples,
-                       max_new_tokens=args.max_new_tokens, sample=True, batch_size=args.gen_batch_size, desc=desc,
-                       seed=args.data_seed)
+    answers = generate(
+        model,
+        tokenizer,
+        [p["question"] for p in problems],
+        samples=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        sample=True,
+        batch_size=args.gen_batch_size,
+        desc=desc,
+        seed=args.data_seed,
+    )
     pairs = []
     for problem, samples in zip(problems, answers):
         numbers = [int(m.group(1)) for text, _ in samples if (m := LEADING_NUMBER.match(text))]
@@ -174,9 +205,19 @@ def sample_pairs(model, tokenizer, problems: list[dict], args, desc: str) -> lis
         _, chosen_ids = completion_ids(tokenizer, prompt, chosen)
         _, rejected_ids = completion_ids(tokenizer, prompt, rejected)
         critical = next(i for i, (a, b) in enumerate(zip(chosen_ids, rejected_ids)) if a != b)
-        pairs.append({**problem, "prompt": prompt, "chosen": chosen, "rejected": rejected, "critical": critical,
-                      "chosen_len": len(chosen_ids), "rejected_len": len(rejected_ids),
-                      "num_correct": len(correct), "num_wellformed": len(numbers)})
+        pairs.append(
+            {
+                **problem,
+                "prompt": prompt,
+                "chosen": chosen,
+                "rejected": rejected,
+                "critical": critical,
+                "chosen_len": len(chosen_ids),
+                "rejected_len": len(rejected_ids),
+                "num_correct": len(correct),
+                "num_wellformed": len(numbers),
+            }
+        )
     return pairs
 
 
@@ -219,7 +260,10 @@ def preference_metrics(model, tokenizer, pairs: list[dict], beta: float) -> dict
             reward[side] = beta * (policy - ref).item()
         margins.append(reward["chosen"] - reward["rejected"])
     model.train(was_training)
-    return {"preference_accuracy": sum(m > 0 for m in margins) / len(margins), "reward_margin": statistics.mean(margins)}
+    return {
+        "preference_accuracy": sum(m > 0 for m in margins) / len(margins),
+        "reward_margin": statistics.mean(margins),
+    }
 
 
 def critical_share_and_rank(weights: list[float], critical: int) -> tuple[float, int]:
@@ -252,7 +296,9 @@ def closing_token_count(tokenizer, comp_ids: list[int]) -> int:
     return count
 
 
-def attributions_by_target(model, prompt_ids: list[int], comp_ids: list[int], closing: int, reference=None) -> dict[str, list[float]]:
+def attributions_by_target(
+    model, prompt_ids: list[int], comp_ids: list[int], closing: int, reference=None
+) -> dict[str, list[float]]:
     """
     Raw attribution `Σ_k |∂s/∂e_jk|` (SPEC §2 step 3) of each completion token for several targets `s`, with the
     embedding activations perturbed by one shared zero tensor `δ` (gradients are taken w.r.t. `δ`, so policy and
@@ -358,12 +404,16 @@ class AccuracyCurve(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0 or state.global_step == state.max_steps:
             t0 = time.perf_counter()
-            acc = task_accuracy(model, self.tokenizer, self.problems, self.args, desc=f"eval @ step {state.global_step}")
+            acc = task_accuracy(
+                model, self.tokenizer, self.problems, self.args, desc=f"eval @ step {state.global_step}"
+            )
             self.points[state.global_step] = acc
             self.seconds += time.perf_counter() - t0
 
 
-def train_variant(name: str, overrides, base_model, tokenizer, train_pairs, eval_problems, view_pairs, seed, args, run_dir):
+def train_variant(
+    name: str, overrides, base_model, tokenizer, train_pairs, eval_problems, view_pairs, seed, args, run_dir
+):
     from peft import LoraConfig
 
     columns = ("prompt", "chosen", "rejected")
@@ -398,15 +448,25 @@ def train_variant(name: str, overrides, base_model, tokenizer, train_pairs, eval
         callbacks.append(weights_view)
     torch.manual_seed(seed)
     peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear")
-    trainer = trainer_cls(model=base_model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                          peft_config=peft_config, callbacks=callbacks)
+    trainer = trainer_cls(
+        model=base_model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
     print(f"\n== seed {seed}, {name}: {args.steps} steps ==", flush=True)
     render_seconds = _time_renders(weights_view)
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0 - curve.seconds - render_seconds()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return trainer.model.eval(), {"seconds_per_step": seconds / args.steps, "accuracy_curve": curve.points, "loss_curve": losses}
+    return trainer.model.eval(), {
+        "seconds_per_step": seconds / args.steps,
+        "accuracy_curve": curve.points,
+        "loss_curve": losses,
+    }
 
 
 def _time_renders(callback):
@@ -452,7 +512,7 @@ def markdown(summary: dict) -> str:
         ("critical token: rank in response (1 = top)", lambda r: r["weights"]["critical_rank"]),
         ("seconds per step", lambda r: r["seconds_per_step"]),
     ]
-    lines = [f"| metric | start model | " + " | ".join(variants) + " |", "|---" * (len(variants) + 2) + "|"]
+    lines = ["| metric | start model | " + " | ".join(variants) + " |", "|---" * (len(variants) + 2) + "|"]
     start_values = {
         "held-out task accuracy (greedy)": [summary["start"]["task_accuracy"]],
         "critical token: share of weight mass": [summary["start"]["weights"]["critical_share"]],
@@ -463,26 +523,43 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {label} | {mean_std(start_values.get(label, []))} | " + " | ".join(cells) + " |")
     steps = sorted({int(s) for run in per_seed for r in run.values() for s in r["accuracy_curve"]})
     for step in steps:
-        cells = [mean_std([run[name]["accuracy_curve"].get(str(step), run[name]["accuracy_curve"].get(step)) for run in per_seed])
-                 for name in variants]
+        cells = [
+            mean_std(
+                [run[name]["accuracy_curve"].get(str(step), run[name]["accuracy_curve"].get(step)) for run in per_seed]
+            )
+            for name in variants
+        ]
         lines.append(f"| task accuracy at step {step} | | " + " | ".join(cells) + " |")
-    lines += ["", f"Baselines for the weight rows: the Gaussian prior alone puts {summary['start']['prior']['critical_share']:.3f} "
-              f"of the mass on the critical token (rank {summary['start']['prior']['critical_rank']:.2f}); uniform weights "
-              f"{summary['start']['uniform_share']:.3f}."]
-    lines += ["", "Attribution targets (normalised attribution, λ=1): critical-token share / rank",
-              "", "| target | start model | " + " | ".join(f"after {v}" for v in summary["target_variants"]) + " |",
-              "|---" * (len(summary["target_variants"]) + 2) + "|"]
+    prior = summary["start"]["prior"]
+    lines += [
+        "",
+        f"Baselines for the weight rows: the Gaussian prior alone puts {prior['critical_share']:.3f} of the mass on the "
+        f"critical token (rank {prior['critical_rank']:.2f}); uniform weights {summary['start']['uniform_share']:.3f}.",
+    ]
+    lines += [
+        "",
+        "Attribution targets (normalised attribution, λ=1): critical-token share / rank",
+        "",
+        "| target | start model | " + " | ".join(f"after {v}" for v in summary["target_variants"]) + " |",
+        "|---" * (len(summary["target_variants"]) + 2) + "|",
+    ]
+
+    def cell(entries: list[dict], target: str) -> str:
+        entries = [e for e in entries if target in e]
+        if not entries:
+            return "n/a"
+        return (
+            f"{mean_std([e[target]['share'] for e in entries])} / {mean_std([e[target]['rank'] for e in entries], 2)}"
+        )
+
     for target in TARGETS:
-        def cell(entries):
-            entries = [e for e in entries if target in e]
-            if not entries:
-                return "n/a"
-            return f"{mean_std([e[target]['share'] for e in entries])} / {mean_std([e[target]['rank'] for e in entries], 2)}"
-        start = cell([summary["start"]["targets"]])
-        cells = [cell([run[v]["targets"] for run in per_seed]) for v in summary["target_variants"]]
+        start = cell([summary["start"]["targets"]], target)
+        cells = [cell([run[v]["targets"] for run in per_seed], target) for v in summary["target_variants"]]
         lines.append(f"| {target} | {start} | " + " | ".join(cells) + " |")
     closing = [summary["start"]["targets"]["closing_share_of_paper_target"]]
-    lines.append(f"\nThe paper's target puts {mean_std(closing)} of its attribution on the closing tokens at the start.")
+    lines.append(
+        f"\nThe paper's target puts {mean_std(closing)} of its attribution on the closing tokens at the start."
+    )
     return "\n".join(lines)
 
 
@@ -526,8 +603,12 @@ def parse_args(argv):
     parser.add_argument("--eval-prompts", type=int, default=64)
     parser.add_argument("--samples", type=int, default=6, help="sampled answers per prompt")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT")
-    parser.add_argument("--target-variants", nargs="*", default=["DPO", "TI-DPO"],
-                        help="variants whose final models the attribution targets are measured on")
+    parser.add_argument(
+        "--target-variants",
+        nargs="*",
+        default=["DPO", "TI-DPO"],
+        help="variants whose final models the attribution targets are measured on",
+    )
     parser.add_argument("--weight-pairs", type=int, default=16, help="held-out pairs for the weight metrics")
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
@@ -539,7 +620,9 @@ def parse_args(argv):
     parser.add_argument("--gen-batch-size", type=int, default=64)
     parser.add_argument("--data-seed", type=int, default=1234, help="problems and sampled pairs (shared by all seeds)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU; 1 is fastest on a busy machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (CPU; 1 is fastest on a busy machine)"
+    )
     parser.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
     parser.add_argument("--output", default="real_model.json")
     parser.add_argument("--plot", default="real_model_accuracy.png")
@@ -547,8 +630,15 @@ def parse_args(argv):
     parser.add_argument("--save-adapter", default=None, help="save seed 0's TI-DPO LoRA adapter here")
     args = parser.parse_args(argv)
     if args.quick:
-        defaults = {"seeds": [0], "steps": 6, "train_prompts": 40, "eval_prompts": 24, "eval_every": 3, "weight_pairs": 6,
-                    "samples": 6}
+        defaults = {
+            "seeds": [0],
+            "steps": 6,
+            "train_prompts": 40,
+            "eval_prompts": 24,
+            "eval_every": 3,
+            "weight_pairs": 6,
+            "samples": 6,
+        }
         for key, value in defaults.items():
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)
@@ -565,26 +655,52 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = load_smollm2()
     model.to(args.device)
     train_problems, eval_problems = make_problems(args.train_prompts, args.eval_prompts, args.data_seed)
-    key = hashlib.sha1(json.dumps([SYSTEM_PROMPT, ANSWER_PREFIX, args.train_prompts, args.eval_prompts, args.samples,
-                                   args.max_new_tokens, args.data_seed]).encode()).hexdigest()[:12]
+    key = hashlib.sha1(
+        json.dumps(
+            [
+                SYSTEM_PROMPT,
+                ANSWER_PREFIX,
+                args.train_prompts,
+                args.eval_prompts,
+                args.samples,
+                args.max_new_tokens,
+                args.data_seed,
+            ]
+        ).encode()
+    ).hexdigest()[:12]
     t0 = time.perf_counter()
-    train_pairs = cached(work / f"pairs-train-{key}.json", lambda: sample_pairs(model, tokenizer, train_problems, args, "sampling train"))
-    eval_pairs = cached(work / f"pairs-eval-{key}.json", lambda: sample_pairs(model, tokenizer, eval_problems, args, "sampling held-out"))
+    train_pairs = cached(
+        work / f"pairs-train-{key}.json",
+        lambda: sample_pairs(model, tokenizer, train_problems, args, "sampling train"),
+    )
+    eval_pairs = cached(
+        work / f"pairs-eval-{key}.json",
+        lambda: sample_pairs(model, tokenizer, eval_problems, args, "sampling held-out"),
+    )
     sampling_seconds = time.perf_counter() - t0
-    print(f"{len(train_pairs)} train pairs from {len(train_problems)} prompts, {len(eval_pairs)} held-out pairs from "
-          f"{len(eval_problems)} prompts ({sampling_seconds:.0f} s)", flush=True)
+    print(
+        f"{len(train_pairs)} train pairs from {len(train_problems)} prompts, {len(eval_pairs)} held-out pairs from "
+        f"{len(eval_problems)} prompts ({sampling_seconds:.0f} s)",
+        flush=True,
+    )
     if not train_pairs or not eval_pairs:
-        raise SystemExit("No preference pair could be formed (no prompt had both a correct and an incorrect sample): "
-                         "raise --train-prompts, --eval-prompts or --samples.")
+        raise SystemExit(
+            "No preference pair could be formed (no prompt had both a correct and an incorrect sample): "
+            "raise --train-prompts, --eval-prompts or --samples."
+        )
     weight_pairs = eval_pairs[: args.weight_pairs]
-    start_accuracy = cached(work / f"start-accuracy-{key}.json",
-                            lambda: task_accuracy(model, tokenizer, eval_problems, args, "eval start model"))
+    start_accuracy = cached(
+        work / f"start-accuracy-{key}.json",
+        lambda: task_accuracy(model, tokenizer, eval_problems, args, "eval start model"),
+    )
     print(f"start model: held-out task accuracy {start_accuracy:.3f}", flush=True)
 
     start_weights = weight_metrics(model, tokenizer, weight_pairs)
     prior = weight_metrics(model, tokenizer, weight_pairs, importance_lambda=0.0)
     uniform = statistics.mean(1 / (p[f"{s}_len"]) for p in weight_pairs for s in ("chosen", "rejected"))
-    start_targets = target_metrics(model, tokenizer, weight_pairs, with_reference=False) if args.target_variants else {}
+    start_targets = (
+        target_metrics(model, tokenizer, weight_pairs, with_reference=False) if args.target_variants else {}
+    )
     summary: dict[str, Any] = {
         "args": vars(args),
         "machine": {"device": args.device, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
@@ -595,9 +711,15 @@ def main(argv: list[str] | None = None) -> dict:
         "sampling_seconds": sampling_seconds,
         "variants": args.variants,
         "target_variants": [v for v in args.target_variants if v in args.variants],
-        "start": {"task_accuracy": start_accuracy, "weights": start_weights, "prior": prior, "uniform_share": uniform,
-                  "targets": start_targets,
-                  "train_pair_stats": _pair_stats(train_pairs), "eval_pair_stats": _pair_stats(eval_pairs)},
+        "start": {
+            "task_accuracy": start_accuracy,
+            "weights": start_weights,
+            "prior": prior,
+            "uniform_share": uniform,
+            "targets": start_targets,
+            "train_pair_stats": _pair_stats(train_pairs),
+            "eval_pair_stats": _pair_stats(eval_pairs),
+        },
         "per_seed": [],
     }
     view_pairs = [{key: pair[key] for key in ("prompt", "chosen", "rejected")} for pair in eval_pairs[:2]]
@@ -605,8 +727,9 @@ def main(argv: list[str] | None = None) -> dict:
         results = {}
         for name in args.variants:
             run_dir = work / "runs" / f"seed-{seed}" / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-            policy, info = train_variant(name, VARIANTS[name], model, tokenizer, train_pairs, eval_problems, view_pairs,
-                                         seed, args, run_dir)
+            policy, info = train_variant(
+                name, VARIANTS[name], model, tokenizer, train_pairs, eval_problems, view_pairs, seed, args, run_dir
+            )
             t_eval = time.perf_counter()
             result = {"task_accuracy": info["accuracy_curve"][args.steps], **info}
             result.update(preference_metrics(policy, tokenizer, eval_pairs, args.beta))
@@ -618,9 +741,12 @@ def main(argv: list[str] | None = None) -> dict:
             if args.save_adapter and seed == args.seeds[0] and name == "TI-DPO":
                 policy.save_pretrained(args.save_adapter)
             results[name] = result
-            print(f"seed {seed}, {name}: task accuracy {result['task_accuracy']:.3f}, preference accuracy "
-                  f"{result['preference_accuracy']:.3f}, margin {result['reward_margin']:.3f}, "
-                  f"{result['seconds_per_step']:.2f} s/step ({time.perf_counter() - t_start:.0f} s so far)", flush=True)
+            print(
+                f"seed {seed}, {name}: task accuracy {result['task_accuracy']:.3f}, preference accuracy "
+                f"{result['preference_accuracy']:.3f}, margin {result['reward_margin']:.3f}, "
+                f"{result['seconds_per_step']:.2f} s/step ({time.perf_counter() - t_start:.0f} s so far)",
+                flush=True,
+            )
             model = unload(policy)
         summary["per_seed"].append(results)
         summary["total_seconds"] = time.perf_counter() - t_start
@@ -631,8 +757,10 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n" + table)
     if args.plot:
         plot(summary, Path(args.plot))
-    print(f"\n{len(args.seeds)} seed(s) × {len(args.variants)} variants × {args.steps} steps: "
-          f"{summary['total_seconds']:.0f} s in total. Wrote {args.output}" + (f" and {args.plot}" if args.plot else ""))
+    print(
+        f"\n{len(args.seeds)} seed(s) × {len(args.variants)} variants × {args.steps} steps: "
+        f"{summary['total_seconds']:.0f} s in total. Wrote {args.output}" + (f" and {args.plot}" if args.plot else "")
+    )
     return summary
 
 
@@ -640,8 +768,12 @@ def _pair_stats(pairs: list[dict]) -> dict[str, float]:
     return {
         "pairs": len(pairs),
         "addition": sum(p["family"] == "addition" for p in pairs),
-        "mean_correct_of_wellformed": statistics.mean(p["num_correct"] / p["num_wellformed"] for p in pairs) if pairs else 0.0,
-        "mean_completion_tokens": statistics.mean((p["chosen_len"] + p["rejected_len"]) / 2 for p in pairs) if pairs else 0.0,
+        "mean_correct_of_wellformed": statistics.mean(p["num_correct"] / p["num_wellformed"] for p in pairs)
+        if pairs
+        else 0.0,
+        "mean_completion_tokens": statistics.mean((p["chosen_len"] + p["rejected_len"]) / 2 for p in pairs)
+        if pairs
+        else 0.0,
         "mean_critical_index": statistics.mean(p["critical"] for p in pairs) if pairs else 0.0,
     }
 
@@ -651,8 +783,13 @@ def _versions() -> dict[str, str]:
     import transformers
     import trl
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-            "peft": peft.__version__, "python": sys.version.split()[0]}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "peft": peft.__version__,
+        "python": sys.version.split()[0],
+    }
 
 
 if __name__ == "__main__":

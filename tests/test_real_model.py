@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "real_model.py"
 spec = importlib.util.spec_from_file_location("real_model_benchmark", BENCHMARK)
 real_model = importlib.util.module_from_spec(spec)

@@ -6,11 +6,11 @@ W&B in offline mode (nothing leaves the machine; the offline run's files are rea
 import glob
 import os
 import time
+from pathlib import Path
 
 import pytest
 
 from trl_tidpo import TIDPOConfig, TIDPOTrainer, TokenImportanceCallback
-
 
 EXAMPLES = [{"prompt": "what should i do about a headache ?", "chosen": " rest .", "rejected": " ignore it !"}]
 
@@ -32,7 +32,9 @@ def _args(tmp_path, report_to):
     )
 
 
-def test_tensorboard_gets_scalars_and_the_token_weight_table(model_dir, tokenizer, standard_dataset, tmp_path, monkeypatch):
+def test_tensorboard_gets_scalars_and_the_token_weight_table(
+    model_dir, tokenizer, standard_dataset, tmp_path, monkeypatch
+):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     callback = TokenImportanceCallback(EXAMPLES, every_n_steps=1)
@@ -92,17 +94,17 @@ def test_wandb_offline_run_holds_the_token_weight_pages(model_dir, tokenizer, st
     assert os.path.basename(os.path.dirname(run_dir)).startswith("offline-run-")
     pages = sorted(glob.glob(os.path.join(run_dir, "media", "html", "token_importance_*.html")))
     assert len(pages) == 2  # one page per render (steps 1 and 2)
-    for page in pages:
-        text = open(page, encoding="utf-8").read()
+    texts = [Path(page).read_text(encoding="utf-8") for page in pages]
+    for text in texts:
         assert "TI-DPO token weights at step" in text
         assert "what should i do about a headache ?" in text
-    assert {"TI-DPO token weights at step 1" in open(p).read() for p in pages} == {True, False}
+    assert {"TI-DPO token weights at step 1" in text for text in texts} == {True, False}
     # the run's history (the binary .wandb log) holds the Trainer's scalars and the pages' key
     (log,) = glob.glob(os.path.join(os.path.dirname(run_dir), "run-*.wandb"))
     keys = (b"token_importance", b"train/loss", b"train/token_weights/mean")
     # wandb's service process may still be writing the log when `finish` returns: wait for it (at most 60 s)
     deadline = time.monotonic() + 60
-    while not all(key in open(log, "rb").read() for key in keys) and time.monotonic() < deadline:
+    while not all(key in Path(log).read_bytes() for key in keys) and time.monotonic() < deadline:
         time.sleep(0.2)
-    data = open(log, "rb").read()
+    data = Path(log).read_bytes()
     assert all(key in data for key in keys)
