@@ -627,7 +627,14 @@ def parse_args(argv):
     parser.add_argument("--output", default="real_model.json")
     parser.add_argument("--plot", default="real_model_accuracy.png")
     parser.add_argument("--work-dir", default="real-model-runs")
-    parser.add_argument("--save-adapter", default=None, help="save seed 0's TI-DPO LoRA adapter here")
+    parser.add_argument("--save-adapter", default=None, help="save the first seed's TI-DPO LoRA adapter here")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="combine the per-seed results of earlier runs (e.g. one process per seed) into --output and --plot",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         defaults = {
@@ -645,8 +652,29 @@ def parse_args(argv):
     return args
 
 
+def merge(paths: list[str], output: str, plot_path: str | None) -> dict:
+    """One summary from runs that share the data and settings but not the seeds (their per-seed lists concatenated)."""
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    summary = runs[0]
+    for run in runs[1:]:
+        if run["start"]["task_accuracy"] != summary["start"]["task_accuracy"] or run["variants"] != summary["variants"]:
+            raise SystemExit(f"Cannot merge: the runs differ in their data or variants ({paths}).")
+        summary["per_seed"] += run["per_seed"]
+    seeds = [seed for run in runs for seed in run["args"]["seeds"][: len(run["per_seed"])]]
+    summary["args"]["seeds"] = seeds
+    summary["merged_from"] = {path: run.get("total_seconds") for path, run in zip(paths, runs)}
+    Path(output).write_text(json.dumps(summary, indent=2))
+    print(markdown(summary))
+    if plot_path:
+        plot(summary, Path(plot_path))
+    print(f"\nMerged {len(summary['per_seed'])} seed(s) {seeds} into {output}" + (f" and {plot_path}" if plot_path else ""))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.output, args.plot)
     if args.device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*", category=FutureWarning)
