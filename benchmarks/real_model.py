@@ -533,8 +533,11 @@ def markdown(summary: dict) -> str:
     prior = summary["start"]["prior"]
     lines += [
         "",
-        f"Baselines for the weight rows: the Gaussian prior alone puts {prior['critical_share']:.3f} of the mass on the "
-        f"critical token (rank {prior['critical_rank']:.2f}); uniform weights {summary['start']['uniform_share']:.3f}.",
+        (
+            f"Baselines for the weight rows: the Gaussian prior alone puts {prior['critical_share']:.3f} of the mass "
+            f"on the critical token (rank {prior['critical_rank']:.2f}); uniform weights "
+            f"{summary['start']['uniform_share']:.3f}."
+        ),
     ]
     lines += [
         "",
@@ -657,7 +660,10 @@ def merge(paths: list[str], output: str, plot_path: str | None) -> dict:
     runs = [json.loads(Path(path).read_text()) for path in paths]
     summary = runs[0]
     for run in runs[1:]:
-        if run["start"]["task_accuracy"] != summary["start"]["task_accuracy"] or run["variants"] != summary["variants"]:
+        if (
+            run["start"]["task_accuracy"] != summary["start"]["task_accuracy"]
+            or run["variants"] != summary["variants"]
+        ):
             raise SystemExit(f"Cannot merge: the runs differ in their data or variants ({paths}).")
         summary["per_seed"] += run["per_seed"]
     seeds = [seed for run in runs for seed in run["args"]["seeds"][: len(run["per_seed"])]]
@@ -667,7 +673,10 @@ def merge(paths: list[str], output: str, plot_path: str | None) -> dict:
     print(markdown(summary))
     if plot_path:
         plot(summary, Path(plot_path))
-    print(f"\nMerged {len(summary['per_seed'])} seed(s) {seeds} into {output}" + (f" and {plot_path}" if plot_path else ""))
+    print(
+        f"\nMerged {len(summary['per_seed'])} seed(s) {seeds} into {output}"
+        + (f" and {plot_path}" if plot_path else "")
+    )
     return summary
 
 
