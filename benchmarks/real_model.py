@@ -400,15 +400,17 @@ class AccuracyCurve(TrainerCallback):
         self.every, self.tokenizer, self.problems, self.args = every, tokenizer, problems, args
         self.points: dict[int, float] = {}
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0 or state.global_step == state.max_steps:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             acc = task_accuracy(
                 model, self.tokenizer, self.problems, self.args, desc=f"eval @ step {state.global_step}"
             )
             self.points[state.global_step] = acc
             self.seconds += time.perf_counter() - t0
+            self.cpu_seconds += time.process_time() - c0
 
 
 def train_variant(
@@ -458,12 +460,14 @@ def train_variant(
     )
     print(f"\n== seed {seed}, {name}: {args.steps} steps ==", flush=True)
     render_seconds = _time_renders(weights_view)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
-    seconds = time.perf_counter() - t0 - curve.seconds - render_seconds()
+    seconds = time.perf_counter() - t0 - curve.seconds - render_seconds()[0]
+    cpu_seconds = time.process_time() - c0 - curve.cpu_seconds - render_seconds()[1]
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return trainer.model.eval(), {
         "seconds_per_step": seconds / args.steps,
+        "cpu_seconds_per_step": cpu_seconds / args.steps,
         "accuracy_curve": curve.points,
         "loss_curve": losses,
     }
@@ -471,19 +475,20 @@ def train_variant(
 
 def _time_renders(callback):
     """Wrap the callback's `render` to total its time (it is a measurement aid, not part of a training step)."""
-    total = [0.0]
+    total = [0.0, 0.0]  # wall, process CPU
     if callback is not None:
         render = callback.render
 
         def timed(*a, **k):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return render(*a, **k)
             finally:
                 total[0] += time.perf_counter() - t0
+                total[1] += time.process_time() - c0
 
         callback.render = timed
-    return lambda: total[0]
+    return lambda: tuple(total)
 
 
 def unload(model):
@@ -510,7 +515,11 @@ def markdown(summary: dict) -> str:
         ("held-out reward margin", lambda r: r["reward_margin"]),
         ("critical token: share of weight mass", lambda r: r["weights"]["critical_share"]),
         ("critical token: rank in response (1 = top)", lambda r: r["weights"]["critical_rank"]),
-        ("seconds per step", lambda r: r["seconds_per_step"]),
+        ("seconds per step (wall)", lambda r: r["seconds_per_step"]),
+        (
+            "CPU seconds per step (process time; load-independent with --threads 1)",
+            lambda r: r.get("cpu_seconds_per_step"),
+        ),
     ]
     lines = ["| metric | start model | " + " | ".join(variants) + " |", "|---" * (len(variants) + 2) + "|"]
     start_values = {
