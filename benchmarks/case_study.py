@@ -130,13 +130,14 @@ def markdown(results: dict, adapter: str | None) -> str:
     lines = []
     models = list(results)
     for response, (_, paper) in RESPONSES.items():
+        columns = [(m, name) for m in models for name in ("ours (λ=0.7)", "ours (λ=1)")]
         lines += [
-            f"\n**{response}** (word weights, max-rescaled; ours = λ=0.7 defaults, max over a word's tokens)\n",
-            "| word | paper | " + " | ".join(f"ours, {m}" for m in models) + " |",
-            "|---" * (len(models) + 2) + "|",
+            f"\n**{response}** (word weights, max-rescaled; max over a word's tokens)\n",
+            "| word | paper | " + " | ".join(f"{name}, {m}" for m, name in columns) + " |",
+            "|---" * (len(columns) + 2) + "|",
         ]
         for i, (word, value) in enumerate(paper):
-            cells = [f"{results[m][response]['words']['ours (λ=0.7)']['max'][i]:.2f}" for m in models]
+            cells = [f"{results[m][response]['words'][name]['max'][i]:.2f}" for m, name in columns]
             lines.append(f"| {word} | {value:.2f} | " + " | ".join(cells) + " |")
     lines += [
         "\nSpearman rank correlation with the paper's printed weights:\n",
