@@ -27,10 +27,10 @@ from transformers import AutoModelForCausalLM
 from trl_tidpo import token_weights
 
 # The demo's data, model builders and metrics (package internals, as `critical_tokens.py` uses them)
-from trl_tidpo.demo.data import critical_token_labels, load_pairs
-from trl_tidpo.demo.metrics import roc_auc, top_k_share
-from trl_tidpo.demo.runner import VARIANTS, DemoConfig, build_tokenizer, limit_cpu_threads, sft_warmup, train_variant
-from trl_tidpo.tokenization import tokenize_completion
+from trl_tidpo.tools.demo.data import critical_token_labels, load_pairs
+from trl_tidpo.tools.demo.metrics import roc_auc, top_k_share
+from trl_tidpo.tools.demo.runner import VARIANTS, DemoConfig, build_tokenizer, limit_cpu_threads, sft_warmup, train_variant
+from trl_tidpo.modeling.tokenization import tokenize_completion
 
 
 def measure(model, tokenizer, rows: list[dict], reference=None) -> dict[str, dict[str, float]]:

@@ -19,7 +19,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from real_model import completion_ids
 
 from trl_tidpo import token_weights
-from trl_tidpo.smollm2 import load_smollm2
+from trl_tidpo.tools.demo.smollm2 import load_smollm2
 
 PROMPT = "I have a headache, what should I do?"
 # The paper's texts and printed per-word weights (/work/shared/PAPER_CASE_STUDY.md). B's table omits "but", "if",

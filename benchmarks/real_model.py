@@ -43,7 +43,7 @@ from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from trl_tidpo import TIDPOConfig, TIDPOTrainer, TokenImportanceCallback, token_weights
-from trl_tidpo.smollm2 import load_smollm2
+from trl_tidpo.tools.demo.smollm2 import load_smollm2
 
 SYSTEM_PROMPT = "Answer with one number."
 ANSWER_PREFIX = "The answer is"  # the assistant turn starts with it, so an answer is a few tokens
