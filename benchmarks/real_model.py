@@ -667,6 +667,7 @@ def parse_args(argv):
 def merge(paths: list[str], output: str, plot_path: str | None) -> dict:
     """One summary from runs that share the data and settings but not the seeds (their per-seed lists concatenated)."""
     runs = [json.loads(Path(path).read_text()) for path in paths]
+    seeds = [seed for run in runs for seed in run["args"]["seeds"][: len(run["per_seed"])]]
     summary = runs[0]
     for run in runs[1:]:
         if (
@@ -675,7 +676,6 @@ def merge(paths: list[str], output: str, plot_path: str | None) -> dict:
         ):
             raise SystemExit(f"Cannot merge: the runs differ in their data or variants ({paths}).")
         summary["per_seed"] += run["per_seed"]
-    seeds = [seed for run in runs for seed in run["args"]["seeds"][: len(run["per_seed"])]]
     summary["args"]["seeds"] = seeds
     summary["merged_from"] = {path: run.get("total_seconds") for path, run in zip(paths, runs)}
     Path(output).write_text(json.dumps(summary, indent=2))
