@@ -74,3 +74,13 @@ def ref_model_dir(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("tiny-llama-ref")
     build_tiny_llama(len(tokenizer), seed=1).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is several times faster than two on a shared 2-core machine, and deterministic.
+    Modules that run many tiny trainer steps use it (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

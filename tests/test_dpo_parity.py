@@ -18,13 +18,7 @@ from trl_tidpo import TIDPOConfig, TIDPOTrainer
 from trl_tidpo.ops.weighted_losses import LOSS_TYPES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is several times faster than two on a shared 2-core machine, and deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def label_smoothing_for(loss_type: str) -> float:
