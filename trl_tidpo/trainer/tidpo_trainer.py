@@ -62,9 +62,6 @@ from .tidpo_config import TIDPOConfig
 
 logger = get_logger(__name__)
 
-_ANCHOR_KEYS = ("anchor_input_ids", "anchor_attention_mask", "anchor_completion_mask")
-
-
 def reference_needed_at_each_step(args: TIDPOConfig) -> list[str]:
     """
     What runs the reference model at every step even with `precompute_ref_log_probs=True` (which then keeps it in
