@@ -19,6 +19,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from real_model import completion_ids
 
 from trl_tidpo import token_weights
+from trl_tidpo.tools.demo.metrics import average_ranks
 from trl_tidpo.tools.demo.smollm2 import load_smollm2
 
 PROMPT = "I have a headache, what should I do?"
@@ -51,21 +52,7 @@ PUNCTUATION = ",.!?;:"
 
 def spearman(x: list[float], y: list[float]) -> float:
     """Spearman's rank correlation (average ranks for ties)."""
-
-    def ranks(values):
-        order = sorted(range(len(values)), key=lambda i: values[i])
-        out = [0.0] * len(values)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                out[order[k]] = (i + j) / 2
-            i = j + 1
-        return out
-
-    rx, ry = ranks(x), ranks(y)
+    rx, ry = average_ranks(x), average_ranks(y)  # a shift of every rank leaves the correlation unchanged
     mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
     cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
     return cov / (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5

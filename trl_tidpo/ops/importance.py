@@ -119,7 +119,7 @@ def completion_token_weights(
     importance_lambda: float,
     prior_sigma_ratio: float,
     weight_span: str = "completion",
-    normalization: str = "mean",
+    weight_normalization: str = "mean",
 ) -> HybridWeights:
     """
     The hybrid weights of right-padded rows, on TRL's shifted token axis (entry `i` weighs token `i+1`).
@@ -140,7 +140,7 @@ def completion_token_weights(
         span = F.pad(completion_mask, (1, 0), value=0)
     else:
         span = attention_mask
-    mixed = hybrid_token_weights(raw_importance, span, importance_lambda, prior_sigma_ratio, normalization)
+    mixed = hybrid_token_weights(raw_importance, span, importance_lambda, prior_sigma_ratio, weight_normalization)
     return HybridWeights(
         weights=mixed.weights[:, 1:] * completion_mask,
         importance=mixed.importance[:, 1:],

@@ -77,10 +77,7 @@ def token_weights(
         raw,
         completion_mask[:, 1:],  # shifted: position 0 is never scored, as in training
         attention_mask,
-        options["importance_lambda"],
-        options["prior_sigma_ratio"],
-        options["weight_span"],
-        options["weight_normalization"],
+        **options,
     )
     start = input_ids.size(1) - len(completion_ids) - 1  # on the shifted axis
 

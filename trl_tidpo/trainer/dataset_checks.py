@@ -3,11 +3,11 @@
 from accelerate.logging import get_logger
 from datasets import Dataset
 
+from ..modeling.weight_cache import TOKENIZED_COLUMNS
 from ..modeling.weight_columns import WEIGHT_COLUMNS
 from .tidpo_config import TIDPOConfig
 
 
-TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 logger = get_logger(__name__)
 

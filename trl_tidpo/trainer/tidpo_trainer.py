@@ -515,7 +515,7 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         if self.args.token_weighting == "uniform":
             return HybridWeights(completion_mask.float(), None, None, none, none)
         if raw_importance is None and self._prior_only and not self._precomputes_reference_weights:
-            return completion_token_weights(None, completion_mask, attention_mask, **self._weight_kwargs())
+            return completion_token_weights(None, completion_mask, attention_mask, **self.args.weight_options())
         if raw_importance is None:  # dataset weights, or cached reference weights
             if batch_weights is None:
                 raise ValueError(
@@ -523,18 +523,7 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
                     "default collator builds it from the 'chosen_token_weights'/'rejected_token_weights' columns."
                 )
             return HybridWeights(batch_weights[:, 1:].float() * completion_mask, None, None, none, none)
-        return completion_token_weights(
-            raw_importance, completion_mask, attention_mask, **self._weight_kwargs()
-        )
-
-    def _weight_kwargs(self) -> dict:
-        options = self.args.weight_options()
-        return {
-            "importance_lambda": options["importance_lambda"],
-            "prior_sigma_ratio": options["prior_sigma_ratio"],
-            "weight_span": options["weight_span"],
-            "normalization": options["weight_normalization"],
-        }
+        return completion_token_weights(raw_importance, completion_mask, attention_mask, **self.args.weight_options())
 
     def _triplet_terms(
         self, policy: PairForward, ref: PairForward, anchor: AnchorForward, ref_anchor: AnchorForward

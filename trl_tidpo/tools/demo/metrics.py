@@ -4,6 +4,21 @@ from collections.abc import Sequence
 from typing import Any
 
 
+def average_ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks of `values`, ties sharing the mean rank of their group (as ROC-AUC and Spearman's rho need)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
 def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
     """
     Area under the ROC curve of `scores` for the binary `labels`: the probability that a random positive scores
@@ -21,17 +36,7 @@ def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
     n_neg = len(labels) - n_pos
     if n_pos == 0 or n_neg == 0:
         raise ValueError("ROC-AUC needs at least one positive and one negative label.")
-    # Average ranks (1-based) with ties sharing the mean rank of their group
-    order = sorted(range(len(scores)), key=lambda i: scores[i])
-    ranks = [0.0] * len(scores)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
+    ranks = average_ranks(scores)
     rank_sum = sum(rank for rank, label in zip(ranks, labels) if label)
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
