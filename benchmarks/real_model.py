@@ -474,6 +474,8 @@ def train_and_evaluate(name, base_model, tokenizer, data, learning_rate, seed, a
     if with_dev:
         dev = evaluate(model, tokenizer, data["dev_problems"], args, f"dev, {name}")
         record["dev"] = {"accuracy": statistics.mean(dev["correct"]), "gold_logp": statistics.mean(dev["gold_logp"])}
+    if args.save_adapter and name == "TI-DPO" and seed == args.seeds[0]:
+        model.save_pretrained(Path(args.save_adapter) / f"lr{learning_rate:g}")
     summary = summarize(record["eval"], data["eval_problems"])
     print(
         f"{name}, lr {learning_rate:g}, seed {seed}: held-out accuracy {summary['accuracy']:.3f} (malformed "
@@ -779,6 +781,9 @@ def parse_args(argv):
     parser.add_argument("--output", default="real_model.json")
     parser.add_argument("--plot", default="", help="write a plot of accuracy against learning rate here")
     parser.add_argument("--work-dir", default="real-model-runs")
+    parser.add_argument(
+        "--save-adapter", default=None, help="save TI-DPO's LoRA adapter (first seed, selected rate) here (case study)"
+    )
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="combine runs into --output")
     args = parser.parse_args(argv)
     if args.quick:
