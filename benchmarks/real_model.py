@@ -1,11 +1,11 @@
 """
 Real-model benchmark: does TI-DPO beat DPO where answers can be checked? SmolLM2-135M-Instruct (offline, LoRA) on
-arithmetic prompts whose answers a program checks; on-policy pairs sampled from the starting model (chosen = a correct
-answer, rejected = the model's likeliest wrong one). Every variant starts from the same model, LoRA initialisation,
-data order and settings per seed, and gets its learning rate from one shared grid, chosen on a dev split of the
-training prompts (never on the held-out ones). Headline: held-out greedy accuracy, compared with DPO by a paired
-difference per held-out prompt and seed, with a 95 % bootstrap CI (prompts and seeds resampled); second metric: the
-held-out log-probability of the gold answer. A sanity gate fails the run (exit 3) unless DPO beats the start model
+arithmetic prompts whose answers a program checks; pairs from the starting model's samples (chosen = the correct answer
+in the model's words, rejected = the model's likeliest wrong sampled answer). Every variant starts from the same model,
+LoRA initialisation, data order and settings per seed, and gets its learning rate from one shared grid, chosen on a dev
+split of the training prompts (never on the held-out ones). Headline: held-out greedy accuracy, compared with DPO by a
+paired difference per held-out prompt and seed, with a 95 % bootstrap CI (prompts and seeds resampled); second metric:
+the held-out log-probability of the gold answer. A sanity gate fails the run (exit 3) unless DPO beats the start model
 by more than 2 standard errors.
 
     python benchmarks/real_model.py --quick                                # one seed, one learning rate (≤ 10 min CPU)
@@ -160,14 +160,8 @@ def completion_ids(tokenizer, prompt: list[dict], completion: list[dict]) -> tup
     return prompt_ids[:start], full_ids[start:]
 
 
-def sample_pairs(model, tokenizer, problems: list[dict], args, desc: str) -> list[dict]:
-    """
-    On-policy pairs: `args.samples` sampled answers per prompt from the starting model (temperature 0.8); a sample's
-    answer is the number it starts with (samples that start otherwise are dropped), written back as the completion
-    "The answer is N." (what the model sampled, cut after its answer). Chosen = the correct answer, rejected = the most
-    frequent incorrect one (the model's likeliest mistake); prompts without both give no pair. Each pair
-    records its critical token: the first completion token where chosen and rejected diverge.
-    """
+def sample_answers(model, tokenizer, problems: list[dict], args, desc: str) -> list[list[str]]:
+    """`args.samples` answers per problem sampled from the model (temperature 0.8, top-k and top-p off)."""
     answers = generate(
         model,
         tokenizer,
@@ -179,15 +173,24 @@ def sample_pairs(model, tokenizer, problems: list[dict], args, desc: str) -> lis
         desc=desc,
         seed=args.data_seed,
     )
+    return [[text for text, _ in samples] for samples in answers]
+
+
+def pairs_from_samples(tokenizer, problems: list[dict], samples: list[list[str]]) -> list[dict]:
+    """
+    Preference pairs: rejected = the model's own most frequent wrong answer among its samples (a sample's answer is
+    the number it starts with; samples that start otherwise are dropped), chosen = the gold answer, both written as
+    "The answer is N." (the words the model itself uses after the prefix). Prompts whose samples hold no wrong
+    answer give no pair. Each pair records its critical token: the first completion token where the two diverge.
+    """
     pairs = []
-    for problem, samples in zip(problems, answers):
-        numbers = [int(m.group(1)) for text, _ in samples if (m := LEADING_NUMBER.match(text))]
-        correct = [n for n in numbers if n == problem["answer"]]
+    for problem, texts in zip(problems, samples):
+        numbers = [int(m.group(1)) for text in texts if (m := LEADING_NUMBER.match(text))]
         wrong = [n for n in numbers if n != problem["answer"]]
-        if not correct or not wrong:
+        if not wrong:
             continue
         prompt = chat_prompt(problem["question"])
-        chosen = [{"role": "assistant", "content": f"{ANSWER_PREFIX} {correct[0]}."}]
+        chosen = [{"role": "assistant", "content": f"{ANSWER_PREFIX} {problem['answer']}."}]
         rejected = [{"role": "assistant", "content": f"{ANSWER_PREFIX} {max(set(wrong), key=wrong.count)}."}]
         _, chosen_ids = completion_ids(tokenizer, prompt, chosen)
         _, rejected_ids = completion_ids(tokenizer, prompt, rejected)
@@ -201,7 +204,7 @@ def sample_pairs(model, tokenizer, problems: list[dict], args, desc: str) -> lis
                 "critical": critical,
                 "chosen_len": len(chosen_ids),
                 "rejected_len": len(rejected_ids),
-                "num_correct": len(correct),
+                "num_correct": len(numbers) - len(wrong),
                 "num_wellformed": len(numbers),
             }
         )
@@ -220,7 +223,8 @@ def cached(path: Path, compute):
 
 
 
-# ---------------------------------------------------------------------------------------------------- attribution targets (kept for benchmarks/attribution_targets.py)
+# ------------------------------------------------------------------------------------------------ attribution targets
+# (not run here; kept for benchmarks/attribution_targets.py)
 
 TARGETS = ("paper", "paper, closing tokens out", "log-likelihood", "implicit reward")
 
@@ -443,8 +447,10 @@ def gradient_shares(name: str, base_model, tokenizer, pairs, args, work: Path) -
     `2 × batch_size` train pairs. DPO is measured as its uniform-weight `TIDPOTrainer` twin (same loss and gradient).
     Returns the shares and the base model (the adapter removed)."""
     variant = GRADIENT_SHARE_AS.get(name, VARIANTS[name])
-    trainer = build_trainer(variant, base_model, tokenizer, pairs[: 2 * args.batch_size], work / "grad-share", 1e-4, 0, args)
-    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]))
+    pairs = pairs[: 2 * args.batch_size]
+    trainer = build_trainer(variant, base_model, tokenizer, pairs, work / "grad-share", 1e-4, 0, args)
+    rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    batch = trainer._prepare_inputs(trainer.data_collator(rows))
     torch.manual_seed(0)
     shares = decisive_gradient_share(trainer, batch)
     return shares, trainer.model.unload()
@@ -454,7 +460,9 @@ def train_and_evaluate(name, base_model, tokenizer, data, learning_rate, seed, a
     """Train one (variant, learning rate, seed), evaluate it on the held-out (and dev) prompts; returns the record
     and the base model with the adapter removed."""
     run_dir = work / "runs" / f"{slug(name)}-lr{learning_rate:g}-seed{seed}"
-    trainer = build_trainer(VARIANTS[name], base_model, tokenizer, data["train_pairs"], run_dir, learning_rate, seed, args)
+    trainer = build_trainer(
+        VARIANTS[name], base_model, tokenizer, data["train_pairs"], run_dir, learning_rate, seed, args
+    )
     print(f"\n== {name}, learning rate {learning_rate:g}, seed {seed}: {args.steps} steps ==", flush=True)
     t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
@@ -741,7 +749,12 @@ def plot(summary: dict, path: Path) -> None:
         accs = e["accuracy_per_seed"]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         ax.errorbar(
-            [e["learning_rate"]], [statistics.mean(accs)], yerr=[std], fmt="*", markersize=12, color=line[0].get_color()
+            [e["learning_rate"]],
+            [statistics.mean(accs)],
+            yerr=[std],
+            fmt="*",
+            markersize=12,
+            color=line[0].get_color(),
         )
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (lines: grid seeds; stars: selected, mean ± std over all seeds)")
@@ -757,7 +770,7 @@ def plot(summary: dict, path: Path) -> None:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one seed, one learning rate, DPO and TI-DPO, few prompts")
+    parser.add_argument("--quick", action="store_true", help="one seed, one rate, DPO and TI-DPO, few prompts")
     parser.add_argument("--prepare", action="store_true", help="only sample and cache the pairs and the start's evals")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--grid-seeds", type=int, nargs="+", default=[0], help="seeds that run the whole grid")
@@ -814,7 +827,10 @@ def prepare(model, tokenizer, args, work: Path) -> dict:
         ).encode()
     ).hexdigest()[:12]  # fmt: skip
     t0 = time.perf_counter()
-    pairs = cached(work / f"pairs-{key}.json", lambda: sample_pairs(model, tokenizer, train, args, "sampling pairs"))
+    samples = cached(
+        work / f"samples-{key}.json", lambda: sample_answers(model, tokenizer, train, args, "sampling train answers")
+    )
+    pairs = pairs_from_samples(tokenizer, train, samples)
     start = cached(
         work / f"start-{key}.json",
         lambda: {
@@ -853,7 +869,11 @@ def run(args) -> dict:
         "versions": _versions(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "load_average_at_start": os.getloadavg(),
-        "data": {"pair_stats": data["stats"], "eval_problems": data["eval_problems"]},
+        "data": {
+            "pair_stats": data["stats"],
+            "eval_problems": data["eval_problems"],
+            "train_pairs": data["train_pairs"],
+        },
         "start": data["start"],
         "variants": args.variants,
         "records": [],
@@ -907,10 +927,12 @@ def merge(paths: list[str], output: str, plot_path: str) -> dict:
     for path, run_ in zip(paths[1:], runs[1:]):
         differing = [k for k in MERGE_KEYS if run_["args"][k] != summary["args"][k]]
         if differing or run_["start"]["eval"]["correct"] != summary["start"]["eval"]["correct"]:
-            raise SystemExit(f"Cannot merge {path}: its settings differ ({differing or 'the start model evaluation'}).")
+            what = differing or "the start model's evaluation"
+            raise SystemExit(f"Cannot merge {path}: its settings differ ({what}).")
         for name, lr in run_["selected_lr"].items():
             if summary["selected_lr"].setdefault(name, lr) != lr:
-                raise SystemExit(f"Cannot merge {path}: {name} selected learning rate {lr}, another run {summary['selected_lr'][name]}.")
+                other = summary["selected_lr"][name]
+                raise SystemExit(f"Cannot merge {path}: {name} selected learning rate {lr}, another run {other}.")
         summary["records"] += run_["records"]
         summary["variants"] += [v for v in run_["variants"] if v not in summary["variants"]]
         for name, shares in run_["gradient_share"].items():

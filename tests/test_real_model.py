@@ -92,8 +92,8 @@ def test_minimal_run_reports_and_fails_its_sanity_gate_loudly(tmp_path, capsys):
     assert "SANITY GATE FAILED" in capsys.readouterr().err
 
     summary = json.loads(output.read_text())
-    pairs = json.loads(next((tmp_path / "runs").glob("pairs-*.json")).read_text())
-    for pair in pairs:  # chosen is right, rejected wrong, and they first differ at the recorded token
+    assert summary["data"]["train_pairs"]
+    for pair in summary["data"]["train_pairs"]:  # chosen is right, rejected wrong, and they first differ at the recorded token
         assert real_model.parse_answer(pair["chosen"][0]["content"]) == pair["answer"]
         assert real_model.parse_answer(pair["rejected"][0]["content"]) != pair["answer"]
         assert 0 < pair["critical"] < min(pair["chosen_len"], pair["rejected_len"])
