@@ -214,3 +214,41 @@ def test_slow_tokenizer_is_refused():
     slow = SimpleNamespace(is_fast=False)
     with pytest.raises(ValueError, match=r"only fast tokenizers give; `SimpleNamespace` is a slow one"):
         check_offsets_support(slow)
+
+
+def test_training_script_passes_span_and_pair_weight_columns_through(tmp_path, model_dir, monkeypatch):
+    """`trl-tidpo train --token_weighting dataset`: the spans become the trainer's token weights, and `pair_weight`
+    reaches the loss (all 0 here, so two optimiser steps leave the model exactly as it was)."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from trl_tidpo.tools import train_script
+
+    built = []
+
+    class RecordingTrainer(TIDPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(train_script, "TIDPOTrainer", RecordingTrainer)
+    rows = [dict(row, pair_weight=0.0) for row in span_dataset(WORD_CONTENT, conversational=False).to_list()]
+    dataset = tmp_path / "pairs.jsonl"
+    dataset.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    output_dir = tmp_path / "out"
+    argv = [
+        "--model_name_or_path", model_dir, "--dataset_name", str(dataset), "--output_dir", str(output_dir),
+        "--use_cpu", "--bf16", "False", "--report_to", "none", "--save_strategy", "no",
+        "--gradient_checkpointing", "False", "--per_device_train_batch_size", "2", "--max_steps", "2",
+        "--learning_rate", "1e-2", "--triplet_gamma", "0", "--disable_tqdm", "True",
+        "--token_weighting", "dataset", "--span_default_weight", "0.5",
+    ]  # fmt: skip
+    assert train_script.main(argv) == 0
+    (trainer,) = built
+    assert trainer.train_dataset[0]["chosen_token_weights"] == hand_written(WORD_EXPECTED, 0.5)[1]
+    assert trainer.train_dataset["pair_weight"] == [0.0, 0.0]
+    saved = load_file(output_dir / "model.safetensors")
+    initial = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    assert all(torch.equal(saved[name], initial[name]) for name in saved)
