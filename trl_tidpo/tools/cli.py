@@ -307,4 +307,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m trl_tidpo.tools.cli`: run the package's module, whose `CLIError` is the one its helpers raise
+    from trl_tidpo.tools.cli import main as package_main
+
+    sys.exit(package_main())

@@ -33,7 +33,8 @@ def load_row(name: str, split: str, row: int) -> dict:
     try:
         splits = load_preference_dataset(name)  # a single file or Dataset becomes the "train" split
     except (ValueError, FileNotFoundError, OSError) as error:
-        raise CLIError(f"--dataset: {str(error).strip().splitlines()[0]}") from None
+        reason = str(error).strip().splitlines()[0].replace("`--dataset_name ", "`")
+        raise CLIError(f"--dataset: {reason}") from None
     if split not in splits:
         raise CLIError(f"--split: the dataset has no split {split!r}; it has {list(splits)}")
     dataset = splits[split]
