@@ -51,6 +51,7 @@ from ..modeling.weight_spans import (
     validate_span_rows,
 )
 from ..ops.importance import HybridWeights, completion_token_weights
+from ..ops.pair_alignment import align_pair_completions, difference_token_weights
 from ..ops.sequential_kl import sequential_kl
 from ..ops.triplet import triplet_distances, triplet_loss
 from ..ops.weighted_losses import (
@@ -525,6 +526,8 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         completion_mask: torch.Tensor,
         attention_mask: torch.Tensor,
         batch_weights: torch.Tensor | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
     ) -> HybridWeights:
         """
         Token weights of the pair rows on the shifted axis (entry `i` weighs token `i+1`).
@@ -537,6 +540,8 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
             attention_mask (`torch.Tensor`): `[2B, T]`.
             batch_weights (`torch.Tensor`, *optional*): the batch's `token_weights` `[2B, T]` (unshifted), used with
                 `token_weighting="dataset"`/`"tis_dpo"` and with precomputed reference weights.
+            input_ids (`torch.Tensor`, *optional*): the pair rows' `[2B, T]` token ids, needed by
+                `token_weighting="difference"` (which compares chosen and rejected token by token).
 
         Returns:
             `HybridWeights`: detached float32 `weights` `[2B, T-1]` (0 off the completion), the rows that fell back to
@@ -546,6 +551,8 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         none = torch.zeros(rows, dtype=torch.bool, device=completion_mask.device)
         if self.args.token_weighting == "uniform":
             return HybridWeights(completion_mask.float(), None, None, none, none)
+        if self.args.token_weighting == "difference":
+            return self._difference_weights(input_ids, completion_mask)
         if raw_importance is None and self._prior_only and not self._precomputes_reference_weights:
             return completion_token_weights(None, completion_mask, attention_mask, **self.args.weight_options())
         if raw_importance is None:  # dataset weights, or cached reference weights
@@ -556,6 +563,20 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
                 )
             return HybridWeights(batch_weights[:, 1:].float() * completion_mask, None, None, none, none)
         return completion_token_weights(raw_importance, completion_mask, attention_mask, **self.args.weight_options())
+
+    def _difference_weights(self, input_ids: torch.Tensor | None, completion_mask: torch.Tensor) -> HybridWeights:
+        """`token_weighting="difference"`: the pair's shared tokens and differing tokens, weighted and normalised."""
+        if input_ids is None:
+            raise ValueError("`token_weighting='difference'` compares the pair's tokens: pass `input_ids`.")
+        unshifted = torch.nn.functional.pad(completion_mask, (1, 0), value=0)
+        alignment = align_pair_completions(input_ids, unshifted)
+        return difference_token_weights(
+            alignment.shared,
+            completion_mask,
+            self.args.difference_shared_weight,
+            self.args.difference_differing_weight,
+            self.args.weight_normalization,
+        )
 
     def _triplet_terms(
         self, policy: PairForward, ref: PairForward, anchor: AnchorForward, ref_anchor: AnchorForward
@@ -672,7 +693,11 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         policy, ref, anchor, ref_anchor = self._forwards(model, batch)
         importance = ref.raw_importance if self._attribution_source() == "reference" else policy.raw_importance
         weights = self.compute_token_weights(
-            importance, policy.completion_mask, policy.attention_mask, batch.get("token_weights")
+            importance,
+            policy.completion_mask,
+            policy.attention_mask,
+            batch.get("token_weights"),
+            input_ids=batch["input_ids"],
         )
         mask, w = policy.completion_mask, weights.weights
         chosen_logps, rejected_logps = self._sequence_logps(policy.per_token_logps, w, mask).chunk(2)
@@ -756,9 +781,18 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         if not fallback_rows:
             return
         self._fallback_rows_seen += fallback_rows
+        if self.args.token_weighting == "difference":
+            what = (
+                "had only tokens shared with the other completion, which `difference_shared_weight=0` weighs 0, and "
+                "used uniform weights"
+            )
+        else:
+            what = (
+                "had a token attribution that sums to 0 or is not finite (e.g. an fp16 overflow) and used the "
+                "Gaussian prior alone"
+            )
         logger.warning(
-            f"{fallback_rows} row(s) in this {mode} batch had a token attribution that sums to 0 or is not finite "
-            f"(e.g. an fp16 overflow) and used the Gaussian prior alone ({self._fallback_rows_seen} so far); see the "
+            f"{fallback_rows} row(s) in this {mode} batch {what} ({self._fallback_rows_seen} so far); see the "
             "`token_weights/fallback_rows` metric."
         )
 
