@@ -107,3 +107,32 @@ def test_argument_errors(tmp_path, model_dir, capsys, argv, fragments):
 def test_prompt_and_completion_still_required_without_a_dataset(model_dir, capsys):
     assert main(["explain", "--model", model_dir, "--prompt", "hi"]) == 2
     _one_line_error(capsys, "--prompt and --completion are required (or --dataset FILE --row N)")
+
+
+@pytest.mark.parametrize("normalization", ["mean", "sum"])
+def test_difference_row_shows_the_trainers_weights(tmp_path, model_dir, tokenizer, capsys, normalization):
+    from trainer_probes import tidpo_args
+
+    from trl_tidpo import TIDPOTrainer
+
+    rows = [{"prompt": PROMPT, "chosen": " rest and see doctor now .", "rejected": " rest and take pills now ."}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    shown = explain_json(
+        capsys, "--model", model_dir, "--dataset", path, "--token-weighting", "difference",
+        "--difference-shared-weight", "0.25", "--weight-normalization", normalization,
+    )  # fmt: skip
+    trainer = TIDPOTrainer(
+        model=model_dir,
+        args=tidpo_args(tmp_path, token_weighting="difference", triplet_gamma=0.0, difference_shared_weight=0.25,
+                        weight_normalization=normalization),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )  # fmt: skip
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    mask = batch["completion_mask"][:, 1:]
+    expected = trainer.compute_token_weights(None, mask, batch["attention_mask"], None, input_ids=batch["input_ids"])
+    assert shown["source"] == "difference"
+    for row, side in enumerate(("chosen", "rejected")):
+        assert shown[side]["weights"] == expected.weights[row][mask[row].bool()].tolist()
+    # the differing middle ("see doctor" / "take pills") weighs more than the shared "rest and ... now . <eos>"
+    assert shown["chosen"]["weights"][2] > shown["chosen"]["weights"][0]

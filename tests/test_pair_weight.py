@@ -14,12 +14,14 @@ from trl_tidpo import TIDPOTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# TI-DPO weights with the triplet term (dataset anchors: deterministic); WPO with IPO and LD-DPO; TIS-free modes
+# TI-DPO weights with the triplet term (dataset anchors: deterministic); WPO with IPO and LD-DPO; uniform weights with
+# two loss types; the pair's difference
 CONFIGS = {
     "ti_dpo+triplet": {"triplet_gamma": 0.1, "anchor_source": "dataset", "triplet_margin": 1.0},  # hinge active
     "wpo+ipo+ld": {"triplet_gamma": 0.0, "use_weighting": True, "loss_type": "ipo", "ld_alpha": 0.5},
     "uniform+sft": {"triplet_gamma": 0.0, "token_weighting": "uniform", "loss_type": ["sigmoid", "sft"],
                     "loss_weights": [1.0, 0.5]},
+    "difference+hinge": {"triplet_gamma": 0.0, "token_weighting": "difference", "loss_type": "hinge"},
 }  # fmt: skip
 
 

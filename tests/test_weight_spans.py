@@ -216,13 +216,41 @@ def test_slow_tokenizer_is_refused():
         check_offsets_support(slow)
 
 
+def script_argv(model_dir: str, dataset, output_dir, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path", model_dir, "--dataset_name", str(dataset), "--output_dir", str(output_dir),
+        "--use_cpu", "--bf16", "False", "--report_to", "none", "--save_strategy", "no",
+        "--gradient_checkpointing", "False", "--per_device_train_batch_size", "2", "--max_steps", "2",
+        "--learning_rate", "1e-2", "--triplet_gamma", "0", "--disable_tqdm", "True", *extra,
+    ]  # fmt: skip
+
+
+def assert_unchanged(output_dir, model_dir) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    saved = load_file(output_dir / "model.safetensors")
+    initial = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    assert all(torch.equal(saved[name], initial[name]) for name in saved)
+
+
+def test_training_script_passes_pair_weight_through_with_difference(tmp_path, model_dir):
+    import json
+
+    from trl_tidpo.tools import train_script
+
+    rows = [{"prompt": PROMPT, "chosen": " see doctor .", "rejected": " no .", "pair_weight": 0.0}] * 2
+    dataset = tmp_path / "pairs.jsonl"
+    dataset.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = script_argv(model_dir, dataset, tmp_path / "out", "--token_weighting", "difference")
+    assert train_script.main(argv) == 0
+    assert_unchanged(tmp_path / "out", model_dir)  # every pair weighs 0: two steps, no change
+
+
 def test_training_script_passes_span_and_pair_weight_columns_through(tmp_path, model_dir, monkeypatch):
     """`trl-tidpo train --token_weighting dataset`: the spans become the trainer's token weights, and `pair_weight`
     reaches the loss (all 0 here, so two optimiser steps leave the model exactly as it was)."""
     import json
-
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     from trl_tidpo.tools import train_script
 
@@ -238,17 +266,9 @@ def test_training_script_passes_span_and_pair_weight_columns_through(tmp_path, m
     dataset = tmp_path / "pairs.jsonl"
     dataset.write_text("".join(json.dumps(row) + "\n" for row in rows))
     output_dir = tmp_path / "out"
-    argv = [
-        "--model_name_or_path", model_dir, "--dataset_name", str(dataset), "--output_dir", str(output_dir),
-        "--use_cpu", "--bf16", "False", "--report_to", "none", "--save_strategy", "no",
-        "--gradient_checkpointing", "False", "--per_device_train_batch_size", "2", "--max_steps", "2",
-        "--learning_rate", "1e-2", "--triplet_gamma", "0", "--disable_tqdm", "True",
-        "--token_weighting", "dataset", "--span_default_weight", "0.5",
-    ]  # fmt: skip
+    argv = script_argv(model_dir, dataset, output_dir, "--token_weighting", "dataset", "--span_default_weight", "0.5")
     assert train_script.main(argv) == 0
     (trainer,) = built
     assert trainer.train_dataset[0]["chosen_token_weights"] == hand_written(WORD_EXPECTED, 0.5)[1]
     assert trainer.train_dataset["pair_weight"] == [0.0, 0.0]
-    saved = load_file(output_dir / "model.safetensors")
-    initial = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
-    assert all(torch.equal(saved[name], initial[name]) for name in saved)
+    assert_unchanged(output_dir, model_dir)

@@ -21,7 +21,8 @@ from ..modeling.weight_spans import (
     span_columns_of,
 )
 from ..ops.importance import completion_token_weights
-from ..trainer.tidpo_config import WEIGHT_OPTIONS, weight_option_defaults
+from ..ops.pair_alignment import align_pair_completions, difference_token_weights
+from ..trainer.tidpo_config import WEIGHT_OPTIONS, TIDPOConfig, weight_option_defaults
 
 
 @dataclass
@@ -114,8 +115,8 @@ class RowWeights:
     The weights the trainer will use for one preference pair of a dataset.
 
     Attributes:
-        source: `"spans"` (the span columns), `"columns"` (`chosen_token_weights`/`rejected_token_weights`) or
-            `"ti_dpo"` (computed from a model).
+        source: `"spans"` (the span columns), `"columns"` (`chosen_token_weights`/`rejected_token_weights`),
+            `"ti_dpo"` (computed from a model) or `"difference"` (from the pair's own shared and differing tokens).
         prompt_ids: the prompt's token ids as the trainer tokenises it.
         chosen, rejected: each completion's tokens and weights.
         pair_weight: the row's `pair_weight` (None without the column).
@@ -136,6 +137,7 @@ def dataset_row_weights(
     model: nn.Module | None = None,
     token_weighting: str = "auto",
     span_default_weight: float = 1.0,
+    difference_weights: tuple[float, float] | None = None,
     **weight_options: Any,
 ) -> RowWeights:
     """
@@ -148,10 +150,14 @@ def dataset_row_weights(
         row (`int`): its index, for messages.
         dataset_name (`str`): the dataset's name, for messages.
         model: a causal LM; needed only for TI-DPO weights.
-        token_weighting (`str`): `"dataset"` (span or weight columns), `"ti_dpo"`, or `"auto"`: `"dataset"` when the
-            row has span or weight columns, else `"ti_dpo"`.
+        token_weighting (`str`): `"dataset"` (span or weight columns), `"ti_dpo"`, `"difference"`, or `"auto"`:
+            `"dataset"` when the row has span or weight columns, else `"ti_dpo"`.
         span_default_weight (`float`): weight of tokens outside every span (`TIDPOConfig.span_default_weight`).
-        **weight_options: TI-DPO's weight options (`TIDPOConfig.weight_options()`).
+        difference_weights (`tuple[float, float]`, *optional*): `(difference_shared_weight,
+            difference_differing_weight)` of `"difference"`, `TIDPOConfig`'s by default (the row is shown untruncated;
+            the trainer compares the pair after `max_length` truncation).
+        **weight_options: TI-DPO's weight options (`TIDPOConfig.weight_options()`); `"difference"` reads
+            `weight_normalization`.
 
     Returns:
         `RowWeights`.
@@ -171,8 +177,10 @@ def dataset_row_weights(
             f"{where}: `token_weighting='dataset'` needs the span columns {list(SPAN_COLUMNS)} or both weight columns "
             f"{list(WEIGHT_COLUMNS)}; the row has {sorted(example)}."
         )
-    if token_weighting not in ("dataset", "ti_dpo"):
-        raise ValueError(f"`token_weighting` must be 'auto', 'dataset' or 'ti_dpo' here, got {token_weighting!r}.")
+    if token_weighting not in ("dataset", "ti_dpo", "difference"):
+        raise ValueError(
+            f"`token_weighting` must be 'auto', 'dataset', 'ti_dpo' or 'difference' here, got {token_weighting!r}."
+        )
     pair_weight = example.get(PAIR_WEIGHT_COLUMN)
     if PAIR_WEIGHT_COLUMN in example:
         pair_weight = check_pair_weight(pair_weight, where)
@@ -180,12 +188,19 @@ def dataset_row_weights(
     if token_weighting == "dataset" and spans:
         check_offsets_support(tokenizer)
         example.update(record_span_source(example, row, dataset_name, implicit_prompt="prompt" not in example))
-    elif token_weighting == "ti_dpo":  # the trainer would not read them: left out of the preparation
+    elif token_weighting in ("ti_dpo", "difference"):  # the trainer would not read them: left out of the preparation
         example = {key: value for key, value in example.items() if key not in (*SPAN_COLUMNS, *WEIGHT_COLUMNS)}
     prepared = tokenize_preference_dataset(Dataset.from_list([example]), tokenizer)
     if token_weighting == "dataset" and spans:
         prepared = add_span_weight_columns(prepared, tokenizer, span_default_weight, dataset_name)
     prepared = prepared[0]
+    if token_weighting == "difference":
+        if difference_weights is None:
+            fields = TIDPOConfig.__dataclass_fields__
+            difference_weights = (fields["difference_shared_weight"].default, fields["difference_differing_weight"].default)
+        normalization = {**weight_option_defaults(), **weight_options}["weight_normalization"]
+        sides = _difference_sides(tokenizer, prepared, *difference_weights, normalization)
+        return RowWeights("difference", list(prepared["prompt_ids"]), *sides, pair_weight)
     if token_weighting == "ti_dpo":
         if model is None:
             raise ValueError(f"{where}: TI-DPO weights need a model (the row has no span or weight columns).")
@@ -205,3 +220,25 @@ def dataset_row_weights(
             raise ValueError(f"{where}: `{column}` holds {bad[0]!r}; token weights must be finite and >= 0.")
         sides.append(TokenWeights(tokenizer.convert_ids_to_tokens(ids), ids, weights, None, None, False))
     return RowWeights("spans" if spans else "columns", list(prepared["prompt_ids"]), *sides, pair_weight)
+
+
+def _difference_sides(
+    tokenizer, prepared: dict, shared_weight: float, differing_weight: float, normalization: str
+) -> list[TokenWeights]:
+    """`token_weighting="difference"` weights of one prepared pair, by the trainer's functions on a 2-row batch."""
+    prompt = list(prepared["prompt_ids"])
+    completions = [list(prepared["chosen_ids"]), list(prepared["rejected_ids"])]
+    width = len(prompt) + max(len(ids) for ids in completions)
+    rows = [prompt + ids + [0] * (width - len(prompt) - len(ids)) for ids in completions]
+    masks = [[0] * len(prompt) + [1] * len(ids) + [0] * (width - len(prompt) - len(ids)) for ids in completions]
+    input_ids, completion_mask = torch.tensor(rows), torch.tensor(masks)
+    alignment = align_pair_completions(input_ids, completion_mask)
+    mixed = difference_token_weights(
+        alignment.shared, completion_mask[:, 1:], shared_weight, differing_weight, normalization
+    )
+    sides = []
+    for row, ids in enumerate(completions):
+        start = len(prompt) - 1  # on the shifted axis
+        weights = mixed.weights[row, start : start + len(ids)].tolist()
+        sides.append(TokenWeights(tokenizer.convert_ids_to_tokens(ids), ids, weights, None, None, bool(mixed.fallback[row])))
+    return sides

@@ -19,9 +19,13 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
                        "script's --dataset_name")  # fmt: skip
     group.add_argument("--row", type=int, default=0, help="the row to show (default: 0)")
     group.add_argument("--split", default="train", help="the split of a save_to_disk folder (default: train)")
-    group.add_argument("--token-weighting", choices=["auto", "dataset", "ti_dpo"], default="auto",
+    group.add_argument("--token-weighting", choices=["auto", "dataset", "ti_dpo", "difference"], default="auto",
                        help="where the weights come from (auto: the row's span or weight columns if it has them, "
-                       "else TI-DPO's from --model)")  # fmt: skip
+                       "else TI-DPO's from --model; difference: the pair's shared vs differing tokens)")  # fmt: skip
+    group.add_argument("--difference-shared-weight", type=float, default=None,
+                       help="'difference': weight of the tokens both completions share (default: TIDPOConfig's)")
+    group.add_argument("--difference-differing-weight", type=float, default=None,
+                       help="'difference': weight of the differing tokens (default: TIDPOConfig's)")  # fmt: skip
     group.add_argument("--span-default-weight", type=float, default=None,
                        help="weight of tokens outside every span (default: TIDPOConfig's, 1.0)")  # fmt: skip
 
@@ -71,11 +75,14 @@ def explain_dataset(args: argparse.Namespace, options: dict) -> int:
     from ..modeling.weight_spans import span_columns_of
     from .explain import dataset_row_weights
 
-    default = args.span_default_weight
-    if default is None:
-        default = TIDPOConfig.__dataclass_fields__["span_default_weight"].default
-    if not default >= 0 or default == float("inf"):
-        raise CLIError(f"--span-default-weight must be finite and >= 0, got {default}")
+    values = {}
+    for name in ("span_default_weight", "difference_shared_weight", "difference_differing_weight"):
+        value = getattr(args, name)
+        values[name] = TIDPOConfig.__dataclass_fields__[name].default if value is None else value
+        if not values[name] >= 0 or values[name] == float("inf"):
+            raise CLIError(f"--{name.replace('_', '-')} must be finite and >= 0, got {values[name]}")
+    default = values["span_default_weight"]
+    difference = (values["difference_shared_weight"], values["difference_differing_weight"])
     import datasets
 
     datasets.disable_progress_bars()  # one row: the preparation's progress bars would only clutter the view
@@ -91,16 +98,22 @@ def explain_dataset(args: argparse.Namespace, options: dict) -> int:
         tokenizer = load_tokenizer(args.model)
     try:
         weights = dataset_row_weights(
-            tokenizer, example, args.row, Path(args.dataset).name, model, args.token_weighting, default, **options
+            tokenizer, example, args.row, Path(args.dataset).name, model, args.token_weighting, default, difference,
+            **options,
         )
     except ValueError as error:
         raise CLIError(str(error)) from None
-    _show(args, tokenizer, weights, default, options)
+    _show(args, tokenizer, weights, default, options, difference)
     return 0
 
 
-def _describe(weights, default: float, options: dict) -> str:
-    if weights.source == "spans":
+def _describe(weights, default: float, options: dict, difference: tuple[float, float]) -> str:
+    if weights.source == "difference":
+        text = (
+            f"difference weights (shared tokens {difference[0]}, differing tokens {difference[1]}, "
+            f"normalization={options['weight_normalization']}; the untruncated pair)"
+        )
+    elif weights.source == "spans":
         text = f"weights from the span columns (tokens outside every span: {default})"
     elif weights.source == "columns":
         text = "weights from the chosen_token_weights / rejected_token_weights columns"
@@ -114,18 +127,22 @@ def _describe(weights, default: float, options: dict) -> str:
     return text
 
 
-def _show(args: argparse.Namespace, tokenizer, weights, default: float, options: dict) -> None:
+def _show(
+    args: argparse.Namespace, tokenizer, weights, default: float, options: dict, difference: tuple[float, float]
+) -> None:
     from .visualize import PairView, TokenRow, display_tokens, pairs_page, terminal_view, use_color
 
     rows = {}
     for side in ("chosen", "rejected"):
         tw = getattr(weights, side)
         caption = f"{len(tw.token_ids)} {side} tokens (chat template and EOS included, as in training)"
-        if tw.fallback:
+        if tw.fallback and weights.source == "difference":
+            caption += "; its raw weights sum to 0: uniform weights, as in training"
+        elif tw.fallback:
             caption += "; the attribution could not be normalised: weights are the prior alone"
         rows[side] = TokenRow(display_tokens(tokenizer, tw.token_ids), tw.weights, importance=tw.importance,
                               prior=tw.prior, caption=caption)  # fmt: skip
-    description = _describe(weights, default, options)
+    description = _describe(weights, default, options, difference)
     if args.json:
         keys = ("token_ids", "weights", "importance", "prior", "fallback")
         sides = {side: {"tokens": list(rows[side].tokens), **{k: getattr(getattr(weights, side), k) for k in keys}}
