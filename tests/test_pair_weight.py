@@ -115,3 +115,17 @@ def test_pair_weight_reaches_the_batch(tmp_path, model_dir, ref_model_dir, token
     assert batch["pair_weight"].dtype == torch.float32
     assert batch["pair_weight"].tolist() == weights[:4]
     assert not math.isnan(trainer.get_batch_loss_metrics(trainer.model, batch)[0].item())
+
+
+def test_streamed_bad_pair_weight_fails_in_the_collator(tmp_path, model_dir, tokenizer, standard_dataset):
+    weights = [1.0] * 8
+    weights[1] = -0.5
+    trainer = TIDPOTrainer(
+        model=model_dir,
+        args=tidpo_args(tmp_path, triplet_gamma=0.0, max_steps=1),
+        train_dataset=standard_dataset.add_column("pair_weight", weights).to_iterable_dataset(),
+        processing_class=tokenizer,
+    )
+    rows = list(trainer.train_dataset)[:4]
+    with pytest.raises(ValueError, match=r"a row of this batch: `pair_weight` is -0.5"):
+        trainer.data_collator(rows)

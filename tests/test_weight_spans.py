@@ -272,3 +272,30 @@ def test_training_script_passes_span_and_pair_weight_columns_through(tmp_path, m
     assert trainer.train_dataset[0]["chosen_token_weights"] == hand_written(WORD_EXPECTED, 0.5)[1]
     assert trainer.train_dataset["pair_weight"] == [0.0, 0.0]
     assert_unchanged(output_dir, model_dir)
+
+
+def test_spans_survive_a_template_that_trims_the_content(tmp_path, model_dir, tokenizer):
+    trimming = copy.deepcopy(tokenizer)
+    trimming.chat_template = tokenizer.chat_template.replace("{{ message['content'] }}", "{{ message['content'] | trim }}")
+    content = "  " + WORD_CONTENT + " "  # the spans index this untrimmed text
+    trainer = build(tmp_path, model_dir, trimming, span_dataset(content, conversational=True))
+    assert trainer.train_dataset[0]["chosen_token_weights"] == hand_written(WORD_EXPECTED, 1.0)[1]
+
+
+def test_multi_message_completion_with_spans_is_refused(tmp_path, model_dir, tokenizer):
+    rows = span_dataset(WORD_CONTENT, conversational=True).to_list()
+    rows[0]["chosen"] = [{"role": "assistant", "content": "yes ."}, {"role": "assistant", "content": WORD_CONTENT}]
+    with pytest.raises(ValueError, match=r"row 0, `chosen_weight_spans`: spans need a completion of exactly one"):
+        build(tmp_path, model_dir, tokenizer, Dataset.from_list(rows))
+
+
+def test_streamed_dataset_gets_span_weights_and_row_checks(tmp_path, model_dir, tokenizer):
+    dataset = span_dataset(WORD_CONTENT, conversational=False)
+    trainer = build(tmp_path, model_dir, tokenizer, dataset.to_iterable_dataset(), max_steps=1)
+    first = next(iter(trainer.train_dataset))
+    assert first["chosen_token_weights"] == hand_written(WORD_EXPECTED, 1.0)[1]
+    rows = dataset.to_list()
+    rows[1]["rejected_weight_spans"] = [[0, 3, -2.0]]
+    bad = build(tmp_path / "bad", model_dir, tokenizer, Dataset.from_list(rows).to_iterable_dataset(), max_steps=1)
+    with pytest.raises(ValueError, match=r"row 1, `rejected_weight_spans`: span \[0, 3, -2.0\] has weight -2.0"):
+        list(bad.train_dataset)
