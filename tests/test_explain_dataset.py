@@ -10,7 +10,6 @@ from test_weight_spans import PROMPT, WORD_CONTENT, WORD_EXPECTED, hand_written,
 from trl_tidpo import token_weights
 from trl_tidpo.tools.cli import main
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

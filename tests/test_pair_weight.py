@@ -11,7 +11,6 @@ from trainer_probes import tidpo_args
 
 from trl_tidpo import TIDPOTrainer
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # TI-DPO weights with the triplet term (dataset anchors: deterministic); WPO with IPO and LD-DPO; uniform weights with

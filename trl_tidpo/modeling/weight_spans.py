@@ -10,13 +10,13 @@ column (implicit prompt), plain-text spans index the `chosen`/`rejected` text as
 """
 
 import math
+from itertools import pairwise
 from typing import Any
 
 from datasets import Dataset
 from trl.data_utils import is_conversational
 
 from .weight_columns import WEIGHT_COLUMNS
-
 
 SPAN_COLUMNS = ("chosen_weight_spans", "rejected_weight_spans")
 # A helper column carried through TRL's preparation (see `record_span_source`), removed once the spans are mapped
@@ -80,7 +80,7 @@ def check_spans(spans: Any, text_length: int, where: str) -> list[tuple[int, int
             )
         checked.append((start, end, float(weight)))
     checked.sort()
-    for (start, end, _), (next_start, next_end, _) in zip(checked, checked[1:]):
+    for (start, end, _), (next_start, next_end, _) in pairwise(checked):
         if next_start < end:
             raise ValueError(
                 f"{where}: spans [{start}, {end}) and [{next_start}, {next_end}) overlap; give each character at most "
@@ -106,6 +106,7 @@ def spans_to_token_weights(
     offsets: list[tuple[int, int]],
     text_start: int,
     default_weight: float,
+    bounds: tuple[int, int] | None = None,
 ) -> list[float]:
     """
     One weight per token: the weight of the span a token's characters overlap (a token straddling a span's edge takes
@@ -116,31 +117,37 @@ def spans_to_token_weights(
         offsets: `(start, end)` character offsets of the tokens in the tokenised string.
         text_start: where the completion text begins in that string (span `s` covers characters `text_start + s`...).
         default_weight: the weight of tokens outside every span.
+        bounds: `(start, end)` in the tokenised string that the spans are clipped to (the text that is actually
+            there, when a chat template trimmed the content's whitespace); by default the spans are not clipped.
 
     Returns:
         `list[float]`, `len(offsets)` weights.
     """
+    placed = [(text_start + s, text_start + e, w) for s, e, w in spans]
+    if bounds is not None:
+        placed = [(max(s, bounds[0]), min(e, bounds[1]), w) for s, e, w in placed]
+        placed = [(s, e, w) for s, e, w in placed if s < e]
     weights = []
     for token_start, token_end in offsets:
-        covering = [w for s, e, w in spans if token_start < text_start + e and text_start + s < token_end]
+        covering = [w for s, e, w in placed if token_start < e and s < token_end]
         weights.append(max(covering) if covering else default_weight)
     return weights
 
 
 def _rendered_completion(
     processing_class, example: dict, side: str, source: dict, where: str
-) -> tuple[str, int, bool]:
+) -> tuple[str, int, bool, tuple[int, int] | None]:
     """
-    The string TRL tokenises for `prompt + side` of one prepared example, where the span text starts in it, and
-    whether special tokens are added (plain text: as the tokenizer's `__call__`; chat template: no, the template
-    writes them).
+    The string TRL tokenises for `prompt + side` of one prepared example, where the span text starts in it, whether
+    special tokens are added (plain text: as the tokenizer's `__call__`; chat template: no, the template writes them),
+    and, when the template trimmed the content, the bounds of the content that is there (else None).
     """
     from .tokenization import chat_template_kwargs_of
 
     prompt, completion = example["prompt"], example[side]
     if not is_conversational({"prompt": prompt}):
         # TRL tokenises `prompt + completion`; an implicit prompt was cut from the text the spans index
-        return prompt + completion, 0 if source["implicit_prompt"] else len(prompt), True
+        return prompt + completion, 0 if source["implicit_prompt"] else len(prompt), True, None
     if len(completion) != 1:
         raise ValueError(
             f"{where}: spans need a completion of exactly one (assistant) message, got {len(completion)} messages."
@@ -151,17 +158,18 @@ def _rendered_completion(
     lower = next((i for i, (a, b) in enumerate(zip(prompt_only, full)) if a != b), min(len(prompt_only), len(full)))
     content = completion[0]["content"]
     position = full.find(content, lower)
-    if position < 0:  # a template that trims the content: spans keep indexing the untrimmed text
-        stripped = content.strip()
-        found = full.find(stripped, lower) if stripped else -1
-        if found < 0:
-            raise ValueError(
-                f"{where}: the assistant content was not found in the chat template's rendering, so its spans cannot "
-                f"be placed on tokens (the template rewrites the content). Give `chosen_token_weights`/"
-                f"`rejected_token_weights` instead."
-            )
-        position = found - (len(content) - len(content.lstrip()))
-    return full, position, False
+    if position >= 0:
+        return full, position, False, None
+    # A template that trims the content: spans keep indexing the untrimmed text, clipped to what is rendered
+    stripped = content.strip()
+    found = full.find(stripped, lower) if stripped else -1
+    if found < 0:
+        raise ValueError(
+            f"{where}: the assistant content was not found in the chat template's rendering, so its spans cannot be "
+            f"placed on tokens (the template rewrites the content). Give `chosen_token_weights`/"
+            f"`rejected_token_weights` instead."
+        )
+    return full, found - (len(content) - len(content.lstrip())), False, (found, found + len(stripped))
 
 
 def example_span_weights(
@@ -185,7 +193,7 @@ def example_span_weights(
             output[column] = [float(default_weight)] * len(completion_ids)
             continue
         spans = check_spans(example[span_column], source[f"{side}_length"], where)
-        text, text_start, add_special = _rendered_completion(processing_class, example, side, source, where)
+        text, text_start, add_special, bounds = _rendered_completion(processing_class, example, side, source, where)
         encoding = processing_class(text, add_special_tokens=add_special, return_offsets_mapping=True)
         ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
         if len(completion_ids) > len(ids) or ids[len(ids) - len(completion_ids) :] != completion_ids:
@@ -194,7 +202,7 @@ def example_span_weights(
                 f"`{side}_ids`, so the spans cannot be placed on tokens. Give `{column}` instead."
             )
         completion_offsets = offsets[len(ids) - len(completion_ids) :]
-        output[column] = spans_to_token_weights(spans, completion_offsets, text_start, default_weight)
+        output[column] = spans_to_token_weights(spans, completion_offsets, text_start, default_weight, bounds)
     return output
 
 

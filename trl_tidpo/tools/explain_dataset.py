@@ -70,9 +70,9 @@ def load_tokenizer(name: str):
 
 def explain_dataset(args: argparse.Namespace, options: dict) -> int:
     """Print (and with `--html`, write) the weights of `--row` of `--dataset`. Returns the exit code."""
-    from ..trainer.tidpo_config import TIDPOConfig
     from ..modeling.weight_columns import WEIGHT_COLUMNS
     from ..modeling.weight_spans import span_columns_of
+    from ..trainer.tidpo_config import TIDPOConfig
     from .explain import dataset_row_weights
 
     values = {}
