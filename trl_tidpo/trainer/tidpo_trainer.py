@@ -115,6 +115,11 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
     The parts live below the trainer: the mathematics in `trl_tidpo.ops`, the forwards, attribution, anchors and
     weight caches in `trl_tidpo.modeling`.
 
+    Datasets: TRL's preference formats, plus optional columns: `anchor` (`anchor_source="dataset"`), per-token
+    weights as `chosen_token_weights`/`rejected_token_weights` or as character spans
+    `chosen_weight_spans`/`rejected_weight_spans` (`token_weighting="dataset"`), and `pair_weight`, a float ≥ 0 per
+    pair that multiplies the pair's loss (DPO and triplet terms; with WPO the DPO term gets the product of both).
+
     Args: exactly those of [`~trl.DPOTrainer`]; `args` must be a [`TIDPOConfig`]. With `token_weighting="tis_dpo"`,
     also `tis_positive_model` and `tis_negative_model`: TIS-DPO's π+ and π− as loaded models (or paths), in place of
     the config fields of the same names. They are run once over each dataset at construction (the weights are cached
