@@ -250,7 +250,9 @@ def record_span_source(example: dict, index: int, dataset_name: str, implicit_pr
     return {SPAN_SOURCE_COLUMN: source}
 
 
-def add_span_weight_columns(dataset, processing_class, default_weight: float, dataset_name: str):
+def add_span_weight_columns(
+    dataset, processing_class, default_weight: float, dataset_name: str, num_proc: int | None = None
+):
     """
     `dataset` (prepared by TRL, still carrying the span columns and `_span_source`) with `chosen_token_weights` and
     `rejected_token_weights` computed from the spans; the span helper columns are removed.
@@ -260,7 +262,9 @@ def add_span_weight_columns(dataset, processing_class, default_weight: float, da
     """
     check_offsets_support(processing_class)
     helper_columns = [c for c in (*SPAN_COLUMNS, SPAN_SOURCE_COLUMN) if c in next(iter(dataset))]
-    map_kwargs = {"desc": f"Mapping weight spans of {dataset_name} dataset"} if isinstance(dataset, Dataset) else {}
+    map_kwargs = {}
+    if isinstance(dataset, Dataset):  # `IterableDataset.map` takes neither
+        map_kwargs = {"desc": f"Mapping weight spans of {dataset_name} dataset", "num_proc": num_proc}
     return dataset.map(
         example_span_weights,
         fn_kwargs={"processing_class": processing_class, "default_weight": default_weight, "dataset_name": dataset_name},

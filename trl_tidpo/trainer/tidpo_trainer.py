@@ -300,7 +300,9 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
                 **map_kwargs,
             )
         if has_spans:
-            dataset = add_span_weight_columns(dataset, processing_class, args.span_default_weight, dataset_name)
+            dataset = add_span_weight_columns(
+                dataset, processing_class, args.span_default_weight, dataset_name, args.dataset_num_proc
+            )
         if args.token_weighting == "dataset" and isinstance(dataset, Dataset):
             validate_token_weight_columns(dataset, dataset_name)
         return dataset
