@@ -45,6 +45,13 @@ class TIDPOConfig(DPOConfig):
             differing middle `difference_differing_weight` (then normalised per `weight_normalization`); no extra
             forward, no attribution: the baseline that TI-DPO's attribution has to beat. Cost of `"ti_dpo"` with
             `importance_model="policy"`: one activation-only backward per step (about one extra forward of compute).
+            `"dataset"` also accepts character spans instead of token lists: `chosen_weight_spans` /
+            `rejected_weight_spans`, lists of `[start_char, end_char, weight]` over the completion text (the assistant
+            message's content for conversational data), mapped onto the trainer's tokens with the fast tokenizer's
+            offsets.
+        span_default_weight (`float`, *optional*, defaults to `1.0`):
+            Weight (finite, ≥ 0) of the tokens outside every span of `chosen_weight_spans` / `rejected_weight_spans`,
+            and of every token of a side without spans. Unused without span columns.
         importance_model (`str`, *optional*, defaults to `"policy"`):
             Model whose gradient attribution gives the `"ti_dpo"` weights: the current `"policy"` at every step
             (paper), or the frozen `"reference"` (a deviation from the paper that costs nothing per step when the
@@ -135,10 +142,18 @@ class TIDPOConfig(DPOConfig):
         metadata={
             "help": "'ti_dpo': hybrid weights from gradient attribution and a Gaussian prior. 'uniform': every "
             "completion token weighs 1 (TRL's DPO). 'dataset': read the 'chosen_token_weights' and "
-            "'rejected_token_weights' columns. 'tis_dpo': TIS-DPO weights from two contrastive models (tis_* "
-            "options), computed once before training. 'difference': the pair's common prefix/suffix tokens weigh "
-            "difference_shared_weight, the differing middle difference_differing_weight (no attribution).",
+            "'rejected_token_weights' columns (or character spans: 'chosen_weight_spans' / 'rejected_weight_spans'). "
+            "'tis_dpo': TIS-DPO weights from two contrastive models (tis_* options), computed once before training. "
+            "'difference': the pair's common prefix/suffix tokens weigh difference_shared_weight, the differing "
+            "middle difference_differing_weight (no attribution).",
             "choices": ["ti_dpo", "uniform", "dataset", "tis_dpo", "difference"],
+        },
+    )
+    span_default_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight (finite, >= 0) of the tokens outside every span of the 'chosen_weight_spans' / "
+            "'rejected_weight_spans' columns (token_weighting='dataset')."
         },
     )
     importance_model: str = field(
@@ -287,6 +302,7 @@ class TIDPOConfig(DPOConfig):
             ("anchor_top_p", 0.0 < self.anchor_top_p <= 1.0, "in (0, 1]"),
             ("tdpo_alpha", self.tdpo_alpha >= 0, ">= 0"),
             ("kl_chunk_size", self.kl_chunk_size >= 1, ">= 1"),
+            ("span_default_weight", _finite_non_negative(self.span_default_weight), "finite and >= 0"),
             ("difference_shared_weight", _finite_non_negative(self.difference_shared_weight), "finite and >= 0"),
             ("difference_differing_weight", _finite_non_negative(self.difference_differing_weight), "finite and >= 0"),
         ]
