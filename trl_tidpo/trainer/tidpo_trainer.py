@@ -51,6 +51,7 @@ from ..ops.weighted_losses import (
 )
 from .dataset_checks import (
     check_dataset_columns,
+    check_dataset_rows,
     drop_overlong_prompt_rows,
     overlong_prompt_filter,
     report_dropped_overlong_prompts,
@@ -151,6 +152,7 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
             )
         if isinstance(train_dataset, (Dataset, IterableDataset)):  # None or another type: TRL's own error below
             check_dataset_columns(args, train_dataset, eval_dataset)
+            train_dataset, eval_dataset = check_dataset_rows(args, train_dataset, eval_dataset)
         tis_positive = tis_positive_model if tis_positive_model is not None else args.tis_positive_model
         tis_negative = tis_negative_model if tis_negative_model is not None else args.tis_negative_model
         check_tis_sources(args.token_weighting, tis_positive, tis_negative, args.tis_system_prompts)
