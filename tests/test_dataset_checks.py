@@ -6,10 +6,10 @@ import time
 
 import pytest
 from datasets import Dataset, load_dataset
-from helpers_trainer import CPU_ARGS
+from helpers_trainer import CPU_ARGS, load
 
 from trl_tidpo import TIDPOConfig, TIDPOTrainer
-from trl_tidpo.trainer.dataset_checks import check_dataset_rows, overlong_prompt_rows
+from trl_tidpo.trainer.dataset_checks import check_dataset_rows, overlong_prompt_rows, rows_past_positions
 
 
 def tokenized_dataset(prompt_lengths: list[int]) -> Dataset:
@@ -330,3 +330,72 @@ def test_implicit_prompt_needs_a_shared_prompt_and_own_completions(tmp_path, mod
         other = {"chosen": [*user("hi"), *assistant("a")], "rejected": [*user("hi"), *assistant("b")]}
     message = refused(tmp_path, model_dir, tokenizer, from_jsonl(tmp_path, [other, row]), r"`train_dataset` row 1: ")
     assert expected in message
+
+
+# ---------------------------------------------------------------------------------------------------- positions
+
+
+def short_context_model(model_dir, positions: int = 8):
+    """The tiny Llama with a context of `positions` tokens (rotary: only the config's limit changes)."""
+    model = load(model_dir)
+    model.config.max_position_embeddings = positions
+    return model
+
+
+LONG_ROWS = [
+    {"prompt": "the sky is", "chosen": " blue .", "rejected": " green ."},  # 3 + 3 tokens (EOS included)
+    {"prompt": "what should i do about a headache ?", "chosen": " rest .", "rejected": " no"},  # 8 + 3
+    {"prompt": "hello", "chosen": " hello world , how good !", "rejected": " bad"},  # 1 + 7: 8 fits
+    {"prompt": "tell me a story", "chosen": " the cat ran fast .", "rejected": " no ."},  # 4 + 6
+]
+
+
+def test_rows_past_the_model_positions_are_refused_without_max_length(tmp_path, model_dir, tokenizer):
+    """With `max_length=None` nothing truncates them: they would train at positions past the model's range."""
+    out = tmp_path / "run"
+    with pytest.raises(ValueError) as excinfo:
+        TIDPOTrainer(
+            model=short_context_model(model_dir),
+            args=TIDPOConfig(output_dir=str(out), **CPU_ARGS, triplet_gamma=0.0, max_length=None),
+            train_dataset=as_dataset(LONG_ROWS),
+            processing_class=tokenizer,
+        )
+    message = str(excinfo.value)
+    assert message.startswith(
+        "`train_dataset` row 1 (and 1 more): its prompt and longer completion take 11 tokens, more than the model's "
+        "`max_position_embeddings=8`, and `max_length=None` does not truncate it"
+    )
+    assert "Set `max_length` (at most 8) to truncate such rows" in message
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_max_length_above_the_model_positions_is_refused_when_a_row_needs_it(tmp_path, model_dir, tokenizer):
+    with pytest.raises(ValueError, match=r"`max_length=10` is more than that.*Lower `max_length` to at most 8"):
+        TIDPOTrainer(
+            model=short_context_model(model_dir),
+            args=TIDPOConfig(output_dir=str(tmp_path), **CPU_ARGS, triplet_gamma=0.0, max_length=10),
+            train_dataset=as_dataset(LONG_ROWS),
+            processing_class=tokenizer,
+        )
+
+
+def test_max_length_within_the_model_positions_trains(tmp_path, model_dir, tokenizer, caplog):
+    """`max_length=8`: rows are cut to the model's range; the prompt that fills it (row 1) is dropped, as TRL does."""
+    with caplog.at_level(logging.WARNING):
+        trainer = TIDPOTrainer(
+            model=short_context_model(model_dir),
+            args=TIDPOConfig(output_dir=str(tmp_path), **CPU_ARGS, triplet_gamma=0.0, max_length=8),
+            train_dataset=as_dataset(LONG_ROWS),
+            processing_class=tokenizer,
+        )
+    assert len(trainer.train_dataset) == 3
+    assert any("Dropped 1 of the 4 pairs of the train dataset" in r.getMessage() for r in caplog.records)
+
+
+def test_rows_past_positions_by_hand():
+    dataset = Dataset.from_dict(
+        {"prompt_ids": [[1] * 3, [1] * 6, [1]], "chosen_ids": [[2] * 2, [2], [2] * 9], "rejected_ids": [[3], [3] * 4, [3]]}
+    )
+    assert rows_past_positions(dataset, 8, None) == [(1, 10), (2, 10)]
+    assert rows_past_positions(dataset, 8, 9) == [(1, 9), (2, 9)]
+    assert rows_past_positions(dataset, 10, None) == []

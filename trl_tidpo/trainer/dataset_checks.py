@@ -421,3 +421,65 @@ def check_dataset_rows(args: TIDPOConfig, train_dataset, eval_dataset) -> tuple[
     elif eval_dataset is not None:
         eval_dataset = checked.get("eval_dataset", eval_dataset)
     return train_dataset, eval_dataset
+
+
+# ---------------------------------------------------------------------------------------------------- positions
+
+
+def rows_past_positions(dataset: Dataset, max_positions: int, max_length: int | None) -> list[tuple[int, int]]:
+    """
+    The rows of a tokenised map-style `dataset` whose collated length (prompt plus its longer completion, cut to
+    `max_length` when set) is more than `max_positions`, as `(row index, length)`.
+    """
+    columns = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+    past = []
+    index = 0
+    for batch in columns.iter(batch_size=4096):
+        for prompt, chosen, rejected in zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], strict=True):
+            length = len(prompt) + max(len(chosen), len(rejected))
+            if max_length is not None:
+                length = min(length, max_length)
+            if length > max_positions:
+                past.append((index, length))
+            index += 1
+    return past
+
+
+def check_positions(dataset, dataset_name: str, max_positions: int | None, max_length: int | None) -> None:
+    """
+    Refuse the rows of a tokenised map-style `dataset` that would train at positions past the model's
+    `max_position_embeddings` (`max_positions`; None: no limit known, nothing checked): with `max_length=None` nothing
+    truncates them, and a rotary model then trains on positions it never saw (a learned position table fails). They
+    are refused rather than dropped: the fix, `max_length`, is the user's choice of how to cut them. Streamed datasets
+    are not read ahead: not checked.
+
+    Raises:
+        ValueError: naming the first such row, the count and the fix.
+    """
+    if max_positions is None or not isinstance(dataset, Dataset):
+        return
+    if max_length is not None and max_length <= max_positions:
+        return
+    past = rows_past_positions(dataset, max_positions, max_length)
+    if not past:
+        return
+    index, length = past[0]
+    more = f" (and {len(past) - 1} more)" if len(past) > 1 else ""
+    if max_length is None:
+        cause, fix = "`max_length=None` does not truncate it", f"Set `max_length` (at most {max_positions})"
+    else:
+        cause = f"`max_length={max_length}` is more than that"
+        fix = f"Lower `max_length` to at most {max_positions}"
+    raise ValueError(
+        f"`{dataset_name}` row {index}{more}: its prompt and longer completion take {length} tokens, more than the "
+        f"model's `max_position_embeddings={max_positions}`, and {cause}, so it would train at positions the model has "
+        f"no position for. {fix} to truncate such rows (with `truncation_mode='keep_start'`, rows whose prompt alone "
+        "fills it are then dropped with a warning, as TRL drops them), or shorten them."
+    )
+
+
+def model_max_positions(config) -> int | None:
+    """The model config's `max_position_embeddings` (of its text model for a multimodal config), or None."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text_config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None

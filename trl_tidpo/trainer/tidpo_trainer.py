@@ -52,7 +52,10 @@ from ..ops.weighted_losses import (
 from .dataset_checks import (
     check_dataset_columns,
     check_dataset_rows,
+    check_positions,
     drop_overlong_prompt_rows,
+    model_max_positions,
+    named_datasets,
     overlong_prompt_filter,
     report_dropped_overlong_prompts,
 )
@@ -190,6 +193,9 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
+        max_positions = model_max_positions(causal_lm_of(self.model).config)
+        for name, dataset in named_datasets(self.train_dataset, self.eval_dataset).items():
+            check_positions(dataset, name, max_positions, args.max_length)
         if kept_for:
             args.precompute_ref_log_probs = True
             self._precompute_with_kept_reference(kept_for)
