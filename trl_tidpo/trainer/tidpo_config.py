@@ -86,7 +86,8 @@ class TIDPOConfig(DPOConfig):
             generation of up to `anchor_max_new_tokens` tokens per step). `"dataset"`: read from an `anchor` column in
             the same format as `chosen`.
         anchor_max_new_tokens (`int`, *optional*, defaults to `64`):
-            Maximum number of tokens of a policy-sampled anchor.
+            Maximum number of tokens of a policy-sampled anchor. Generation also stops at the batch's longest
+            chosen/rejected completion: the triplet distances read no anchor token past it (the losses are the same).
         anchor_temperature (`float`, *optional*, defaults to `0.8`):
             Sampling temperature of policy anchors (> 0).
         anchor_top_k (`int`, *optional*, defaults to `50`):

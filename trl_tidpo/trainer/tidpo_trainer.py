@@ -4,6 +4,7 @@ import os
 import shutil
 import textwrap
 import warnings
+import weakref
 
 import torch
 from accelerate.logging import get_logger
@@ -299,10 +300,22 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
     def _reference_model(self):
         return self.ref_model if self.ref_model is not None else self.model
 
+    def _peft_policy(self):
+        """
+        The PEFT model under the policy's wrapping (`accelerator.unwrap_model(self.model)`), or None without PEFT.
+        Resolved once per `self.model` object, not at each reference forward: accelerate's unwrapping re-reads
+        installed packages' metadata on every call.
+        """
+        cached = getattr(self, "_peft_policy_cache", None)
+        if cached is None or cached[0]() is not self.model:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            self._peft_policy_cache = (weakref.ref(self.model), unwrapped if is_peft_model(unwrapped) else None)
+        return self._peft_policy_cache[1]
+
     def _reference_context(self):
         """Under PEFT without a `ref_model`: disabled adapters (new adapter) or the frozen "ref" copy (re-trained)."""
-        if self.ref_model is None and is_peft_model(self.accelerator.unwrap_model(self.model)):
-            unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped = self._peft_policy() if self.ref_model is None else None
+        if unwrapped is not None:
             return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         return contextlib.nullcontext()
 
@@ -437,8 +450,19 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
                 pad_token_id=self._tokenizer.pad_token_id,
                 max_length=self.args.max_length,
                 truncation_mode=self.args.truncation_mode,
+                max_completion_tokens=self._longest_completion(inputs),
             )
         return AnchorBatch.from_inputs(anchors)
+
+    def _longest_completion(self, inputs: dict) -> int:
+        """
+        The batch's longest chosen/rejected completion, in tokens (the most the triplet distances read of an anchor),
+        over all processes, so that every process generates the same number of steps, as it did uncapped.
+        """
+        longest = inputs["completion_mask"].sum(dim=-1).max()
+        if self.accelerator.num_processes > 1:
+            longest = self.accelerator.gather(longest.reshape(1)).max()
+        return int(longest)
 
     def _forwards(self, model, batch: dict) -> tuple[PairForward, PairForward, AnchorForward | None, AnchorForward | None]:
         """The policy's and the reference's forwards of the pair rows, and of the anchor rows when the triplet loss is
