@@ -17,7 +17,7 @@ Method
   stable numbers: wall and CPU time then agree and other processes only take their share of the other core.
 - FLOPs (`--measure flops`): matmul and attention FLOPs of one step per mode (`torch.utils.flop_counter`, forward and
   backward), a cross-check independent of the machine's load. It undercounts what is latency-bound (generation).
-- Python overhead (`--measure overhead`): the median step time, in ms, of each mode on a 1-layer, 16-hidden model
+- Python overhead (`--measure overhead`): the median step time, in ms (process CPU time on a CPU), of each mode on a 1-layer, 16-hidden model
   (`OVERHEAD_MODEL`) whose kernels take microseconds, so what is left is the step's Python: the trainer's code, TRL's
   and the libraries'. It is printed next to the ratios, which a small per-step cost hides on a large model, and
   shows a regression such as a per-step package-metadata lookup (~1 ms each) in ms.
@@ -417,7 +417,8 @@ OVERHEAD_MODEL = {
 
 def run_overhead(args: argparse.Namespace, setting: str, modes: list[str]) -> dict:
     """
-    Median wall time of one step (ms) per mode on `OVERHEAD_MODEL`, alternating modes round by round as
+    Median time of one step (ms; process CPU time on a CPU, robust to other load, wall time on a GPU) per mode on
+    `OVERHEAD_MODEL`, alternating modes round by round as
     `run_timing` does: the per-step Python overhead. A regression in it (e.g. a per-step package-metadata lookup,
     ~1 ms each) shows here in ms whatever the model size.
     """
@@ -434,9 +435,9 @@ def run_overhead(args: argparse.Namespace, setting: str, modes: list[str]) -> di
         for round_ in range(micro.warmup + micro.steps):
             for mode, trainer in trainers.items():
                 torch.manual_seed(round_)
-                elapsed, _ = timed_step(trainer, data[mode][round_ % len(data[mode])], setup.device)
-                if round_ >= micro.warmup:
-                    times[mode].append(elapsed * 1e3)
+                elapsed, elapsed_cpu = timed_step(trainer, data[mode][round_ % len(data[mode])], setup.device)
+                if round_ >= micro.warmup:  # CPU time on CPU: the step's own work, whatever else loads the machine
+                    times[mode].append((elapsed_cpu if setup.device.type == "cpu" else elapsed) * 1e3)
     result = {mode: {"overhead_ms": statistics.median(values)} for mode, values in times.items()}
     for mode, values in result.items():
         values["overhead_over_dpo_ms"] = values["overhead_ms"] - result["dpo"]["overhead_ms"]

@@ -436,9 +436,7 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
                 "`anchor_source='policy'` needs `prompt_input_ids` and `prompt_attention_mask` in each batch. The "
                 "default collator provides them; a custom `data_collator` must too (see `DataCollatorForTIDPO`)."
             )
-        with unwrap_model_for_generation(
-            model, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
-        ) as unwrapped:
+        with self._unwrapped_for_generation(model) as unwrapped:
             anchors = sample_policy_anchors(
                 unwrapped,
                 inputs["prompt_input_ids"],
@@ -453,6 +451,33 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
                 max_completion_tokens=self._longest_completion(inputs),
             )
         return AnchorBatch.from_inputs(anchors)
+
+    @contextlib.contextmanager
+    def _unwrapped_for_generation(self, model):
+        """
+        TRL's `unwrap_model_for_generation` (the unwrapped model, gradient checkpointing off for the block), with the
+        unwrapped model resolved once per wrapper object instead of twice per step (accelerate's unwrapping re-reads
+        package metadata on every call). Under DeepSpeed, TRL's own, which gathers ZeRO-3's parameters.
+        """
+        kwargs = self.args.gradient_checkpointing_kwargs
+        if self.is_deepspeed_enabled:
+            with unwrap_model_for_generation(model, self.accelerator, gradient_checkpointing_kwargs=kwargs) as unwrapped:
+                yield unwrapped
+            return
+        cache = self.__dict__.setdefault("_unwrapped_cache", weakref.WeakKeyDictionary())
+        cached = cache.get(model)
+        unwrapped = cached() if cached is not None else None
+        if unwrapped is None:
+            unwrapped = self.accelerator.unwrap_model(model)
+            cache[model] = weakref.ref(unwrapped)
+        checkpointing = unwrapped.is_gradient_checkpointing
+        if checkpointing:
+            unwrapped.gradient_checkpointing_disable()
+        try:
+            yield unwrapped
+        finally:
+            if checkpointing:
+                unwrapped.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def _longest_completion(self, inputs: dict) -> int:
         """
