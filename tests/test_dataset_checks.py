@@ -301,15 +301,16 @@ def test_streamed_dataset_is_checked_as_rows_are_read(tmp_path, model_dir, token
 
 
 def test_row_check_is_fast(tmp_path):
-    """One pass in Python over the columns: 20 000 conversational rows well under a second (~0.25 s measured)."""
-    n = 20_000
+    """One pass in Python over the columns: 5 000 conversational rows in well under a second of CPU time (about 0.06 s
+    measured on an idle core; CPU time, so that other load on the machine does not count)."""
+    n = 5_000
     dataset = Dataset.from_dict(
         {"prompt": [user("what is it")] * n, "chosen": [assistant("a b c")] * n, "rejected": [assistant("d")] * n}
     )
     args = TIDPOConfig(output_dir=str(tmp_path), **CPU_ARGS)
-    start = time.perf_counter()
+    start = time.process_time()
     check_dataset_rows(args, dataset, None)
-    assert time.perf_counter() - start < 2.0
+    assert time.process_time() - start < 1.0
 
 
 @pytest.mark.parametrize(
