@@ -242,7 +242,7 @@ def weighted_rows(chosen_weights, rejected_weights=None) -> list[dict]:
     return rows
 
 
-@pytest.mark.parametrize("token_weighting", ["ti_dpo", "uniform"])
+@pytest.mark.parametrize("token_weighting", ["ti_dpo", "uniform", "difference"])
 def test_weight_columns_that_would_be_ignored_are_refused(tmp_path, model_dir, tokenizer, token_weighting):
     message = refused(
         tmp_path, model_dir, tokenizer, as_dataset(weighted_rows([1.0, 2.0, 3.0])),

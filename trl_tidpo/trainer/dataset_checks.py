@@ -372,7 +372,7 @@ class RowChecker:
 
 def _check_unused_weight_columns(args: TIDPOConfig, dataset_name: str, columns: list[str]) -> None:
     present = [column for column in WEIGHT_COLUMNS if column in columns]
-    if present and args.token_weighting in ("ti_dpo", "uniform"):
+    if present and args.token_weighting in ("ti_dpo", "uniform", "difference"):
         raise ValueError(
             f"`{dataset_name}` has the token weight column(s) {present}, which `token_weighting="
             f"{args.token_weighting!r}` does not read: they would be ignored. Set `token_weighting='dataset'` to train "
