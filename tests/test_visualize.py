@@ -106,3 +106,18 @@ def test_use_color(monkeypatch):
     assert use_color(_Tty()) is False
     with pytest.raises(ValueError, match="colour mode"):
         use_color(_Tty(), "sometimes")
+
+
+def test_colour_scale_saturates_at_the_95th_percentile_not_at_an_outlier():
+    from trl_tidpo.tools.visualize import scale_max
+
+    # 19 content tokens between 0.5 and 1.4 and one EOS at 9.0: nearest-rank 95th percentile = 19th of 20 sorted
+    weights = [0.5 + 0.05 * i for i in range(19)] + [9.0]
+    assert scale_max(weights) == pytest.approx(sorted(weights)[18])
+    assert scale_max([0.0] * 19 + [3.0]) == 3.0  # a non-positive quantile falls back to the maximum
+    assert scale_max([]) == 1.0
+    page = completion_page("p", _row([f"t{i}" for i in range(20)], weights), title="T")
+    full = r'style="background:rgb\(234,88,12\)" title="[^"]*">'
+    assert re.search(full + "t18<", page) and re.search(full + "t19<", page)  # the largest content token and EOS
+    assert not re.search(full + "t17<", page)
+    assert "≥ 1.40" in page and "95% quantile" in page

@@ -4,6 +4,7 @@ rendering (colour on a terminal, plain numbers when piped).
 """
 
 import html
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from ..modeling.weight_columns import WEIGHT_COLUMNS
 
 # Weight shading: white at 0, full orange-red at `vmax`.
 _SHADE_RGB = (234, 88, 12)
+SCALE_QUANTILE = 0.95  # the colour scale saturates here (see `scale_max`)
 # 256-colour background ramp for terminals, from white to red.
 _ANSI_RAMP = (231, 230, 229, 223, 216, 209, 202, 196)
 
@@ -121,6 +123,8 @@ def _legend(vmax: float, with_critical: bool) -> str:
     critical = '<span><span class="tok critical">token</span> critical token (ground truth)</span>' if with_critical else ""
     return (
         f'<div class="legend"><span>weight 0</span><span class="ramp"></span><span>≥ {vmax:.2f}</span>'
+        f"<span>(the scale saturates at the {SCALE_QUANTILE:.0%} quantile of the weights shown, so that a few large "
+        f"ones, often EOS, do not leave the rest pale)</span>"
         f"{critical}<span>hover a token for its weight, importance and prior</span></div>"
     )
 
@@ -141,8 +145,24 @@ def _page(title: str, body: str) -> str:
     )
 
 
+def scale_max(weights: Sequence[float], quantile: float = SCALE_QUANTILE) -> float:
+    """
+    Where the colour scale saturates: the `quantile` of `weights` (nearest rank), or their maximum when that quantile
+    is not positive. The end-of-sequence token and a few others often weigh several times the rest; scaled to the
+    maximum, every content token would be nearly white.
+
+    Returns:
+        `float`: 1.0 for no weights.
+    """
+    ordered = sorted(weights)
+    if not ordered:
+        return 1.0
+    value = ordered[max(math.ceil(quantile * len(ordered)) - 1, 0)]
+    return value if value > 0 else ordered[-1]
+
+
 def _page_vmax(rows: Sequence[TokenRow]) -> float:
-    return max((w for row in rows for w in row.weights), default=1.0)
+    return scale_max([w for row in rows for w in row.weights])
 
 
 def pairs_page(
