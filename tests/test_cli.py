@@ -160,6 +160,10 @@ TRAIN_USER_ERRORS = {
         lambda tmp_path, model_dir: ("./no-such-tiny-model", _pairs(tmp_path), ["--use_cpu"]),
         "`--model_name_or_path ./no-such-tiny-model`: no such folder.",
     ),
+    "model-folder-without-config": (
+        lambda tmp_path, model_dir: (str(tmp_path), _pairs(tmp_path), ["--use_cpu"]),
+        "`--model_name_or_path {tmp}` has no config.json: not a folder written by `save_pretrained`.",
+    ),
     "non-utf8-jsonl": (
         lambda tmp_path, model_dir: (model_dir, _latin1_jsonl(tmp_path), ["--use_cpu"]),
         "{tmp}/latin1.jsonl is not UTF-8 text: line 2 has the byte 0xe9 (file offset 69). Re-save the file as UTF-8",

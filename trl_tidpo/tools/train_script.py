@@ -193,6 +193,11 @@ def check_model_path(name: str) -> None:
         )
     if path.is_file():
         raise ValueError(f"`--model_name_or_path {name}` is a file: pass the folder that holds config.json.")
+    if path.is_dir() and not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+        raise ValueError(
+            f"`--model_name_or_path {name}` has no config.json: not a folder written by `save_pretrained`. Pass the "
+            "folder of a saved model, or a hub model id."
+        )
 
 
 def check_quantization(model_args: ModelConfig) -> None:
