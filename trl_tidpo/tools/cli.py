@@ -252,6 +252,8 @@ def _explain(args: argparse.Namespace) -> int:
         )
     tw = token_weights(model, tokenizer, prompt, completion, **options)
     tokens = display_tokens(tokenizer, tw.token_ids)
+    special_ids = set(tokenizer.all_special_ids)
+    special = [token_id in special_ids for token_id in tw.token_ids]  # left out of the colour scale
     if args.json:
         keys = ("token_ids", "weights", "importance", "prior", "fallback")
         print(json.dumps({"tokens": tokens, **{key: getattr(tw, key) for key in keys}}))
@@ -259,14 +261,14 @@ def _explain(args: argparse.Namespace) -> int:
         caption = f"{len(tokens)} completion tokens (chat template and EOS included, as in training)"
         if tw.fallback:
             caption += "; the attribution could not be normalised: weights are the prior alone"
-        row = TokenRow(tokens, tw.weights, importance=tw.importance, prior=tw.prior, caption=caption)
+        row = TokenRow(tokens, tw.weights, importance=tw.importance, prior=tw.prior, caption=caption, special=special)
         print(
             f"TI-DPO weights (λ={options['importance_lambda']}, ρ={options['prior_sigma_ratio']}, span={options['weight_span']}, "
             f"normalization={options['weight_normalization']}) of {args.model}"
         )
         print(terminal_view(row, use_color(sys.stdout, args.color)))
     if args.html:
-        row = TokenRow(tokens, tw.weights, importance=tw.importance, prior=tw.prior)
+        row = TokenRow(tokens, tw.weights, importance=tw.importance, prior=tw.prior, special=special)
         page = completion_page(
             args.prompt, row, title="TI-DPO token weights", intro=f"Model: {args.model}. λ={options['importance_lambda']}."
         )

@@ -46,7 +46,11 @@ table.summary th:first-child, table.summary td:first-child { text-align: left; }
 
 @dataclass
 class TokenRow:
-    """One completion to draw: its tokens (display text), weights, optional critical flags and per-token details."""
+    """
+    One completion to draw: its tokens (display text), weights, optional critical flags and per-token details.
+    `special` marks EOS and other special tokens, which are left out of the colour scale (they still get their colour,
+    saturated when above it).
+    """
 
     tokens: Sequence[str]
     weights: Sequence[float]
@@ -54,9 +58,10 @@ class TokenRow:
     importance: Sequence[float] | None = None
     prior: Sequence[float] | None = None
     caption: str = ""
+    special: Sequence[bool] | None = None
 
     def __post_init__(self):
-        for name in ("weights", "critical", "importance", "prior"):
+        for name in ("weights", "critical", "importance", "prior", "special"):
             values = getattr(self, name)
             if values is not None and len(values) != len(self.tokens):
                 raise ValueError(f"`{name}` has {len(values)} entries for {len(self.tokens)} tokens.")
@@ -123,8 +128,8 @@ def _legend(vmax: float, with_critical: bool) -> str:
     critical = '<span><span class="tok critical">token</span> critical token (ground truth)</span>' if with_critical else ""
     return (
         f'<div class="legend"><span>weight 0</span><span class="ramp"></span><span>≥ {vmax:.2f}</span>'
-        f"<span>(the scale saturates at the {SCALE_QUANTILE:.0%} quantile of the weights shown, so that a few large "
-        f"ones, often EOS, do not leave the rest pale)</span>"
+        f"<span>(the scale saturates at the {SCALE_QUANTILE:.0%} quantile of the content tokens' weights, EOS and "
+        f"other special tokens left out, so that their large weights do not leave the rest pale)</span>"
         f"{critical}<span>hover a token for its weight, importance and prior</span></div>"
     )
 
@@ -162,7 +167,9 @@ def scale_max(weights: Sequence[float], quantile: float = SCALE_QUANTILE) -> flo
 
 
 def _page_vmax(rows: Sequence[TokenRow]) -> float:
-    return scale_max([w for row in rows for w in row.weights])
+    """`scale_max` of the rows' content tokens (all tokens when every one is special or none is marked)."""
+    content = [w for row in rows for i, w in enumerate(row.weights) if row.special is None or not row.special[i]]
+    return scale_max(content or [w for row in rows for w in row.weights])
 
 
 def pairs_page(

@@ -113,6 +113,7 @@ def pair_views(summary: dict[str, Any], test_rows: list[dict], variant: str, num
                 importance=r["importance"],
                 prior=r["prior"],
                 caption=_caption(r),
+                special=r.get("special"),
             )
             for side, r in by_pair[index].items()
         }
