@@ -195,6 +195,39 @@ def test_script_resumes_last_complete_and_overwrite_starts_afresh(trained_run, m
 # ------------------------------------------------------------------------------------------------- signals
 
 
+def _agree_worker(rank: int, port: int, results) -> None:
+    """One of two gloo processes: only rank 0 received SIGTERM; both must decide to save and stop."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from transformers import TrainerControl
+
+    from trl_tidpo.trainer.checkpoints import SaveOnSignalCallback
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    callback = SaveOnSignalCallback()
+    if rank == 0:
+        callback._pending = signal.SIGTERM
+    control = callback.on_step_end(SimpleNamespace(world_size=2, device="cpu"), None, TrainerControl())
+    results.put((rank, (callback.received, control.should_save, control.should_training_stop)))
+    dist.destroy_process_group()
+
+
+def test_every_rank_saves_and_stops_when_one_received_the_signal():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.get_context("fork").SimpleQueue()
+    # fork: the children start with everything imported, in a fraction of a second
+    mp.start_processes(_agree_worker, args=(port, results), nprocs=2, join=True, start_method="fork")
+    decided = dict(results.get() for _ in range(2))
+    assert decided == {0: (signal.SIGTERM, True, True), 1: (signal.SIGTERM, True, True)}
+
+
 def _losses(state_file: Path) -> list[tuple[int, float]]:
     history = json.loads(state_file.read_text())["log_history"]
     return [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
