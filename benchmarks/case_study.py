@@ -1,7 +1,7 @@
 """
 The paper's case study side by side (TI-DPO §5.4, Tables B2-B4): the paper's three headache responses scored with
 this package's weight code on SmolLM2-135M-Instruct, before and after TI-DPO training (a LoRA adapter, e.g. the one
-`benchmarks/real_model.py --save-adapter` writes), aggregated to the paper's words, max-rescaled as the paper displays
+`benchmarks/real_model.py --save-adapter DIR` writes, one per learning rate: `DIR/lr0.0002`), aggregated to the paper's words, max-rescaled as the paper displays
 them, and rank-correlated with the paper's printed weights beside a trivial baseline (word length).
 
     python benchmarks/case_study.py --adapter real-model-runs/tidpo-adapter-seed0 --output case_study.json

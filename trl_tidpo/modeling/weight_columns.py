@@ -1,7 +1,7 @@
 """
 Per-token weights stored as dataset columns: `chosen_token_weights` and `rejected_token_weights`, one float per
 tokenised completion token (`chosen_ids` / `rejected_ids`). Used by `token_weighting="dataset"`, by the cached
-reference weights (`importance_model="reference"`) and by TIS-DPO.
+reference weights (`importance_model="reference"`) and by TIS-DPO. Also the per-pair `pair_weight` column.
 """
 
 import math
@@ -11,6 +11,31 @@ from datasets import Dataset
 
 
 WEIGHT_COLUMNS = ("chosen_token_weights", "rejected_token_weights")
+# One non-negative float per pair that scales the pair's loss (DPO and triplet terms), with every token weighting
+PAIR_WEIGHT_COLUMN = "pair_weight"
+
+
+def check_pair_weight(value, where: str) -> float:
+    """
+    One row's `pair_weight`, checked: a finite number >= 0.
+
+    Raises:
+        ValueError: naming `where` (the dataset and row) and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"{where}: `{PAIR_WEIGHT_COLUMN}` is {value!r}; a pair weight must be a finite number >= 0 (0 removes the "
+            "pair from the loss, 1 leaves it as it is)."
+        )
+    return float(value)
+
+
+def validate_pair_weights(dataset: Dataset, dataset_name: str) -> None:
+    """Check every row's `pair_weight` of a map-style dataset (streams are checked as the collator reads them)."""
+    if PAIR_WEIGHT_COLUMN not in dataset.column_names:
+        return
+    for index, value in enumerate(dataset[PAIR_WEIGHT_COLUMN]):
+        check_pair_weight(value, f"`{dataset_name}` row {index}")
 
 
 def validate_token_weight_columns(dataset: Dataset, dataset_name: str) -> None:

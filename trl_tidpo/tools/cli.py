@@ -2,7 +2,8 @@
 The `trl-tidpo` command line.
 
 - `trl-tidpo demo`: DPO vs TI-DPO on the bundled critical-token pairs (tiny model, about 1.5 min on 2 CPU cores).
-- `trl-tidpo explain --model PATH --prompt ... --completion ...`: TI-DPO's per-token weights of any causal LM.
+- `trl-tidpo explain --model PATH --prompt ... --completion ...`: TI-DPO's per-token weights of any causal LM;
+  `--dataset FILE --row N` instead shows the weights the trainer will use for that row (spans, weight columns or TI-DPO).
 - `trl-tidpo train ...`: the training script (`trl_tidpo.tools.train_script`), every argument forwarded.
 
 Errors in the arguments or the data (a missing model, an empty completion, a bad row) are one line on stderr and exit
@@ -112,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--model", required=True, help="folder of a saved causal LM and its tokenizer, or "
                          "'smollm2-135m-instruct'")
     explain.add_argument("--adapter", help="folder of a PEFT adapter (e.g. LoRA) to apply on top of --model")
-    explain.add_argument("--prompt", required=True)
-    explain.add_argument("--completion", required=True)
+    explain.add_argument("--prompt", help="the prompt (required unless --dataset)")
+    explain.add_argument("--completion", help="the completion (required unless --dataset)")
     explain.add_argument("--html", help="also write the view to this HTML file")
     explain.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto",
                          help="wrap prompt/completion in the chat template (auto: when the tokenizer has one)")
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--color", choices=["auto", "always", "never"], default="auto",
                          help="colour the tokens (auto: on a terminal, unless NO_COLOR is set)")
     explain.add_argument("--json", action="store_true", help="print the weights as JSON instead")
+    from .explain_dataset import add_dataset_arguments  # argparse only: no TRL import
+
+    add_dataset_arguments(explain)
 
     commands.add_parser("train", add_help=False, help="fine-tune with TIDPOTrainer (see `trl-tidpo train --help`)")
     return parser
@@ -230,6 +234,14 @@ def context_length(model) -> int | None:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    if args.dataset is not None:
+        if args.prompt is not None or args.completion is not None:
+            raise CLIError("give either --dataset (with --row) or --prompt and --completion, not both")
+        from .explain_dataset import explain_dataset
+
+        return explain_dataset(args, _weight_options(args))
+    if args.prompt is None or args.completion is None:
+        raise CLIError("--prompt and --completion are required (or --dataset FILE --row N)")
     if not args.completion.strip():
         raise CLIError("--completion is empty: there is no token to weigh")
     options = _weight_options(args)
@@ -351,4 +363,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m trl_tidpo.tools.cli`: run the package's module, whose `CLIError` is the one its helpers raise
+    from trl_tidpo.tools.cli import main as package_main
+
+    sys.exit(package_main())

@@ -5,6 +5,7 @@ from datasets import Dataset
 
 from ..modeling.weight_cache import TOKENIZED_COLUMNS
 from ..modeling.weight_columns import WEIGHT_COLUMNS
+from ..modeling.weight_spans import SPAN_COLUMNS, span_columns_of
 from .tidpo_config import TIDPOConfig
 
 
@@ -42,7 +43,9 @@ def check_dataset_columns(args: TIDPOConfig, train_dataset, eval_dataset) -> Non
         required = [] if set(TOKENIZED_COLUMNS) <= set(columns) else ["chosen", "rejected"]
         if args.triplet_gamma > 0 and args.anchor_source == "dataset" and "anchor_ids" not in columns:
             required.append("anchor")
-        if args.token_weighting == "dataset":
+        spans = span_columns_of(columns)
+        _check_span_columns(args, name, columns, spans)
+        if args.token_weighting == "dataset" and not spans:
             required.extend(WEIGHT_COLUMNS)
         if args.token_weighting == "tis_dpo" and set(WEIGHT_COLUMNS) & set(columns):
             raise ValueError(
@@ -52,6 +55,29 @@ def check_dataset_columns(args: TIDPOConfig, train_dataset, eval_dataset) -> Non
         missing = [column for column in required if column not in columns]
         if missing:
             raise ValueError(f"`{name}` is missing column(s) {missing}; it has {columns}.{_missing_column_hint(missing)}")
+
+
+def _check_span_columns(args: TIDPOConfig, name: str, columns: list[str], spans: list[str]) -> None:
+    """Span columns are `token_weighting="dataset"`'s other input: refused with another mode, or with token lists."""
+    if not spans:
+        return
+    if args.token_weighting != "dataset":
+        raise ValueError(
+            f"`{name}` has the span column(s) {spans}, which only `token_weighting='dataset'` reads, but "
+            f"`token_weighting` is {args.token_weighting!r}. Set `token_weighting='dataset'` or remove the columns."
+        )
+    given = [column for column in WEIGHT_COLUMNS if column in columns]
+    if given:
+        raise ValueError(
+            f"`{name}` has both span columns {spans} and token weight columns {given}: give the weights one way, "
+            f"either as character spans ({list(SPAN_COLUMNS)}) or as one weight per token ({list(WEIGHT_COLUMNS)})."
+        )
+    if set(TOKENIZED_COLUMNS) <= set(columns):
+        raise ValueError(
+            f"`{name}` is already tokenised ({list(TOKENIZED_COLUMNS)}), so the trainer cannot place the character "
+            f"spans {spans} on its tokens. Pass the text columns ('prompt', 'chosen', 'rejected') untokenised, or give "
+            f"{list(WEIGHT_COLUMNS)} instead."
+        )
 
 
 def overlong_prompt_rows(dataset, max_length: int | None, truncation_mode: str) -> list[int]:

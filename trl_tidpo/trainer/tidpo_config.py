@@ -15,6 +15,10 @@ TIDPO_CHOICE_FIELDS = (
 )  # fmt: skip
 
 
+def _finite_non_negative(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+
+
 def weight_option_defaults() -> dict:
     """The defaults of `WEIGHT_OPTIONS`, read from `TIDPOConfig`'s fields."""
     fields = TIDPOConfig.__dataclass_fields__
@@ -36,8 +40,18 @@ class TIDPOConfig(DPOConfig):
             completion token weighs 1, which is TRL's DPO. `"dataset"`: weights read from the `chosen_token_weights`
             and `rejected_token_weights` columns (one non-negative float per tokenised completion token). `"tis_dpo"`:
             TIS-DPO's weights from two contrastive models (see the `tis_*` parameters), computed once before training,
-            cached as those columns, then used like `"dataset"`. Cost of `"ti_dpo"` with `importance_model="policy"`:
-            one activation-only backward per step (about one extra forward of compute).
+            cached as those columns, then used like `"dataset"`. `"difference"`: weights from the pair itself, tokens
+            of the aligned common prefix and suffix of chosen and rejected weigh `difference_shared_weight`, the
+            differing middle `difference_differing_weight` (then normalised per `weight_normalization`); no extra
+            forward, no attribution: the baseline that TI-DPO's attribution has to beat. Cost of `"ti_dpo"` with
+            `importance_model="policy"`: one activation-only backward per step (about one extra forward of compute).
+            `"dataset"` also accepts character spans instead of token lists: `chosen_weight_spans` /
+            `rejected_weight_spans`, lists of `[start_char, end_char, weight]` over the completion text (the assistant
+            message's content for conversational data), mapped onto the trainer's tokens with the fast tokenizer's
+            offsets.
+        span_default_weight (`float`, *optional*, defaults to `1.0`):
+            Weight (finite, ≥ 0) of the tokens outside every span of `chosen_weight_spans` / `rejected_weight_spans`,
+            and of every token of a side without spans. Unused without span columns.
         importance_model (`str`, *optional*, defaults to `"policy"`):
             Model whose gradient attribution gives the `"ti_dpo"` weights: the current `"policy"` at every step
             (paper), or the frozen `"reference"` (a deviation from the paper that costs nothing per step when the
@@ -55,7 +69,13 @@ class TIDPOConfig(DPOConfig):
             `"sequence"` (prompt and completion, as the official code does).
         weight_normalization (`str`, *optional*, defaults to `"mean"`):
             `"mean"`: weights average 1 over the span, so β keeps its DPO meaning (official code). `"sum"`: weights
-            sum to 1 (paper text), which shrinks the margin about n-fold.
+            sum to 1 (paper text), which shrinks the margin about n-fold. Also applies to `"difference"` weights.
+        difference_shared_weight (`float`, *optional*, defaults to `0.5`):
+            With `token_weighting="difference"`: raw weight (≥ 0) of the completion tokens that chosen and rejected
+            share (aligned common prefix and suffix). Only its ratio to `difference_differing_weight` matters after
+            normalisation.
+        difference_differing_weight (`float`, *optional*, defaults to `1.0`):
+            With `token_weighting="difference"`: raw weight (≥ 0) of the tokens where the two completions differ.
 
         > Parameters that control the TIS-DPO weights (`token_weighting="tis_dpo"`)
 
@@ -122,9 +142,18 @@ class TIDPOConfig(DPOConfig):
         metadata={
             "help": "'ti_dpo': hybrid weights from gradient attribution and a Gaussian prior. 'uniform': every "
             "completion token weighs 1 (TRL's DPO). 'dataset': read the 'chosen_token_weights' and "
-            "'rejected_token_weights' columns. 'tis_dpo': TIS-DPO weights from two contrastive models (tis_* "
-            "options), computed once before training.",
-            "choices": ["ti_dpo", "uniform", "dataset", "tis_dpo"],
+            "'rejected_token_weights' columns (or character spans: 'chosen_weight_spans' / 'rejected_weight_spans'). "
+            "'tis_dpo': TIS-DPO weights from two contrastive models (tis_* options), computed once before training. "
+            "'difference': the pair's common prefix/suffix tokens weigh difference_shared_weight, the differing "
+            "middle difference_differing_weight (no attribution).",
+            "choices": ["ti_dpo", "uniform", "dataset", "tis_dpo", "difference"],
+        },
+    )
+    span_default_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight (finite, >= 0) of the tokens outside every span of the 'chosen_weight_spans' / "
+            "'rejected_weight_spans' columns (token_weighting='dataset')."
         },
     )
     importance_model: str = field(
@@ -163,6 +192,17 @@ class TIDPOConfig(DPOConfig):
             "help": "'mean': weights average 1 over the span (official code). 'sum': weights sum to 1 (paper text).",
             "choices": ["mean", "sum"],
         },
+    )
+    difference_shared_weight: float = field(
+        default=0.5,
+        metadata={
+            "help": "token_weighting='difference': raw weight (>= 0) of the tokens chosen and rejected share (aligned "
+            "common prefix and suffix)."
+        },
+    )
+    difference_differing_weight: float = field(
+        default=1.0,
+        metadata={"help": "token_weighting='difference': raw weight (>= 0) of the tokens where the two differ."},
     )
     tis_positive_model: str | None = field(
         default=None,
@@ -262,10 +302,19 @@ class TIDPOConfig(DPOConfig):
             ("anchor_top_p", 0.0 < self.anchor_top_p <= 1.0, "in (0, 1]"),
             ("tdpo_alpha", self.tdpo_alpha >= 0, ">= 0"),
             ("kl_chunk_size", self.kl_chunk_size >= 1, ">= 1"),
+            ("span_default_weight", _finite_non_negative(self.span_default_weight), "finite and >= 0"),
+            ("difference_shared_weight", _finite_non_negative(self.difference_shared_weight), "finite and >= 0"),
+            ("difference_differing_weight", _finite_non_negative(self.difference_differing_weight), "finite and >= 0"),
         ]
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"`{name}` must be {allowed}, got {getattr(self, name)!r}.")
+        no_weight = self.difference_shared_weight == self.difference_differing_weight == 0
+        if self.token_weighting == "difference" and no_weight:
+            raise ValueError(
+                "`difference_shared_weight` and `difference_differing_weight` are both 0, so every token would weigh 0. "
+                "Give the differing tokens a positive weight (e.g. `difference_differing_weight=1`)."
+            )
         if self.token_weighting == "ti_dpo" and not self.disable_dropout:
             raise ValueError(
                 "`disable_dropout=False` with `token_weighting='ti_dpo'`: TI-DPO's weights are read from the model with "

@@ -37,8 +37,21 @@ from ..modeling.weight_cache import (
     REF_LOGP_COLUMNS,
     TOKENIZED_COLUMNS,
 )
-from ..modeling.weight_columns import WEIGHT_COLUMNS, validate_token_weight_columns
+from ..modeling.weight_columns import (
+    PAIR_WEIGHT_COLUMN,
+    WEIGHT_COLUMNS,
+    validate_pair_weights,
+    validate_token_weight_columns,
+)
+from ..modeling.weight_spans import (
+    add_span_weight_columns,
+    check_offsets_support,
+    record_span_source,
+    span_columns_of,
+    validate_span_rows,
+)
 from ..ops.importance import HybridWeights, completion_token_weights
+from ..ops.pair_alignment import align_pair_completions, difference_token_weights
 from ..ops.sequential_kl import sequential_kl
 from ..ops.triplet import triplet_distances, triplet_loss
 from ..ops.weighted_losses import (
@@ -101,6 +114,11 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
 
     The parts live below the trainer: the mathematics in `trl_tidpo.ops`, the forwards, attribution, anchors and
     weight caches in `trl_tidpo.modeling`.
+
+    Datasets: TRL's preference formats, plus optional columns: `anchor` (`anchor_source="dataset"`), per-token
+    weights as `chosen_token_weights`/`rejected_token_weights` or as character spans
+    `chosen_weight_spans`/`rejected_weight_spans` (`token_weighting="dataset"`), and `pair_weight`, a float ≥ 0 per
+    pair that multiplies the pair's loss (DPO and triplet terms; with WPO the DPO term gets the product of both).
 
     Args: exactly those of [`~trl.DPOTrainer`]; `args` must be a [`TIDPOConfig`]. With `token_weighting="tis_dpo"`,
     also `tis_positive_model` and `tis_negative_model`: TIS-DPO's π+ and π− as loaded models (or paths), in place of
@@ -251,6 +269,11 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         implicit_prompt = "prompt" not in next(iter(dataset))
+        if isinstance(dataset, Dataset):  # row checks before TRL drops rows, so that errors number them as given
+            validate_pair_weights(dataset, dataset_name)
+        has_spans = bool(span_columns_of(next(iter(dataset))))
+        if has_spans:
+            dataset = self._record_span_sources(dataset, processing_class, args, implicit_prompt, dataset_name)
         num_rows = len(dataset) if isinstance(dataset, Dataset) else None
         drops_overlong = args.max_length is not None and args.truncation_mode == "keep_start"
         # TRL 1.16 always re-tokenises from the text columns, which an already tokenised dataset may not have
@@ -276,13 +299,30 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
                 fn_kwargs={"processing_class": processing_class, "implicit_prompt": implicit_prompt},
                 **map_kwargs,
             )
+        if has_spans:
+            dataset = add_span_weight_columns(
+                dataset, processing_class, args.span_default_weight, dataset_name, args.dataset_num_proc
+            )
         if args.token_weighting == "dataset" and isinstance(dataset, Dataset):
             validate_token_weight_columns(dataset, dataset_name)
         return dataset
 
+    def _record_span_sources(self, dataset, processing_class, args, implicit_prompt: bool, dataset_name: str):
+        """Check the span columns (map-style: every row now) and keep what mapping them needs after TRL's
+        preparation (`record_span_source`)."""
+        check_offsets_support(processing_class)
+        validate_span_rows(dataset, dataset_name)
+        map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
+        return dataset.map(
+            record_span_source,
+            with_indices=True,
+            fn_kwargs={"dataset_name": dataset_name, "implicit_prompt": implicit_prompt},
+            **map_kwargs,
+        )
+
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        for column in ("anchor_ids", *WEIGHT_COLUMNS, *REF_LOGP_COLUMNS, ANCHOR_REF_LOGP_COLUMN):
+        for column in ("anchor_ids", *WEIGHT_COLUMNS, PAIR_WEIGHT_COLUMN, *REF_LOGP_COLUMNS, ANCHOR_REF_LOGP_COLUMN):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 
@@ -493,6 +533,8 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         completion_mask: torch.Tensor,
         attention_mask: torch.Tensor,
         batch_weights: torch.Tensor | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
     ) -> HybridWeights:
         """
         Token weights of the pair rows on the shifted axis (entry `i` weighs token `i+1`).
@@ -505,6 +547,8 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
             attention_mask (`torch.Tensor`): `[2B, T]`.
             batch_weights (`torch.Tensor`, *optional*): the batch's `token_weights` `[2B, T]` (unshifted), used with
                 `token_weighting="dataset"`/`"tis_dpo"` and with precomputed reference weights.
+            input_ids (`torch.Tensor`, *optional*): the pair rows' `[2B, T]` token ids, needed by
+                `token_weighting="difference"` (which compares chosen and rejected token by token).
 
         Returns:
             `HybridWeights`: detached float32 `weights` `[2B, T-1]` (0 off the completion), the rows that fell back to
@@ -514,6 +558,8 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         none = torch.zeros(rows, dtype=torch.bool, device=completion_mask.device)
         if self.args.token_weighting == "uniform":
             return HybridWeights(completion_mask.float(), None, None, none, none)
+        if self.args.token_weighting == "difference":
+            return self._difference_weights(input_ids, completion_mask)
         if raw_importance is None and self._prior_only and not self._precomputes_reference_weights:
             return completion_token_weights(None, completion_mask, attention_mask, **self.args.weight_options())
         if raw_importance is None:  # dataset weights, or cached reference weights
@@ -524,6 +570,20 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
                 )
             return HybridWeights(batch_weights[:, 1:].float() * completion_mask, None, None, none, none)
         return completion_token_weights(raw_importance, completion_mask, attention_mask, **self.args.weight_options())
+
+    def _difference_weights(self, input_ids: torch.Tensor | None, completion_mask: torch.Tensor) -> HybridWeights:
+        """`token_weighting="difference"`: the pair's shared tokens and differing tokens, weighted and normalised."""
+        if input_ids is None:
+            raise ValueError("`token_weighting='difference'` compares the pair's tokens: pass `input_ids`.")
+        unshifted = torch.nn.functional.pad(completion_mask, (1, 0), value=0)
+        alignment = align_pair_completions(input_ids, unshifted)
+        return difference_token_weights(
+            alignment.shared,
+            completion_mask,
+            self.args.difference_shared_weight,
+            self.args.difference_differing_weight,
+            self.args.weight_normalization,
+        )
 
     def _triplet_terms(
         self, policy: PairForward, ref: PairForward, anchor: AnchorForward, ref_anchor: AnchorForward
@@ -591,7 +651,8 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
                 `"ipo"` and `"sigmoid_norm"` (`weight_sums`; TRL's token counts with uniform weights).
             sft_logps, sft_weight_sum (`torch.Tensor`, *optional*): `[B]` the chosen rows' weighted sums (without
                 LD-DPO) and scored weight sums, for `"sft"`.
-            pair_weights (`torch.Tensor`, *optional*): `[B]` WPO weights (`use_weighting=True`).
+            pair_weights (`torch.Tensor`, *optional*): `[B]` per-pair factors of the loss: WPO's weights
+                (`use_weighting=True`), the dataset's `pair_weight` column, or their product when both are given.
             kl_chosen, kl_rejected (`torch.Tensor`, *optional*): `[B]` sequential KL (when `tdpo_alpha > 0`).
 
         Returns:
@@ -639,7 +700,11 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         policy, ref, anchor, ref_anchor = self._forwards(model, batch)
         importance = ref.raw_importance if self._attribution_source() == "reference" else policy.raw_importance
         weights = self.compute_token_weights(
-            importance, policy.completion_mask, policy.attention_mask, batch.get("token_weights")
+            importance,
+            policy.completion_mask,
+            policy.attention_mask,
+            batch.get("token_weights"),
+            input_ids=batch["input_ids"],
         )
         mask, w = policy.completion_mask, weights.weights
         chosen_logps, rejected_logps = self._sequence_logps(policy.per_token_logps, w, mask).chunk(2)
@@ -653,6 +718,9 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         pair_weights = None
         if self.use_weighting:  # WPO: from the policy's own unweighted token probabilities, as TRL
             pair_weights = wpo_pair_weights(policy.per_token_logps, policy.log_sum_sq_probs, mask)
+        dataset_pair_weights = batch.get(PAIR_WEIGHT_COLUMN)  # `[B]`, the dataset's `pair_weight` column
+        if dataset_pair_weights is not None:
+            pair_weights = dataset_pair_weights if pair_weights is None else pair_weights * dataset_pair_weights
         kl_chosen = kl_rejected = None
         if self.args.tdpo_alpha > 0:
             kl_chosen, kl_rejected = self._sequential_kl(model, policy, ref).chunk(2)
@@ -676,7 +744,16 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         if self.ld_alpha is not None:
             policy_logps = length_desensitized_logps(policy.per_token_logps, mask, mask, self.ld_alpha).detach()
         parts = LossParts(
-            dpo_losses, policy_logps, chosen_rewards, rejected_rewards, weights, mask, triplet, kl_chosen, kl_rejected
+            dpo_losses,
+            policy_logps,
+            chosen_rewards,
+            rejected_rewards,
+            weights,
+            mask,
+            triplet,
+            kl_chosen,
+            kl_rejected,
+            dataset_pair_weights,
         )
         return policy, parts
 
@@ -689,9 +766,12 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
             `tuple[torch.Tensor, dict[str, float]]`: the scalar loss and the metrics, without the `eval_` prefix.
         """
         policy, parts = self._loss_parts(model, batch)
-        losses = parts.dpo_losses
+        losses = parts.dpo_losses  # already scaled by the pair weights (`dpo_loss`)
         if parts.triplet is not None:
-            losses = losses + self.args.triplet_gamma * parts.triplet.loss
+            triplet = parts.triplet.loss
+            if parts.pair_weights is not None:  # `pair_weight` scales the pair's whole loss; WPO's only the DPO term
+                triplet = triplet * parts.pair_weights
+            losses = losses + self.args.triplet_gamma * triplet
         loss = losses.mean()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * policy.aux_loss
@@ -708,9 +788,18 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         if not fallback_rows:
             return
         self._fallback_rows_seen += fallback_rows
+        if self.args.token_weighting == "difference":
+            what = (
+                "had only tokens shared with the other completion, which `difference_shared_weight=0` weighs 0, and "
+                "used uniform weights"
+            )
+        else:
+            what = (
+                "had a token attribution that sums to 0 or is not finite (e.g. an fp16 overflow) and used the "
+                "Gaussian prior alone"
+            )
         logger.warning(
-            f"{fallback_rows} row(s) in this {mode} batch had a token attribution that sums to 0 or is not finite "
-            f"(e.g. an fp16 overflow) and used the Gaussian prior alone ({self._fallback_rows_seen} so far); see the "
+            f"{fallback_rows} row(s) in this {mode} batch {what} ({self._fallback_rows_seen} so far); see the "
             "`token_weights/fallback_rows` metric."
         )
 
