@@ -172,6 +172,10 @@ TRAIN_USER_ERRORS = {
         lambda tmp_path, model_dir: (model_dir, _latin1_csv(tmp_path), ["--use_cpu"]),
         "{tmp}/latin1.csv is not UTF-8 text: line 4 has the byte 0xef",
     ),
+    "non-utf8-file-in-a-folder": (
+        lambda tmp_path, model_dir: (model_dir, _latin1_jsonl(tmp_path).parent, ["--use_cpu"]),
+        "{tmp}/latin1.jsonl is not UTF-8 text: line 2 has the byte 0xe9",
+    ),
     "resume-last-without-checkpoint": (
         lambda tmp_path, model_dir: (model_dir, _pairs(tmp_path), ["--use_cpu", "--resume_from_checkpoint", "last"]),
         "`--resume_from_checkpoint last`: `{tmp}/out` holds no complete checkpoint to resume from.",

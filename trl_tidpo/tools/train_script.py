@@ -316,6 +316,9 @@ def load_preference_dataset(
             dataset = IterableDatasetDict({split: ds.to_iterable_dataset() for split, ds in dataset.items()})
         return dataset
     if path.is_dir():
+        for data_file in sorted(path.rglob("*")):
+            if data_file.suffix.lower() in (".json", ".jsonl", ".csv") and data_file.is_file():
+                check_utf8(data_file, f"--dataset_name {name}")
         return load_dataset(str(path), name=config, streaming=streaming)
     if _looks_like_path(name):
         raise FileNotFoundError(
