@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_train_script import cpu_argv, write_jsonl, ROWS
+from test_train_script import ROWS, cpu_argv, write_jsonl
 
+from trl_tidpo.tools.train_script import main
 from trl_tidpo.trainer.checkpoints import (
     check_checkpoint,
     check_output_dir,
@@ -28,7 +29,6 @@ from trl_tidpo.trainer.checkpoints import (
     last_complete_checkpoint,
     list_checkpoints,
 )
-from trl_tidpo.tools.train_script import main
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,7 +48,9 @@ def make_checkpoint(output_dir: Path, step: int, weights: str = "model.safetenso
 
 def snapshot(root: Path) -> dict[str, str]:
     """Every file under `root` and the hash of its bytes."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
+    }
 
 
 def truncate(path: Path, keep: float = 0.5) -> None:
@@ -242,7 +244,9 @@ def test_sigterm_saves_a_checkpoint_that_resumes_onto_the_same_losses(model_dir,
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "trl_tidpo.tools.cli", "train", *cpu_argv(model_dir, data, tmp_path / "cut", *run)],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         deadline = time.monotonic() + 120
         while "'loss'" not in log_path.read_text() and process.poll() is None and time.monotonic() < deadline:

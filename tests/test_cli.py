@@ -154,7 +154,7 @@ def _latin1_csv(tmp_path):
 TRAIN_USER_ERRORS = {
     "missing-local-model": (
         lambda tmp_path, model_dir: (str(tmp_path / "tiny-model"), _pairs(tmp_path), ["--use_cpu"]),
-        f"`--model_name_or_path {{tmp}}/tiny-model`: no such folder. Pass the folder of a saved model",
+        "`--model_name_or_path {tmp}/tiny-model`: no such folder. Pass the folder of a saved model",
     ),
     "missing-relative-model": (
         lambda tmp_path, model_dir: ("./no-such-tiny-model", _pairs(tmp_path), ["--use_cpu"]),
@@ -189,7 +189,8 @@ def test_train_user_errors_are_one_line_and_exit_2(tmp_path, model_dir, capsys, 
     make, message = TRAIN_USER_ERRORS[case]
     model, data, extra = make(tmp_path, model_dir)
     assert main(_train_argv(model, data, tmp_path / "out", *extra)) == 2
-    _one_line_error(capsys, "trl-tidpo train: error: ", message.format(tmp=tmp_path), "(`--debug` shows the traceback)")
+    hint = "(`--debug` shows the traceback)"
+    _one_line_error(capsys, "trl-tidpo train: error: ", message.format(tmp=tmp_path), hint)
     assert not (tmp_path / "out").exists()
 
 

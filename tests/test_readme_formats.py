@@ -1,4 +1,4 @@
-"""The README's "Dataset formats" lines are true: each one, alone in a JSONL file, trains one step through the script."""
+"""The README's "Dataset formats" lines are true: each, alone in a JSONL file, trains one step through the script."""
 
 import json
 import re

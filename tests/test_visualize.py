@@ -124,7 +124,7 @@ def test_colour_scale_saturates_at_the_95th_percentile_not_at_an_outlier():
 
 
 def test_special_tokens_are_left_out_of_the_colour_scale():
-    # Content weights 0.2..1.0 (five tokens), EOS 6.0 on each of two rows: EOS alone would set a scale where 1.0 is pale
+    # Content weights 0.2..1.0 (five tokens), EOS 6.0 on each of two rows: EOS would set a scale where 1.0 is pale
     content = [0.2, 0.4, 0.6, 0.8, 1.0]
     rows = [
         TokenRow([f"t{i}" for i in range(6)], content + [6.0], special=[False] * 5 + [True]),

@@ -17,7 +17,15 @@ _LAZY_NAMES = {
     "compute_tis_dpo_weight_columns": ".modeling.tis_dpo",
     "token_weights": ".tools.explain",
 }
-__all__ = sorted(_LAZY_NAMES)
+__all__ = [
+    "DataCollatorForTIDPO",
+    "TIDPOConfig",
+    "TIDPOTrainer",
+    "TokenImportanceCallback",
+    "TokenWeights",
+    "compute_tis_dpo_weight_columns",
+    "token_weights",
+]
 
 if TYPE_CHECKING:
     from .modeling.collator import DataCollatorForTIDPO

@@ -311,7 +311,8 @@ def is_user_error(error: BaseException) -> bool:
     while frames is not None and frames.tb_next is not None:
         frames = frames.tb_next
     package = str(Path(__file__).resolve().parents[1])
-    return isinstance(error, RuntimeError) and frames is not None and frames.tb_frame.f_code.co_filename.startswith(package)
+    raised_here = frames is not None and frames.tb_frame.f_code.co_filename.startswith(package)
+    return isinstance(error, RuntimeError) and raised_here
 
 
 def train_command(argv: list[str]) -> int:

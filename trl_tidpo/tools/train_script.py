@@ -147,8 +147,9 @@ def parse_arguments(argv: list[str]) -> tuple:
     Returns:
         `tuple`: `(script_args, training_args, model_args, dataset_args, config_remaining, cli_remaining)`.
     """
+    parser = make_parser()
     try:
-        return make_parser().parse_args_and_config(argv, return_remaining_strings=True, separate_remaining_strings=True)
+        return parser.parse_args_and_config(argv, return_remaining_strings=True, separate_remaining_strings=True)
     except ValueError as error:
         if "doesn't support bf16/gpu" not in str(error):
             raise
@@ -266,11 +267,12 @@ def check_utf8(path: Path, option: str, chunk_bytes: int = 1 << 24) -> None:
             try:
                 decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as error:
-                # The bad byte is in this chunk, or in the few bytes of an unfinished character carried over from the last
+                # The bad byte is in this chunk, or in the few bytes of an unfinished character carried over
                 position = max(error.start - len(error.object) + len(chunk), 0)
                 line += chunk.count(b"\n", 0, position)
+                byte = error.object[error.start]
                 raise ValueError(
-                    f"`{option}`: {path} is not UTF-8 text: line {line} has the byte 0x{error.object[error.start]:02x} "
+                    f"`{option}`: {path} is not UTF-8 text: line {line} has the byte 0x{byte:02x} "
                     f"(file offset {offset + position}). Re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
                 ) from None
             if not chunk:

@@ -136,7 +136,9 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))]
+    found = [
+        (int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))
+    ]
     return [path for _, path in sorted(found, reverse=True)]
 
 
@@ -181,7 +183,9 @@ def check_checkpoint(folder: str | Path, require_optimizer: bool = True) -> Path
     ]  # fmt: skip
     complete = next((p for p in earlier if checkpoint_problem(p, require_optimizer) is None), None)
     hint = f"The newest complete checkpoint before it is `{complete}`." if complete else "No earlier one is complete."
-    raise ValueError(f"Checkpoint `{folder}` is damaged: {problem}. {hint} Resume from a complete one, or start afresh.")
+    raise ValueError(
+        f"Checkpoint `{folder}` is damaged: {problem}. {hint} Resume from a complete one, or start afresh."
+    )
 
 
 def check_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) -> list[Path]:
@@ -235,7 +239,9 @@ class SaveOnSignalCallback(TrainerCallback):
             signal.raise_signal(signum)
             return
         self._pending = signum
-        logger.warning(f"Received {signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping.")
+        logger.warning(
+            f"Received {signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping."
+        )
 
     def _restore(self):
         for signum, handler in self._previous.items():
