@@ -17,6 +17,10 @@ Method
   stable numbers: wall and CPU time then agree and other processes only take their share of the other core.
 - FLOPs (`--measure flops`): matmul and attention FLOPs of one step per mode (`torch.utils.flop_counter`, forward and
   backward), a cross-check independent of the machine's load. It undercounts what is latency-bound (generation).
+- Python overhead (`--measure overhead`): the median step time, in ms (process CPU time on a CPU), of each mode on a 1-layer, 16-hidden model
+  (`OVERHEAD_MODEL`) whose kernels take microseconds, so what is left is the step's Python: the trainer's code, TRL's
+  and the libraries'. It is printed next to the ratios, which a small per-step cost hides on a large model, and
+  shows a regression such as a per-step package-metadata lookup (~1 ms each) in ms.
 - Memory: each mode runs in a fresh subprocess (so no other trainer's tensors are counted) for `--memory-steps`
   steps. On CUDA, `torch.cuda.max_memory_allocated()`. On CPU, torch has no allocator statistics, so it is the
   process's resident-set high-water mark (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) minus the resident set
@@ -401,6 +405,50 @@ def run_timing(setup: Setup, setting: str, modes: list[str]) -> dict:
     return result
 
 
+# ---------------------------------------------------------------- per-step Python overhead (a model of no compute)
+
+# A model whose kernels take microseconds: its step time is the step's Python (the trainer's own code, TRL's, the
+# libraries'), which a compute-bound ratio hides on a small model and a GPU hides entirely.
+OVERHEAD_MODEL = {
+    "hidden": 16, "intermediate": 32, "layers": 1, "heads": 2, "kv_heads": 1, "vocab": 64,
+    "seq_len": 24, "prompt_len": 8, "anchor_len": 8,
+}  # fmt: skip
+
+
+def run_overhead(args: argparse.Namespace, setting: str, modes: list[str]) -> dict:
+    """
+    Median time of one step (ms; process CPU time on a CPU, robust to other load, wall time on a GPU) per mode on
+    `OVERHEAD_MODEL`, alternating modes round by round as
+    `run_timing` does: the per-step Python overhead. A regression in it (e.g. a per-step package-metadata lookup,
+    ~1 ms each) shows here in ms whatever the model size.
+    """
+    micro = argparse.Namespace(**{**vars(args), **OVERHEAD_MODEL})
+    micro.steps, micro.warmup, micro.data_dir, micro.precompute_batch_size = args.overhead_steps, 2, None, None
+    tokenizer, dataset = build_data(micro)
+    with tempfile.TemporaryDirectory() as output_dir:
+        setup = Setup(micro, tokenizer, dataset, torch.device(args.device), torch.float32, output_dir)
+        trainers = {mode: build_trainer(setup, mode, setting) for mode in ["dpo", *modes]}
+        for trainer in trainers.values():
+            prepare_for_steps(trainer)
+        data = {mode: batches(trainer, micro) for mode, trainer in trainers.items()}
+        times = {mode: [] for mode in trainers}
+        for round_ in range(micro.warmup + micro.steps):
+            for mode, trainer in trainers.items():
+                torch.manual_seed(round_)
+                elapsed, elapsed_cpu = timed_step(trainer, data[mode][round_ % len(data[mode])], setup.device)
+                if round_ >= micro.warmup:  # CPU time on CPU: the step's own work, whatever else loads the machine
+                    times[mode].append((elapsed_cpu if setup.device.type == "cpu" else elapsed) * 1e3)
+    result = {mode: {"overhead_ms": statistics.median(values)} for mode, values in times.items()}
+    for mode, values in result.items():
+        values["overhead_over_dpo_ms"] = values["overhead_ms"] - result["dpo"]["overhead_ms"]
+        print(
+            f"[{setting}] Python overhead per step (tiny model) {mode}: {values['overhead_ms']:.1f} ms "
+            f"({values['overhead_over_dpo_ms']:+.1f} ms over DPO)",
+            flush=True,
+        )
+    return result
+
+
 # ---------------------------------------------------------------- memory (fresh subprocess per mode)
 
 
@@ -490,13 +538,17 @@ def fmt(value: float | None, spec: str) -> str:
 def print_table(results: dict, args: argparse.Namespace) -> None:
     print(
         "\n| mode | setting | DPO step (median wall, cpu) | wall-time ratio (range) | CPU-time ratio (range) "
-        "| FLOP ratio | memory ratio | target time / memory | met? (by wall / memory) |"
+        "| Python overhead ms/step (tiny model; over DPO) | FLOP ratio | memory ratio | target time / memory "
+        "| met? (by wall / memory) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for setting, res in results.items():
-        timing, memory = res.get("time", {}), res.get("memory", {})
+        timing, memory, overhead = res.get("time", {}), res.get("memory", {}), res.get("overhead", {})
         for mode in ["dpo", *args.modes]:
-            t, m = timing.get(mode, {}), memory.get(mode, {})
+            t, m, o = timing.get(mode, {}), memory.get(mode, {}), overhead.get(mode, {})
+            python_ms = fmt(o.get("overhead_ms"), ".1f")
+            if o and mode != "dpo":
+                python_ms += f" ({o['overhead_over_dpo_ms']:+.1f})"
             ratio, mem, cpu = t.get("paired_ratio_median"), m.get("ratio"), t.get("cpu_ratio_median")
             spread = f" ({t['paired_ratio_min']:.2f}–{t['paired_ratio_max']:.2f})" if ratio is not None else ""
             cpu_spread = f" ({t['cpu_ratio_min']:.2f}–{t['cpu_ratio_max']:.2f})" if cpu is not None else ""
@@ -513,7 +565,7 @@ def print_table(results: dict, args: argparse.Namespace) -> None:
                 first = ""
             print(
                 f"| {MODES[mode][1]} | {setting} | {first} | {fmt(ratio, '.2f')}{spread} | {fmt(cpu, '.2f')}{cpu_spread} | "
-                f"{fmt(t.get('flop_ratio'), '.2f')} | {fmt(mem, '.2f')} | {target} | {met} |"
+                f"{python_ms} | {fmt(t.get('flop_ratio'), '.2f')} | {fmt(mem, '.2f')} | {target} | {met} |"
             )
     for setting, res in results.items():
         for mode, t in res.get("time", {}).items():
@@ -549,10 +601,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--measure",
         nargs="+",
-        choices=["time", "memory", "flops"],
-        default=["time", "memory", "flops"],
-        help="flops: matmul/attention FLOPs of one step per mode (torch.utils.flop_counter), independent of load",
+        choices=["time", "memory", "flops", "overhead"],
+        default=["time", "memory", "flops", "overhead"],
+        help="flops: matmul/attention FLOPs of one step per mode (torch.utils.flop_counter), independent of load; "
+        "overhead: per-step Python overhead in ms, the step time on a 1-layer, 16-hidden model",
     )
+    parser.add_argument("--overhead-steps", type=int, default=10, help="timed rounds of the overhead measure")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
@@ -608,6 +662,8 @@ def main(argv: list[str] | None = None) -> None:
             if "time" in args.measure or "flops" in args.measure:
                 setup.shared_ref = None
                 results[setting]["time"] = run_timing(setup, setting, args.modes)
+            if "overhead" in args.measure:
+                results[setting]["overhead"] = run_overhead(args, setting, args.modes)
             if "memory" in args.measure:
                 data_dir = os.path.join(output_dir, f"data-{setting}")
                 dataset.save_to_disk(data_dir)

@@ -113,3 +113,51 @@ def test_dataset_anchor_whose_prompt_tokens_differ_raises_naming_the_row(tokeniz
     assert tokenize_anchor({**example, "anchor": " world"}, 5, tokenizer, implicit_prompt=False) == {
         "anchor_ids": tokenizer(" world")["input_ids"] + [tokenizer.eos_token_id]
     }
+
+
+def test_policy_anchor_generation_stops_at_the_longest_completion_with_the_same_losses(
+    tmp_path, model_dir, ref_model_dir, tokenizer, standard_dataset
+):
+    """
+    The triplet distances read an anchor only where it overlaps the chosen/rejected completions, so generation is
+    capped at the batch's longest completion: fewer tokens are generated, and with the same seed the loss and the
+    triplet distances are those of an uncapped sampling (`anchor_max_new_tokens=32`, completions of at most 7 tokens).
+    """
+    trainer = TIDPOTrainer(
+        model=model_dir,
+        ref_model=load(ref_model_dir),  # another model: the log-ratios, and so the distances, are not 0
+        args=TIDPOConfig(output_dir=str(tmp_path), **CPU_ARGS, anchor_source="policy", anchor_max_new_tokens=32),
+        train_dataset=standard_dataset,
+        processing_class=tokenizer,
+    )
+    batch = first_batch(trainer)
+    longest = int(batch["completion_mask"].sum(dim=-1).max())
+    assert longest < 32
+    generated, samples = [], []
+    generate = trainer.model.generate
+
+    def counting_generate(*args, **kwargs):
+        sequences = generate(*args, **kwargs)
+        generated.append(sequences.size(1) - kwargs["input_ids"].size(1))
+        samples.append(sequences)
+        return sequences
+
+    trainer.model.generate = counting_generate
+    trainer.model.train()
+
+    def step(cap: bool):
+        torch.manual_seed(0)
+        if not cap:  # what an uncapped sampling does: `anchor_max_new_tokens` only
+            trainer._longest_completion = lambda inputs: 10**6
+        policy, parts = trainer._loss_parts(trainer.model, batch)
+        trainer.__dict__.pop("_longest_completion", None)
+        loss = (parts.dpo_losses + trainer.args.triplet_gamma * parts.triplet.loss).detach()
+        return loss, parts.triplet.dist_pos.detach(), parts.triplet.dist_neg.detach()
+
+    capped, uncapped = step(cap=True), step(cap=False)
+    assert generated == [longest, 32]  # the tiny random policy rarely samples EOS: uncapped runs to the limit
+    assert torch.equal(samples[0], samples[1][:, : samples[0].size(1)])  # the same tokens, exactly, up to the cap
+    for got, expected in zip(capped, uncapped, strict=True):
+        # float32 rounding only: the anchor rows' width changes the forward's reduction order (measured: <= 5e-7)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert (capped[1] > 0).all()  # the anchors overlap the completions: the distances are not trivially 0

@@ -313,3 +313,58 @@ def test_capture_does_not_change_outputs():
     torch.testing.assert_close(hooked, plain, atol=0, rtol=0)
     # The captured last hidden state is the one the head projects: lm_head(last_hidden) == logits.
     torch.testing.assert_close(model.lm_head(captured.last_hidden), plain, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- causal_lm_of: resolved once per wrapper
+
+
+def test_causal_lm_of_resolves_each_wrapper_once_and_follows_a_new_wrapper(monkeypatch):
+    """accelerate's unwrapping re-reads package metadata on each call: it runs once per wrapper object. A new PEFT
+    wrapper around the same model is a new key (resolved to the base model)."""
+    from peft import LoraConfig, get_peft_model
+
+    import trl_tidpo.modeling.attribution as attribution
+
+    calls = []
+    unwrap = attribution._unwrap_causal_lm
+    monkeypatch.setattr(attribution, "_unwrap_causal_lm", lambda model: calls.append(model) or unwrap(model))
+    model = build_tiny_llama(VOCAB, seed=0)
+    assert attribution.causal_lm_of(model) is model
+    assert attribution.causal_lm_of(model) is model
+    assert calls == [model]
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert attribution.causal_lm_of(peft) is model
+    assert attribution.causal_lm_of(peft) is model
+    assert calls == [model, peft]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_training_step_reads_no_package_metadata(tmp_path, model_dir, tokenizer, standard_dataset, monkeypatch, lora):
+    """
+    The per-step regression the step-cost benchmark's overhead column guards: no call into `importlib.metadata`
+    (accelerate's `is_peft_model` / `unwrap_model` make ~3 each) in TI-DPO's part of a step, with attribution, policy
+    anchors and, under LoRA, the reference's adapter switch. The first step may resolve; the second is counted.
+    """
+    import importlib.metadata
+
+    from helpers_trainer import CPU_ARGS, first_batch
+    from peft import LoraConfig
+
+    from trl_tidpo import TIDPOConfig, TIDPOTrainer
+
+    trainer = TIDPOTrainer(
+        model=model_dir,
+        args=TIDPOConfig(output_dir=str(tmp_path), **CPU_ARGS, anchor_max_new_tokens=4),
+        train_dataset=standard_dataset,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=2, target_modules=["q_proj"]) if lora else None,
+    )
+    batch = first_batch(trainer)
+    trainer.model.train()
+    trainer.get_batch_loss_metrics(trainer.model, batch)
+    calls = []
+    for name in ("metadata", "version", "distribution", "packages_distributions", "distributions"):
+        original = getattr(importlib.metadata, name)
+        monkeypatch.setattr(importlib.metadata, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    trainer.get_batch_loss_metrics(trainer.model, batch)
+    assert calls == []

@@ -163,3 +163,98 @@ def test_cached_reference_weights_with_sync_ref_model_raise(tmp_path):
 
 def test_reference_weights_each_step_with_sync_ref_model_are_accepted(tmp_path):
     _config(tmp_path, importance_model="reference", precompute_token_weights=False, sync_ref_model=True)
+
+
+# ---------------------------------------------------------------- DPOConfig numbers the loss reads (TRL checks none)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [
+        ("beta", 0.0, "a finite number > 0"),
+        ("beta", -0.1, "a finite number > 0"),
+        ("beta", float("nan"), "a finite number > 0"),
+        ("beta", float("inf"), "a finite number > 0"),
+        ("label_smoothing", -0.1, "in [0, 0.5)"),
+        ("label_smoothing", 0.5, "in [0, 0.5)"),
+        ("discopop_tau", 0.0, "a finite number > 0"),
+        ("discopop_tau", -1.0, "a finite number > 0"),
+        ("f_alpha_divergence_coef", float("nan"), "a finite number"),
+        ("ld_alpha", -0.1, "in [0, 1] or None"),
+        ("ld_alpha", 1.5, "in [0, 1] or None"),
+        ("max_length", 0, "an integer >= 1 or None"),
+        ("max_length", -5, "an integer >= 1 or None"),
+        ("precompute_ref_batch_size", 0, "an integer >= 1 or None"),
+        ("ref_model_mixup_alpha", 1.2, "in [0, 1]"),
+        ("ref_model_mixup_alpha", -0.2, "in [0, 1]"),
+        ("ref_model_sync_steps", 0, "an integer >= 1"),
+    ],
+)
+def test_out_of_range_dpo_number_raises_naming_the_field(tmp_path, field, value, allowed):
+    with pytest.raises(ValueError) as excinfo:
+        _config(tmp_path, **{field: value})
+    assert str(excinfo.value).startswith(f"`{field}` must be {allowed}")
+    assert repr(value) in str(excinfo.value)
+
+
+def test_negative_beta_message_says_why(tmp_path):
+    with pytest.raises(ValueError, match=r"β < 0 optimises the reversed preference"):
+        _config(tmp_path, beta=-0.1)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("beta", 1e-4),
+        ("label_smoothing", 0.0),
+        ("label_smoothing", 0.49),
+        ("ld_alpha", 0.0),
+        ("ld_alpha", 1.0),
+        ("ld_alpha", None),
+        ("max_length", 1),
+        ("max_length", None),
+        ("precompute_ref_batch_size", 1),
+        ("ref_model_mixup_alpha", 0.0),
+        ("ref_model_mixup_alpha", 1.0),
+        ("ref_model_sync_steps", 1),
+        ("f_alpha_divergence_coef", 1.0),
+    ],
+)
+def test_dpo_number_boundaries_are_accepted(tmp_path, field, value):
+    assert getattr(_config(tmp_path, **{field: value}), field) == value
+
+
+@pytest.mark.parametrize(
+    ("loss_weights", "message"),
+    [
+        ([1.0, -0.5], r"`loss_weights` must be finite numbers >= 0, got \[1.0, -0.5\]"),
+        ([1.0, float("nan")], r"`loss_weights` must be finite numbers >= 0"),
+        ([1.0, float("inf")], r"`loss_weights` must be finite numbers >= 0"),
+        ([0.0, 0.0], r"`loss_weights` are all 0 \(\[0.0, 0.0\]\): the loss would be 0 with no gradient"),
+    ],
+)
+def test_bad_loss_weights_raise(tmp_path, loss_weights, message):
+    with pytest.raises(ValueError, match=message):
+        _config(tmp_path, loss_type=["sigmoid", "sft"], loss_weights=loss_weights)
+
+
+def test_loss_weights_length_is_left_to_trl(tmp_path):
+    """TRL's own clear message for a count that does not match `loss_type`."""
+    with pytest.raises(ValueError, match="`loss_weights` must have the same length as `loss_type`"):
+        _config(tmp_path, loss_type=["sigmoid", "sft"], loss_weights=[1.0])
+
+
+def test_zero_weight_on_one_loss_is_accepted(tmp_path):
+    assert _config(tmp_path, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.0]).loss_weights == [1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("f_divergence_type", "kl", r"`f_divergence_type` must be one of \('reverse_kl', 'forward_kl'"),
+        ("truncation_mode", "keep_middle", r"`truncation_mode` must be 'keep_start' or 'keep_end' \(deprecated\)"),
+    ],
+)
+def test_unknown_dpo_choice_raises(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        _config(tmp_path, **{field: value})

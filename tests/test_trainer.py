@@ -282,19 +282,16 @@ def _train_and_check(trainer) -> None:
     assert any(not torch.equal(before[name], after[name]) for name in before)
 
 
-@pytest.mark.parametrize("data_format", ["text", "tokenised"])
-def test_length_one_completions(tmp_path, model_dir, tokenizer, data_format):
+def test_length_one_completions(tmp_path, model_dir, tokenizer):
     """
-    Completions of one token: weights are exactly 1 (n = 1), the loss is finite, training runs. As text the one token
-    is the EOS TRL appends; an already tokenised dataset (`prompt_ids`/`chosen_ids`/`rejected_ids`) gives one word.
+    Completions of one token: weights are exactly 1 (n = 1), the loss is finite, training runs. An already tokenised
+    dataset (`prompt_ids`/`chosen_ids`/`rejected_ids`) gives one word; as text the shortest completion is a word and
+    its EOS, since an empty text completion (the EOS alone) is refused (`tests/test_dataset_checks.py`).
     """
     prompts = ["hello", "the sky is", "what", "how"]
-    if data_format == "text":
-        dataset = Dataset.from_dict({"prompt": prompts, "chosen": [""] * 4, "rejected": [""] * 4})
-    else:
-        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        yes, no = tokenizer.convert_tokens_to_ids(["yes", "no"])
-        dataset = Dataset.from_dict({"prompt_ids": ids, "chosen_ids": [[yes]] * 4, "rejected_ids": [[no]] * 4})
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    yes, no = tokenizer.convert_tokens_to_ids(["yes", "no"])
+    dataset = Dataset.from_dict({"prompt_ids": ids, "chosen_ids": [[yes]] * 4, "rejected_ids": [[no]] * 4})
     trainer = TIDPOTrainer(
         model=model_dir,
         args=tidpo_args(tmp_path, triplet_gamma=0.1, anchor_max_new_tokens=2, max_steps=2),

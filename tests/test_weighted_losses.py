@@ -82,6 +82,11 @@ def _loop_sums(rows: list[dict[str, list[float]]]) -> dict[str, list[float]]:
     }
 
 
+def _length(weight_sum: float) -> float:
+    """SPEC §3: the weight sum itself, 1 only for an empty row (not TRL's max(S, 1), which depends on the scale)."""
+    return weight_sum if weight_sum > 0 else 1.0
+
+
 def _loop_expected(loss_type: str, rows, beta: float, eps: float, tau: float) -> list[float]:
     """Per-pair losses from the formulas written out, one pair at a time (TRL 1.16 `_compute_loss`, weighted sums)."""
     sums = _loop_sums(rows)
@@ -110,9 +115,9 @@ def _loop_expected(loss_type: str, rows, beta: float, eps: float, tau: float) ->
         elif loss_type == "hinge":
             out.append(max(0.0, 1 - z))
         elif loss_type == "ipo":
-            out.append((wc[b] / max(sc[b], 1) - wr[b] / max(sr[b], 1) - 1 / (2 * beta)) ** 2)
+            out.append((wc[b] / _length(sc[b]) - wr[b] / _length(sr[b]) - 1 / (2 * beta)) ** 2)
         elif loss_type == "sigmoid_norm":
-            out.append(-_log_sigmoid(beta * (wc[b] / max(sc[b], 1) - wr[b] / max(sr[b], 1))))
+            out.append(-_log_sigmoid(beta * (wc[b] / _length(sc[b]) - wr[b] / _length(sr[b]))))
         elif loss_type == "exo_pair":
             out.append(
                 _sigmoid(z) * (_log_sigmoid(z) - math.log(1 - eps)) + _sigmoid(-z) * (_log_sigmoid(-z) - math.log(eps))
@@ -240,6 +245,48 @@ def test_ipo_and_sigmoid_norm_hand_computed_with_weight_sums():
     assert preference_losses("ipo", *args, beta=0.5, **sums).item() == pytest.approx(0.0, abs=1e-7)
     assert preference_losses("ipo", *args, beta=0.1, **sums).item() == pytest.approx(16.0, abs=1e-5)
     assert preference_losses("sigmoid_norm", *args, beta=0.5, **sums).item() == pytest.approx(0.4740770, abs=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm"])
+def test_ipo_and_sigmoid_norm_are_scale_consistent_for_weights_summing_below_one(loss_type):
+    """
+    Weights summing below 1 (here `"sum"`-normalised: each row's weights sum to 1, then scaled by 0.25) divide by
+    their own sum, not by TRL's `max(S, 1)`: scaling every weight by c scales W and S alike, so the loss is unchanged.
+    Compared with an explicit per-row loop; an empty row (S = 0) divides by 1 (its score is 0).
+    """
+    logps = [[-1.0, -2.0, -0.5], [-3.0, -1.0, -0.2], [-0.7, -0.1, -2.5], [0.0, 0.0, 0.0]]
+    ref = [[-1.5, -1.0, -0.5], [-2.0, -2.0, -1.0], [-0.2, -0.4, -2.0], [0.0, 0.0, 0.0]]
+    base_weights = [[0.2, 0.5, 0.3], [0.6, 0.4, 0.0], [0.1, 0.1, 0.8], [0.0, 0.0, 0.0]]  # rows: c0, c1, r0, r1
+    beta = 0.5
+
+    def loop(scale: float) -> list[float]:
+        normalised = []
+        for row in range(4):
+            w = [scale * x for x in base_weights[row]]
+            s = sum(wj * (p - q) for wj, p, q in zip(w, logps[row], ref[row], strict=True))
+            total = sum(w)
+            normalised.append(s / (total if total > 0 else 1.0))
+        out = []
+        for b in range(2):
+            d = normalised[b] - normalised[b + 2]
+            out.append((d - 1 / (2 * beta)) ** 2 if loss_type == "ipo" else -_log_sigmoid(beta * d))
+        return out
+
+    def trainer_path(scale: float) -> torch.Tensor:
+        w = scale * torch.tensor(base_weights)
+        mask = torch.ones(4, 3)
+        policy = weighted_sequence_logps(torch.tensor(logps), w, mask)
+        reference = weighted_sequence_logps(torch.tensor(ref), w, mask)
+        sums = w.sum(dim=1)
+        return preference_losses(
+            loss_type, policy[:2], policy[2:], reference[:2], reference[2:], beta=beta,
+            chosen_weight_sum=sums[:2], rejected_weight_sum=sums[2:],
+        )  # fmt: skip
+
+    for scale in (0.25, 1.0, 3.0):
+        assert trainer_path(scale).tolist() == pytest.approx(loop(scale), abs=1e-6)
+    assert trainer_path(0.25).tolist() == pytest.approx(trainer_path(1.0).tolist(), abs=1e-6)
+    assert loop(0.25) == pytest.approx(loop(1.0), abs=1e-9)  # the loop itself: scale-free
 
 
 def test_aot_sorts_over_the_batch():

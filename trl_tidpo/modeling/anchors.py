@@ -112,6 +112,7 @@ def sample_policy_anchors(
     pad_token_id: int,
     max_length: int | None = None,
     truncation_mode: str = "keep_start",
+    max_completion_tokens: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """
     Sample one anchor per prompt from `model` (KV cache on, no grad) and lay the rows out like the collator's:
@@ -132,6 +133,11 @@ def sample_policy_anchors(
             before generation, like the collator keeps the end of chosen/rejected rows, so every anchor keeps its
             completion.
         truncation_mode (`str`): the collator's truncation mode.
+        max_completion_tokens (`int`, *optional*): generation stops after `min(max_new_tokens, max_completion_tokens)`
+            tokens: the triplet distances read an anchor only where it overlaps the chosen/rejected completions, so
+            tokens past the batch's longest completion would be generated for nothing. The first tokens of each
+            anchor (same seed) are those of an uncapped sampling; the `keep_end` prompt budget still reserves
+            `max_new_tokens`, so the prompts, and with them the losses, are unchanged.
 
     Returns:
         `dict`: `anchor_input_ids`, `anchor_attention_mask`, `anchor_completion_mask`, each `[B, T_a]`.
@@ -140,6 +146,9 @@ def sample_policy_anchors(
         budget = max(1, max_length - generation_kwargs["max_new_tokens"])
         # Left-padded: the last columns hold each prompt's end
         prompt_input_ids, prompt_attention_mask = prompt_input_ids[:, -budget:], prompt_attention_mask[:, -budget:]
+    if max_completion_tokens is not None:
+        new_tokens = max(1, min(generation_kwargs["max_new_tokens"], max_completion_tokens))
+        generation_kwargs = {**generation_kwargs, "max_new_tokens": new_tokens}
     generation_config = GenerationConfig(
         **generation_kwargs, eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True
     )

@@ -243,6 +243,12 @@ def pair_rewards(
     return chosen_rewards, rejected_rewards
 
 
+def nonzero_lengths(weight_sum: torch.Tensor) -> torch.Tensor:
+    """The weight sums `S` `[B]` as the lengths of `ipo`/`sigmoid_norm`: unchanged, except 1 where `S = 0` (an empty
+    row, whose score is then 0). Returns `[B]`."""
+    return torch.where(weight_sum > 0, weight_sum, torch.ones_like(weight_sum))
+
+
 def preference_losses(
     loss_type: str,
     chosen_logps: torch.Tensor,
@@ -269,7 +275,7 @@ def preference_losses(
 
         sigmoid       -log σ(βΔ)
         hinge         relu(1 - βΔ)
-        ipo           (s_c/S_c - s_r/S_r - 1/(2β))²                   S = max(weight sum, 1)
+        ipo           (s_c/S_c - s_r/S_r - 1/(2β))²                   S = weight sum, 1 where it is 0
         sigmoid_norm  -log σ(β (s_c/S_c - s_r/S_r))
         exo_pair      σ(βΔ)(log σ(βΔ) - log(1-ε)) + σ(-βΔ)(log σ(-βΔ) - log ε)               (ε > 0)
         robust        [-(1-ε) log σ(βΔ) + ε log σ(-βΔ)] / (1 - 2ε)
@@ -355,8 +361,11 @@ def preference_losses(
             raise ValueError(
                 f"The {loss_type!r} loss needs `chosen_weight_sum` and `rejected_weight_sum` (from `weight_sums`)."
             )
-        chosen_normalised = chosen_scores / chosen_weight_sum.clamp(min=1.0)
-        rejected_normalised = rejected_scores / rejected_weight_sum.clamp(min=1.0)
+        # Only empty rows (S = 0) are guarded, not TRL's `clamp(min=1)`: weights summing below 1 (`"sum"`
+        # normalisation, small dataset or TIS weights) would otherwise make the loss depend on their scale. With
+        # w ≡ 1, S is a token count, so both guards agree and TRL's numbers are kept.
+        chosen_normalised = chosen_scores / nonzero_lengths(chosen_weight_sum)
+        rejected_normalised = rejected_scores / nonzero_lengths(rejected_weight_sum)
         normalised_delta = chosen_normalised - rejected_normalised
         if loss_type == "ipo":
             return (normalised_delta - 1 / (2 * beta)) ** 2  # Eq. 17 of IPO

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from trl import DPOConfig
 
 from ..modeling.tis_dpo import check_tis_sources
-from ..ops.weighted_losses import KL_LOSS_TYPES, LOSS_TYPES
+from ..ops.weighted_losses import F_DIVERGENCE_TYPES, KL_LOSS_TYPES, LOSS_TYPES
 
 
 # The options of the hybrid weights (Eq. 7-8); their defaults live in the fields below, and nowhere else.
@@ -106,7 +106,8 @@ class TIDPOConfig(DPOConfig):
             generation of up to `anchor_max_new_tokens` tokens per step). `"dataset"`: read from an `anchor` column in
             the same format as `chosen`.
         anchor_max_new_tokens (`int`, *optional*, defaults to `64`):
-            Maximum number of tokens of a policy-sampled anchor.
+            Maximum number of tokens of a policy-sampled anchor. Generation also stops at the batch's longest
+            chosen/rejected completion: the triplet distances read no anchor token past it (the losses are the same).
         anchor_temperature (`float`, *optional*, defaults to `0.8`):
             Sampling temperature of policy anchors (> 0).
         anchor_top_k (`int`, *optional*, defaults to `50`):
@@ -135,6 +136,11 @@ class TIDPOConfig(DPOConfig):
             `anchor_source="policy"`) and `importance_model="reference"` with `precompute_token_weights=False` keep
             it (a warning says so). Refused with `tdpo_alpha > 0`: the sequential KL needs the reference's full
             distributions at every step. Map-style datasets only (TRL's error for an `IterableDataset`).
+
+    Validation: besides the fields above, the DPOConfig numbers the loss reads are checked at construction (TRL 1.16
+    does not): `beta > 0`, `label_smoothing` in [0, 0.5), `discopop_tau > 0`, `ld_alpha` in [0, 1], `max_length` and
+    `precompute_ref_batch_size` >= 1 (or None), `ref_model_mixup_alpha` in [0, 1], `ref_model_sync_steps >= 1`,
+    `loss_weights` finite, >= 0 and not all 0, and `f_divergence_type` / `truncation_mode` among their values.
     """
 
     token_weighting: str = field(
@@ -283,8 +289,62 @@ class TIDPOConfig(DPOConfig):
 
     def __post_init__(self):
         self._validate_tidpo_fields()
+        self._validate_dpo_numbers()
         self._refuse_unsupported_dpo_options()
         super().__post_init__()
+
+    def _validate_dpo_numbers(self):
+        """
+        The DPOConfig numbers TI-DPO's maths reads, in range. TRL 1.16 checks none of these at construction (it only
+        warns on `label_smoothing` for `robust`, and checks `loss_weights`' length, which it is left to do); out of range
+        they train on a wrong objective (`beta < 0` optimises the reversed preference) or fail mid-step.
+        """
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        def positive_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        def positive_int_or_none(value) -> bool:
+            return value is None or positive_int(value)
+
+        checks = [
+            ("beta", number(self.beta) and self.beta > 0, "a finite number > 0 (β < 0 optimises the reversed "
+             "preference, β = 0 gives no gradient)"),
+            ("label_smoothing", number(self.label_smoothing) and 0.0 <= self.label_smoothing < 0.5,
+             "in [0, 0.5) (ε ≥ 0.5 trusts the flipped labels at least as much as the given ones)"),
+            ("discopop_tau", number(self.discopop_tau) and self.discopop_tau > 0, "a finite number > 0"),
+            ("f_alpha_divergence_coef", number(self.f_alpha_divergence_coef), "a finite number"),
+            ("ld_alpha", self.ld_alpha is None or (number(self.ld_alpha) and 0.0 <= self.ld_alpha <= 1.0),
+             "in [0, 1] or None"),
+            ("max_length", positive_int_or_none(self.max_length), "an integer >= 1 or None"),
+            ("precompute_ref_batch_size", positive_int_or_none(self.precompute_ref_batch_size),
+             "an integer >= 1 or None"),
+            ("ref_model_mixup_alpha", number(self.ref_model_mixup_alpha) and 0.0 <= self.ref_model_mixup_alpha <= 1.0,
+             "in [0, 1]"),
+            ("ref_model_sync_steps", positive_int(self.ref_model_sync_steps), "an integer >= 1"),
+        ]  # fmt: skip
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"`{name}` must be {allowed}, got {getattr(self, name)!r}.")
+        if self.f_divergence_type not in F_DIVERGENCE_TYPES:
+            raise ValueError(
+                f"`f_divergence_type` must be one of {F_DIVERGENCE_TYPES}, got {self.f_divergence_type!r}."
+            )
+        if self.truncation_mode not in ("keep_start", "keep_end"):
+            raise ValueError(
+                f"`truncation_mode` must be 'keep_start' or 'keep_end' (deprecated), got {self.truncation_mode!r}."
+            )
+        if self.loss_weights is not None:
+            weights = list(self.loss_weights)
+            bad = [w for w in weights if not (number(w) and w >= 0)]
+            if bad:
+                raise ValueError(f"`loss_weights` must be finite numbers >= 0, got {self.loss_weights!r}.")
+            if weights and sum(weights) == 0:
+                raise ValueError(
+                    f"`loss_weights` are all 0 ({self.loss_weights!r}): the loss would be 0 with no gradient. Give at "
+                    "least one loss type a positive weight."
+                )
 
     def _validate_tidpo_fields(self):
         for name, spec in self.__dataclass_fields__.items():

@@ -4,6 +4,7 @@ import os
 import shutil
 import textwrap
 import warnings
+import weakref
 
 import torch
 from accelerate.logging import get_logger
@@ -64,7 +65,11 @@ from ..ops.weighted_losses import (
 )
 from .dataset_checks import (
     check_dataset_columns,
+    check_dataset_rows,
+    check_positions,
     drop_overlong_prompt_rows,
+    model_max_positions,
+    named_datasets,
     overlong_prompt_filter,
     report_dropped_overlong_prompts,
 )
@@ -169,6 +174,7 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
             )
         if isinstance(train_dataset, (Dataset, IterableDataset)):  # None or another type: TRL's own error below
             check_dataset_columns(args, train_dataset, eval_dataset)
+            train_dataset, eval_dataset = check_dataset_rows(args, train_dataset, eval_dataset)
         tis_positive = tis_positive_model if tis_positive_model is not None else args.tis_positive_model
         tis_negative = tis_negative_model if tis_negative_model is not None else args.tis_negative_model
         check_tis_sources(args.token_weighting, tis_positive, tis_negative, args.tis_system_prompts)
@@ -206,6 +212,9 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
+        max_positions = model_max_positions(causal_lm_of(self.model).config)
+        for name, dataset in named_datasets(self.train_dataset, self.eval_dataset).items():
+            check_positions(dataset, name, max_positions, args.max_length)
         if kept_for:
             args.precompute_ref_log_probs = True
             self._precompute_with_kept_reference(kept_for)
@@ -331,10 +340,22 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
     def _reference_model(self):
         return self.ref_model if self.ref_model is not None else self.model
 
+    def _peft_policy(self):
+        """
+        The PEFT model under the policy's wrapping (`accelerator.unwrap_model(self.model)`), or None without PEFT.
+        Resolved once per `self.model` object, not at each reference forward: accelerate's unwrapping re-reads
+        installed packages' metadata on every call.
+        """
+        cached = getattr(self, "_peft_policy_cache", None)
+        if cached is None or cached[0]() is not self.model:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            self._peft_policy_cache = (weakref.ref(self.model), unwrapped if is_peft_model(unwrapped) else None)
+        return self._peft_policy_cache[1]
+
     def _reference_context(self):
         """Under PEFT without a `ref_model`: disabled adapters (new adapter) or the frozen "ref" copy (re-trained)."""
-        if self.ref_model is None and is_peft_model(self.accelerator.unwrap_model(self.model)):
-            unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped = self._peft_policy() if self.ref_model is None else None
+        if unwrapped is not None:
             return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         return contextlib.nullcontext()
 
@@ -455,9 +476,7 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
                 "`anchor_source='policy'` needs `prompt_input_ids` and `prompt_attention_mask` in each batch. The "
                 "default collator provides them; a custom `data_collator` must too (see `DataCollatorForTIDPO`)."
             )
-        with unwrap_model_for_generation(
-            model, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
-        ) as unwrapped:
+        with self._unwrapped_for_generation(model) as unwrapped:
             anchors = sample_policy_anchors(
                 unwrapped,
                 inputs["prompt_input_ids"],
@@ -469,8 +488,46 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
                 pad_token_id=self._tokenizer.pad_token_id,
                 max_length=self.args.max_length,
                 truncation_mode=self.args.truncation_mode,
+                max_completion_tokens=self._longest_completion(inputs),
             )
         return AnchorBatch.from_inputs(anchors)
+
+    @contextlib.contextmanager
+    def _unwrapped_for_generation(self, model):
+        """
+        TRL's `unwrap_model_for_generation` (the unwrapped model, gradient checkpointing off for the block), with the
+        unwrapped model resolved once per wrapper object instead of twice per step (accelerate's unwrapping re-reads
+        package metadata on every call). Under DeepSpeed, TRL's own, which gathers ZeRO-3's parameters.
+        """
+        kwargs = self.args.gradient_checkpointing_kwargs
+        if self.is_deepspeed_enabled:
+            with unwrap_model_for_generation(model, self.accelerator, gradient_checkpointing_kwargs=kwargs) as unwrapped:
+                yield unwrapped
+            return
+        cache = self.__dict__.setdefault("_unwrapped_cache", weakref.WeakKeyDictionary())
+        cached = cache.get(model)
+        unwrapped = cached() if cached is not None else None
+        if unwrapped is None:
+            unwrapped = self.accelerator.unwrap_model(model)
+            cache[model] = weakref.ref(unwrapped)
+        checkpointing = unwrapped.is_gradient_checkpointing
+        if checkpointing:
+            unwrapped.gradient_checkpointing_disable()
+        try:
+            yield unwrapped
+        finally:
+            if checkpointing:
+                unwrapped.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def _longest_completion(self, inputs: dict) -> int:
+        """
+        The batch's longest chosen/rejected completion, in tokens (the most the triplet distances read of an anchor),
+        over all processes, so that every process generates the same number of steps, as it did uncapped.
+        """
+        longest = inputs["completion_mask"].sum(dim=-1).max()
+        if self.accelerator.num_processes > 1:
+            longest = self.accelerator.gather(longest.reshape(1)).max()
+        return int(longest)
 
     def _forwards(self, model, batch: dict) -> tuple[PairForward, PairForward, AnchorForward | None, AnchorForward | None]:
         """The policy's and the reference's forwards of the pair rows, and of the anchor rows when the triplet loss is
