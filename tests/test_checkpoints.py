@@ -268,3 +268,26 @@ def test_sigterm_saves_a_checkpoint_that_resumes_onto_the_same_losses(model_dir,
     whole = _losses(tmp_path / "whole" / f"checkpoint-{steps}" / "trainer_state.json")
     assert [step for step, _ in resumed] == list(range(1, int(steps) + 1))
     assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in whole], abs=1e-6)
+
+
+def test_api_resume_true_takes_the_newest_complete_checkpoint(trained_run, model_dir, tmp_path, caplog):
+    """`TIDPOTrainer.train(resume_from_checkpoint=True)`, as transformers users write it, skips a cut-short save."""
+    from datasets import Dataset
+
+    from trl_tidpo import TIDPOConfig, TIDPOTrainer
+
+    out = tmp_path / "out"
+    (out / "checkpoint-2").mkdir(parents=True)
+    for path in (trained_run / "out" / "checkpoint-2").iterdir():
+        (out / "checkpoint-2" / path.name).write_bytes(path.read_bytes())
+    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / "README.md").write_text("card")
+    args = TIDPOConfig(output_dir=str(out), use_cpu=True, bf16=False, report_to=[], save_strategy="no", max_steps=3,
+                       per_device_train_batch_size=2, learning_rate=1e-2, triplet_gamma=0.0, disable_tqdm=True)  # fmt: skip
+    trainer = TIDPOTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(ROWS))
+    with caplog.at_level(logging.WARNING):
+        trainer.train(resume_from_checkpoint=True)
+    assert "skipping incomplete checkpoint(s) checkpoint-4 (no trainer_state.json)" in caplog.text
+    assert trainer.state.global_step == 3
+    with pytest.raises(ValueError, match=r"checkpoint-4` is damaged: no trainer_state.json\. The newest complete"):
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-4"))
