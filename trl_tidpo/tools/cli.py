@@ -126,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dataset_arguments(explain)
 
-    commands.add_parser("train", add_help=False, help="fine-tune with TIDPOTrainer (see `trl-tidpo train --help`)")
+    commands.add_parser(
+        "train", add_help=False,
+        help="fine-tune with TIDPOTrainer (see `trl-tidpo train --help`; add `--debug` for the traceback of an error)",
+    )
     return parser
 
 
