@@ -42,6 +42,7 @@ def make_checkpoint(output_dir: Path, step: int, weights: str = "model.safetenso
     save_file({"w": torch.arange(64, dtype=torch.float32)}, folder / weights)
     torch.save({"state": {0: torch.ones(64)}}, folder / "optimizer.pt")
     torch.save({"last_epoch": step}, folder / "scheduler.pt")
+    torch.save({"python": 0, "cpu": torch.get_rng_state()}, folder / "rng_state.pth")
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
     return folder
 
@@ -83,6 +84,7 @@ DAMAGES = {
     "truncated-optimizer": (lambda f: truncate(f / "optimizer.pt"), "optimizer.pt is truncated"),
     "no-optimizer": (lambda f: (f / "optimizer.pt").unlink(), "no optimizer state (optimizer.pt)"),
     "truncated-scheduler": (lambda f: truncate(f / "scheduler.pt"), "scheduler.pt is truncated"),
+    "truncated-rng-state": (lambda f: truncate(f / "rng_state.pth"), "rng_state.pth is truncated"),
 }  # fmt: skip
 
 

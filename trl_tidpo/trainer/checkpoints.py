@@ -120,6 +120,8 @@ def checkpoint_problem(folder: str | Path, require_optimizer: bool = True) -> st
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         return f"{STATE_FILE} does not parse"
     problem = _weights_problem(folder)
+    for rng_state in sorted(folder.glob("rng_state*.pth")):  # optional, but loaded when present
+        problem = problem or _archive_problem(rng_state)
     if problem is None and require_optimizer:
         problem = _optimizer_problem(folder)
         if problem is None and _deepspeed_folder(folder) is None:
