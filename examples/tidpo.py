@@ -11,8 +11,8 @@ Run `python examples/tidpo.py --help` for every flag; see `trl_tidpo/train_scrip
 
 import sys
 
-from trl_tidpo.tools.train_script import main
+from trl_tidpo.tools.cli import train_command
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train_command(sys.argv[1:]))  # one-line errors for bad input, as `trl-tidpo train`

@@ -5,6 +5,7 @@ import sys
 import types
 
 import pytest
+import torch
 from transformers import ViTConfig
 
 from trl_tidpo import token_weights
@@ -121,3 +122,125 @@ def test_console_entry_point_error_has_no_traceback(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("trl-tidpo")]
     assert len(errors) == 1 and "does not exist" in errors[0]
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------- train
+
+
+def _train_argv(model: str, data, output_dir, *extra: str) -> list[str]:
+    return ["train", "--model_name_or_path", model, "--dataset_name", str(data), "--output_dir", str(output_dir),
+            "--report_to", "none", "--max_steps", "1", *extra]  # fmt: skip
+
+
+def _pairs(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "hi", "chosen": " yes", "rejected": " no"}) + "\n")
+    return path
+
+
+def _latin1_jsonl(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "hi", "chosen": " yes", "rejected": " no"}\n{"prompt": "caf\xe9", "chosen": " a", '
+                     b'"rejected": " b"}\n')  # fmt: skip
+    return path
+
+
+def _latin1_csv(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"prompt,chosen,rejected\nhi,yes,no\nhi,yes,no\nna\xefve,a,b\n")
+    return path
+
+
+TRAIN_USER_ERRORS = {
+    "missing-local-model": (
+        lambda tmp_path, model_dir: (str(tmp_path / "tiny-model"), _pairs(tmp_path), ["--use_cpu"]),
+        "`--model_name_or_path {tmp}/tiny-model`: no such folder. Pass the folder of a saved model",
+    ),
+    "missing-relative-model": (
+        lambda tmp_path, model_dir: ("./no-such-tiny-model", _pairs(tmp_path), ["--use_cpu"]),
+        "`--model_name_or_path ./no-such-tiny-model`: no such folder.",
+    ),
+    "model-folder-without-config": (
+        lambda tmp_path, model_dir: (str(tmp_path), _pairs(tmp_path), ["--use_cpu"]),
+        "`--model_name_or_path {tmp}` has no config.json: not a folder written by `save_pretrained`.",
+    ),
+    "non-utf8-jsonl": (
+        lambda tmp_path, model_dir: (model_dir, _latin1_jsonl(tmp_path), ["--use_cpu"]),
+        "{tmp}/latin1.jsonl is not UTF-8 text: line 2 has the byte 0xe9 (file offset 69). Re-save the file as UTF-8",
+    ),
+    "non-utf8-csv": (
+        lambda tmp_path, model_dir: (model_dir, _latin1_csv(tmp_path), ["--use_cpu"]),
+        "{tmp}/latin1.csv is not UTF-8 text: line 4 has the byte 0xef",
+    ),
+    "non-utf8-file-in-a-folder": (
+        lambda tmp_path, model_dir: (model_dir, _latin1_jsonl(tmp_path).parent, ["--use_cpu"]),
+        "{tmp}/latin1.jsonl is not UTF-8 text: line 2 has the byte 0xe9",
+    ),
+    "resume-last-without-checkpoint": (
+        lambda tmp_path, model_dir: (model_dir, _pairs(tmp_path), ["--use_cpu", "--resume_from_checkpoint", "last"]),
+        "`--resume_from_checkpoint last`: `{tmp}/out` holds no complete checkpoint to resume from.",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_USER_ERRORS), ids=list(TRAIN_USER_ERRORS))
+def test_train_user_errors_are_one_line_and_exit_2(tmp_path, model_dir, capsys, case, monkeypatch):
+    monkeypatch.delenv("TRL_TIDPO_DEBUG", raising=False)
+    make, message = TRAIN_USER_ERRORS[case]
+    model, data, extra = make(tmp_path, model_dir)
+    assert main(_train_argv(model, data, tmp_path / "out", *extra)) == 2
+    hint = "(`--debug` shows the traceback)"
+    _one_line_error(capsys, "trl-tidpo train: error: ", message.format(tmp=tmp_path), hint)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the hint is for machines without a GPU")
+def test_train_without_gpu_and_without_use_cpu_says_to_pass_it(tmp_path, model_dir, capsys, monkeypatch):
+    monkeypatch.delenv("TRL_TIDPO_DEBUG", raising=False)
+    assert main(_train_argv(model_dir, _pairs(tmp_path), tmp_path / "out")) == 2
+    _one_line_error(capsys, "trl-tidpo train: error: No GPU found: pass `--use_cpu` to train on the CPU.")
+
+
+def test_train_debug_keeps_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRL_TIDPO_DEBUG", raising=False)
+    argv = _train_argv(str(tmp_path / "nope"), _pairs(tmp_path), tmp_path / "out", "--use_cpu")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        main([*argv, "--debug"])
+    monkeypatch.setenv("TRL_TIDPO_DEBUG", "1")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        main(argv)
+
+
+def test_train_bugs_keep_their_traceback(tmp_path, model_dir, monkeypatch):
+    from trl_tidpo.tools import train_script
+
+    monkeypatch.delenv("TRL_TIDPO_DEBUG", raising=False)
+
+    def broken(*args):
+        raise RuntimeError("a bug deep inside a library")
+
+    monkeypatch.setattr(train_script, "train", broken)
+    with pytest.raises(RuntimeError, match="a bug deep inside"):
+        main(_train_argv(model_dir, _pairs(tmp_path), tmp_path / "out", "--use_cpu"))
+    monkeypatch.setattr(train_script, "train", lambda *args: {}["missing"])
+    with pytest.raises(KeyError):
+        main(_train_argv(model_dir, _pairs(tmp_path), tmp_path / "out", "--use_cpu"))
+
+
+def test_one_line_joins_a_multiline_message():
+    from trl_tidpo.tools.cli import one_line
+
+    assert one_line(ValueError("first\n  second\n\nthird")) == "first second third"
+    assert one_line(ValueError()) == "ValueError"
+
+
+def test_top_level_help_imports_neither_torch_nor_trl():
+    """`trl-tidpo --help` must answer at once: the package's public names are imported lazily."""
+    code = (
+        "import sys\nfrom trl_tidpo.tools.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'trl', 'transformers', 'datasets') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "usage: trl-tidpo" in result.stdout and result.stdout.strip().splitlines()[-1] == "[]"
+

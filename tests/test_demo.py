@@ -158,3 +158,26 @@ def test_weight_metrics_with_and_without_special_tokens():
     assert metrics["roc_auc"] == pytest.approx(2 / 3) and metrics["top_k_share"] == 0.0
     # EOS left out: 2.0 beats both others, AUC 1, and is the top-1
     assert metrics["roc_auc_content"] == 1.0 and metrics["top_k_share_content"] == 1.0
+
+
+def test_html_table_shows_the_baselines_next_to_the_weight_metrics():
+    from trl_tidpo.tools.demo.report import table_rows
+
+    weights = {"roc_auc": 0.61, "top_k_share": 0.31, "roc_auc_content": 0.66, "top_k_share_content": 0.41}
+    result = {"accuracy": 0.75, "margin": 0.2, "seconds_per_step": 0.1, **weights}
+    summary = {
+        "results": {"TI-DPO": result},
+        "start": {key: 0.55 for key in weights},
+        "prior_only": {key: 0.52 for key in weights},
+        "uniform": {"roc_auc": 0.5, "top_k_share": 0.2, "roc_auc_content": 0.5, "top_k_share_content": 0.25},
+        "base_rate": 0.125,
+        "base_rate_content": 0.15,
+    }
+    rows = {row[0]: row[1:] for row in table_rows(summary, with_baselines=True)}
+    assert rows["metric"] == ["TI-DPO", "starting model", "Gaussian prior alone", "uniform weights",
+                              "random weights (expected)"]  # fmt: skip
+    assert rows["critical-token ROC-AUC of weights"] == ["0.610", "0.550", "0.520", "0.500", "0.500"]
+    assert rows["critical share of top-k weights"] == ["0.310", "0.550", "0.520", "0.200", "0.125"]
+    assert rows["  same top-k share, special tokens left out"] == ["0.410", "0.550", "0.520", "0.250", "0.150"]
+    assert rows["held-out preference accuracy"] == ["0.750", "–", "–", "–", "–"]
+    assert len(table_rows(summary)[0]) == 2  # the terminal table keeps its baselines below it

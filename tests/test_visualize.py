@@ -106,3 +106,34 @@ def test_use_color(monkeypatch):
     assert use_color(_Tty()) is False
     with pytest.raises(ValueError, match="colour mode"):
         use_color(_Tty(), "sometimes")
+
+
+def test_colour_scale_saturates_at_the_95th_percentile_not_at_an_outlier():
+    from trl_tidpo.tools.visualize import scale_max
+
+    # 19 content tokens between 0.5 and 1.4 and one EOS at 9.0: nearest-rank 95th percentile = 19th of 20 sorted
+    weights = [0.5 + 0.05 * i for i in range(19)] + [9.0]
+    assert scale_max(weights) == pytest.approx(sorted(weights)[18])
+    assert scale_max([0.0] * 19 + [3.0]) == 3.0  # a non-positive quantile falls back to the maximum
+    assert scale_max([]) == 1.0
+    page = completion_page("p", _row([f"t{i}" for i in range(20)], weights), title="T")
+    full = r'style="background:rgb\(234,88,12\)" title="[^"]*">'
+    assert re.search(full + "t18<", page) and re.search(full + "t19<", page)  # the largest content token and EOS
+    assert not re.search(full + "t17<", page)
+    assert "≥ 1.40" in page and "95% quantile" in page
+
+
+def test_special_tokens_are_left_out_of_the_colour_scale():
+    # Content weights 0.2..1.0 (five tokens), EOS 6.0 on each of two rows: EOS would set a scale where 1.0 is pale
+    content = [0.2, 0.4, 0.6, 0.8, 1.0]
+    rows = [
+        TokenRow([f"t{i}" for i in range(6)], content + [6.0], special=[False] * 5 + [True]),
+        TokenRow([f"u{i}" for i in range(6)], content + [6.0], special=[False] * 5 + [True]),
+    ]
+    pair = PairView(prompt="p", chosen=rows[0], rejected=rows[1])
+    page = pairs_page([pair], title="T")
+    assert "≥ 1.00" in page  # nearest-rank 95% quantile of the ten content weights: the 10th, 1.0
+    assert 'style="background:rgb(234,88,12)" title="weight 1.000">t4<' in page
+    assert 'style="background:rgb(234,88,12)" title="weight 6.000">t5<' in page
+    with pytest.raises(ValueError, match="`special` has 1 entries for 2 tokens"):
+        TokenRow(["a", "b"], [1.0, 1.0], special=[True])

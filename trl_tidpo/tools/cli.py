@@ -6,17 +6,25 @@ The `trl-tidpo` command line.
   `--dataset FILE --row N` instead shows the weights the trainer will use for that row (spans, weight columns or TI-DPO).
 - `trl-tidpo train ...`: the training script (`trl_tidpo.tools.train_script`), every argument forwarded.
 
-Errors in the arguments (a missing model, an empty or too long completion) are one line on stderr and exit code 2.
+Errors in the arguments or the data (a missing model, an empty completion, a bad row) are one line on stderr and exit
+code 2. `trl-tidpo train --debug` (or `TRL_TIDPO_DEBUG=1`) shows the traceback of such errors too.
 """
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 
 DEFAULT_DEMO_DIR = "tidpo-demo"
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+DEBUG_ENV = "TRL_TIDPO_DEBUG"
+DEBUG_FLAG = "--debug"
+# What bad flags, files or data raise, in our checks and in the libraries (transformers' argument checks, a missing
+# file, a hub id that does not exist, a package to install). Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, ImportError, OSError)
 
 
 class CLIError(Exception):
@@ -118,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dataset_arguments(explain)
 
-    commands.add_parser("train", add_help=False, help="fine-tune with TIDPOTrainer (see `trl-tidpo train --help`)")
+    commands.add_parser(
+        "train", add_help=False,
+        help="fine-tune with TIDPOTrainer (see `trl-tidpo train --help`; add `--debug` for the traceback of an error)",
+    )
     return parser
 
 
@@ -256,6 +267,8 @@ def _explain(args: argparse.Namespace) -> int:
         )
     tw = token_weights(model, tokenizer, prompt, completion, **options)
     tokens = display_tokens(tokenizer, tw.token_ids)
+    special_ids = set(tokenizer.all_special_ids)
+    special = [token_id in special_ids for token_id in tw.token_ids]  # left out of the colour scale
     if args.json:
         keys = ("token_ids", "weights", "importance", "prior", "fallback")
         print(json.dumps({"tokens": tokens, **{key: getattr(tw, key) for key in keys}}))
@@ -263,14 +276,14 @@ def _explain(args: argparse.Namespace) -> int:
         caption = f"{len(tokens)} completion tokens (chat template and EOS included, as in training)"
         if tw.fallback:
             caption += "; the attribution could not be normalised: weights are the prior alone"
-        row = TokenRow(tokens, tw.weights, importance=tw.importance, prior=tw.prior, caption=caption)
+        row = TokenRow(tokens, tw.weights, importance=tw.importance, prior=tw.prior, caption=caption, special=special)
         print(
             f"TI-DPO weights (λ={options['importance_lambda']}, ρ={options['prior_sigma_ratio']}, span={options['weight_span']}, "
             f"normalization={options['weight_normalization']}) of {args.model}"
         )
         print(terminal_view(row, use_color(sys.stdout, args.color)))
     if args.html:
-        row = TokenRow(tokens, tw.weights, importance=tw.importance, prior=tw.prior)
+        row = TokenRow(tokens, tw.weights, importance=tw.importance, prior=tw.prior, special=special)
         page = completion_page(
             args.prompt, row, title="TI-DPO token weights", intro=f"Model: {args.model}. λ={options['importance_lambda']}."
         )
@@ -283,17 +296,64 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------- train
+
+
+def one_line(error: BaseException) -> str:
+    """`error`'s message on one line (library messages often span several), or its type name when it has none."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text or type(error).__name__
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether `error` reports bad input (printed as one line) rather than a bug (traceback kept)."""
+    if isinstance(error, USER_ERRORS):
+        return True
+    # Our own checks raise RuntimeError for a setup that cannot work (e.g. no bitsandbytes backend for the device)
+    frames = error.__traceback__
+    while frames is not None and frames.tb_next is not None:
+        frames = frames.tb_next
+    package = str(Path(__file__).resolve().parents[1])
+    raised_here = frames is not None and frames.tb_frame.f_code.co_filename.startswith(package)
+    return isinstance(error, RuntimeError) and raised_here
+
+
+def train_command(argv: list[str]) -> int:
+    """
+    `trl-tidpo train ARGS`: the training script, with user errors as one line on stderr and exit code 2. `--debug`
+    (dropped from `argv`, and passed on to launched processes as `TRL_TIDPO_DEBUG=1`) keeps their traceback.
+
+    Returns:
+        `int`: the script's exit status; 2 on a user error, 130 on Ctrl-C before training started.
+    """
+    if DEBUG_FLAG in argv:
+        argv = [arg for arg in argv if arg != DEBUG_FLAG]
+        os.environ[DEBUG_ENV] = "1"
+    debug = os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+    try:
+        from .train_script import main as train_main
+
+        result = train_main(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("trl-tidpo train: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        if debug or not is_user_error(error):
+            raise
+        print(f"trl-tidpo train: error: {one_line(error)} (`--debug` shows the traceback)", file=sys.stderr)
+        return EXIT_USAGE
+    return result if isinstance(result, int) else 0
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "train":
-        # Every remaining argument (including --help) belongs to the training script
-        from .train_script import main as train_main
-
-        result = train_main(argv[1:])
-        return result if isinstance(result, int) else 0
+        return train_command(argv[1:])  # every remaining argument (including --help) belongs to the training script
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

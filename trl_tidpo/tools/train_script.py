@@ -36,8 +36,11 @@ weights are known only at the step) and, for full fine-tuning, frees the referen
 reference attribution still need it; it is refused with `--tdpo_alpha > 0`.
 """
 
+import codecs
 import gc
 import os
+import shutil
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +63,7 @@ from trl import (
     get_quantization_config,
 )
 
+from ..trainer.checkpoints import SaveOnSignalCallback, check_checkpoint, check_output_dir, last_complete_checkpoint
 from ..trainer.dataset_checks import check_dataset_columns
 from ..trainer.tidpo_config import TIDPOConfig
 from ..trainer.tidpo_trainer import TIDPOTrainer
@@ -74,12 +78,15 @@ DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", 
 @dataclass
 class TIDPOScriptArguments(ScriptArguments):
     """
-    TRL's [`~trl.ScriptArguments`] plus `accelerate_config`.
+    TRL's [`~trl.ScriptArguments`] plus `accelerate_config` and `overwrite_output_dir`.
 
     Args:
         accelerate_config (`str`, *optional*):
             Run under `accelerate launch` with this config: a file path, or the name of one shipped with trl-tidpo
             (`single_gpu`, `multi_gpu`, `fsdp2`, `zero2`, `zero3`). Unknown flags go to `accelerate launch`.
+        overwrite_output_dir (`bool`, defaults to `False`):
+            Start a new run in an `output_dir` that holds another run's `checkpoint-N` folders, deleting those
+            folders (transformers 5 dropped its flag of that name). Without it such a run is refused.
     """
 
     accelerate_config: str | None = field(
@@ -88,6 +95,13 @@ class TIDPOScriptArguments(ScriptArguments):
             "help": "Run under `accelerate launch` with this config: a path, or one shipped with trl-tidpo "
             f"({', '.join(ACCELERATE_CONFIG_NAMES)}). Flags the script does not know (e.g. `--num_processes 8`) "
             "go to `accelerate launch`."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a new run in an `output_dir` that holds another run's `checkpoint-N` folders, deleting "
+            "those folders. Without it such a run is refused (unless it resumes with `--resume_from_checkpoint`)."
         },
     )
 
@@ -106,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         before anything is written to `output_dir`.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser()
-    script_args, training_args, model_args, dataset_args, config_remaining, cli_remaining = (
-        parser.parse_args_and_config(argv, return_remaining_strings=True, separate_remaining_strings=True)
-    )
+    script_args, training_args, model_args, dataset_args, config_remaining, cli_remaining = parse_arguments(argv)
     if inside_launcher():
         # The launcher already applied its flags: a recipe's launch keys and `accelerate_config` come back here
         if cli_remaining:
@@ -123,20 +134,71 @@ def main(argv: list[str] | None = None) -> int:
         return train(script_args, training_args, model_args, dataset_args)
     launch_args = config_remaining + cli_remaining
     if script_args.accelerate_config is not None or launch_args:
-        check_arguments(training_args, model_args)  # here too, so that these fail before any process starts
+        check_arguments(training_args, model_args, script_args)  # here too: fail before any process starts
         return launch(argv, script_args.accelerate_config, launch_args, cli_remaining)
     return train(script_args, training_args, model_args, dataset_args)
+
+
+def parse_arguments(argv: list[str]) -> tuple:
+    """
+    `make_parser().parse_args_and_config(argv)` with its remaining strings separated, and transformers' bf16/GPU
+    error (bf16 is `DPOConfig`'s default) turned into the flag to pass.
+
+    Returns:
+        `tuple`: `(script_args, training_args, model_args, dataset_args, config_remaining, cli_remaining)`.
+    """
+    parser = make_parser()
+    try:
+        return parser.parse_args_and_config(argv, return_remaining_strings=True, separate_remaining_strings=True)
+    except ValueError as error:
+        if "doesn't support bf16/gpu" not in str(error):
+            raise
+        if torch.cuda.is_available():  # a GPU without bf16 (before Ampere)
+            raise ValueError(
+                "This GPU has no bf16 (`--bf16` is on by default): pass `--bf16 False` (or `--fp16`), or `--use_cpu`."
+            ) from None
+        raise ValueError("No GPU found: pass `--use_cpu` to train on the CPU.") from None
 
 
 # ---------------------------------------------------------------------------------------------- validation
 
 
-def check_arguments(training_args: TIDPOConfig, model_args: ModelConfig) -> str | bool | None:
-    """The checks that need neither data nor a model; returns `resume_from_checkpoint` for `Trainer.train`."""
+def check_arguments(
+    training_args: TIDPOConfig, model_args: ModelConfig, script_args: TIDPOScriptArguments | None = None
+) -> str | None:
+    """
+    The checks that need neither data nor a model: the model path, quantization, the checkpoint to resume and
+    whether `output_dir` holds another run's checkpoints. Nothing is written.
+
+    Returns:
+        `str | None`: the checkpoint folder for `Trainer.train(resume_from_checkpoint=...)`.
+    """
     if model_args.model_name_or_path is None:
         raise ValueError("`--model_name_or_path` is required: a hub model id or a local folder.")
+    check_model_path(model_args.model_name_or_path)
     check_quantization(model_args)
-    return check_resume(training_args)
+    resume = check_resume(training_args)
+    overwrite = script_args.overwrite_output_dir if script_args is not None else False
+    check_output_dir(training_args.output_dir, resuming=resume is not None, overwrite=overwrite)
+    return resume
+
+
+def check_model_path(name: str) -> None:
+    """A `--model_name_or_path` written as a local path (`./m`, `/m`, `~/m`, `a/b/c`) must exist: checked before the
+    hub is tried, which would answer with a repo-id error."""
+    path = Path(name).expanduser()
+    if _looks_like_path(name) and not path.exists():
+        raise FileNotFoundError(
+            f"`--model_name_or_path {name}`: no such folder. Pass the folder of a saved model (with its "
+            "config.json), or a hub model id such as `Qwen/Qwen2-0.5B-Instruct`."
+        )
+    if path.is_file():
+        raise ValueError(f"`--model_name_or_path {name}` is a file: pass the folder that holds config.json.")
+    if path.is_dir() and not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+        raise ValueError(
+            f"`--model_name_or_path {name}` has no config.json: not a folder written by `save_pretrained`. Pass the "
+            "folder of a saved model, or a hub model id."
+        )
 
 
 def check_quantization(model_args: ModelConfig) -> None:
@@ -164,22 +226,27 @@ def check_quantization(model_args: ModelConfig) -> None:
         ) from error
 
 
-def check_resume(training_args: TIDPOConfig) -> str | bool | None:
+def check_resume(training_args: TIDPOConfig) -> str | None:
     """
-    `resume_from_checkpoint` for `Trainer.train`: a checkpoint folder that must exist, or `"true"`/`"last"` for the
-    last checkpoint in `output_dir`.
+    The checkpoint folder to resume from: `--resume_from_checkpoint` itself, which must be complete, or for
+    `"true"`/`"last"` the newest complete checkpoint in `output_dir` (newer incomplete ones are skipped with a
+    warning). None when not resuming.
     """
     resume = training_args.resume_from_checkpoint
     if resume is None:
         return None
+    require_optimizer = not training_args.save_only_model
     if resume.lower() in ("true", "last"):
-        return True
+        try:
+            return str(last_complete_checkpoint(training_args.output_dir, require_optimizer))
+        except ValueError as error:
+            raise ValueError(f"`--resume_from_checkpoint {resume}`: {error}") from None
     if not Path(resume).is_dir():
         raise FileNotFoundError(
             f"`--resume_from_checkpoint {resume}`: no such checkpoint folder. Pass a `checkpoint-N` folder written by "
             "a previous run, `last` for the latest one in `output_dir`, or drop the flag."
         )
-    return resume
+    return str(check_checkpoint(resume, require_optimizer))
 
 
 # ---------------------------------------------------------------------------------------------- data and model
@@ -187,6 +254,31 @@ def check_resume(training_args: TIDPOConfig) -> str | bool | None:
 
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).suffix in DATA_FILE_BUILDERS or name.count("/") > 1
+
+
+def check_utf8(path: Path, option: str, chunk_bytes: int = 1 << 24) -> None:
+    """Raise a `ValueError` naming `path`, the line and the byte when the text file `path` is not valid UTF-8 (pyarrow
+    only says `UnicodeDecodeError`). Reads the file once, in chunks."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0
+    with path.open("rb") as file:
+        while True:
+            chunk = file.read(chunk_bytes)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                # The bad byte is in this chunk, or in the few bytes of an unfinished character carried over
+                position = max(error.start - len(error.object) + len(chunk), 0)
+                line += chunk.count(b"\n", 0, position)
+                byte = error.object[error.start]
+                raise ValueError(
+                    f"`{option}`: {path} is not UTF-8 text: line {line} has the byte 0x{byte:02x} "
+                    f"(file offset {offset + position}). Re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+                ) from None
+            if not chunk:
+                return
+            line += chunk.count(b"\n")
+            offset += len(chunk)
 
 
 def load_preference_dataset(
@@ -215,6 +307,8 @@ def load_preference_dataset(
                 f"`--dataset_name {name}` is an empty file: TI-DPO needs at least one preference pair (`prompt`, "
                 "`chosen`, `rejected`)."
             )
+        if builder in ("json", "csv"):
+            check_utf8(path, f"--dataset_name {name}")
         return load_dataset(builder, data_files={train_split: str(path)}, streaming=streaming)
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         dataset = load_from_disk(str(path))
@@ -224,6 +318,9 @@ def load_preference_dataset(
             dataset = IterableDatasetDict({split: ds.to_iterable_dataset() for split, ds in dataset.items()})
         return dataset
     if path.is_dir():
+        for data_file in sorted(path.rglob("*")):
+            if data_file.suffix.lower() in (".json", ".jsonl", ".csv") and data_file.is_file():
+                check_utf8(data_file, f"--dataset_name {name}")
         return load_dataset(str(path), name=config, streaming=streaming)
     if _looks_like_path(name):
         raise FileNotFoundError(
@@ -328,11 +425,16 @@ def train(
     """
     Validate everything that can be validated without a model, then load, train, save and (optionally) push.
 
+    SIGTERM or SIGINT during training saves a checkpoint at the end of the current step and stops (see
+    `SaveOnSignalCallback`); the final model is then not saved to `output_dir`.
+
     Returns:
-        `int`: 0.
+        `int`: 0; after a signal, 128 + its number (143 for SIGTERM, 130 for SIGINT), as a shell reports it.
     """
-    resume = check_arguments(training_args, model_args)
+    resume = check_arguments(training_args, model_args, script_args)
     train_dataset, eval_dataset = load_splits(script_args, training_args, dataset_args)
+    if script_args.overwrite_output_dir and resume is None:
+        delete_old_checkpoints(training_args.output_dir)
 
     model_init_kwargs = {
         "revision": model_args.model_revision,
@@ -355,6 +457,8 @@ def train(
         eval_dataset=eval_dataset,
         peft_config=get_peft_config(model_args),
     )
+    on_signal = SaveOnSignalCallback()
+    trainer.add_callback(on_signal)
     report_distributed_type(trainer.accelerator)
     if script_args.ignore_bias_buffers:
         # torch distributed hack, as in TRL's script
@@ -363,10 +467,16 @@ def train(
         ]
 
     trainer.train(resume_from_checkpoint=resume)
-    trainer.accelerator.print("Training completed.")
-    trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
-    if training_args.push_to_hub:
+    if on_signal.received is not None:
+        trainer.accelerator.print(
+            f"Stopped by {signal.Signals(on_signal.received).name} at step {trainer.state.global_step}: checkpoint "
+            f"saved in {training_args.output_dir}. Resume with `--resume_from_checkpoint last`."
+        )
+    else:
+        trainer.accelerator.print("Training completed.")
+        trainer.save_model(training_args.output_dir)
+        trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub and on_signal.received is None:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
         trainer.accelerator.print(f"Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
     # Free the DDP wrapper before the process group goes: its reducer holds the group, and a gloo group destroyed by
@@ -377,8 +487,21 @@ def train(
     gc.collect()
     if Version(transformers.__version__) >= Version("5.18.0"):
         accelerator.end_training()  # what `trainer.end()` does: finish the trackers and destroy the process group
-    return 0
+    return 0 if on_signal.received is None else 128 + on_signal.received
+
+
+def delete_old_checkpoints(output_dir: str) -> None:
+    """`--overwrite_output_dir`: delete the `checkpoint-N` folders of an earlier run (main process only)."""
+    old = check_output_dir(output_dir, resuming=False, overwrite=True)
+    if old and PartialState().is_main_process:
+        logger.warning(f"--overwrite_output_dir: deleting the earlier run's {[p.name for p in old]} in {output_dir}.")
+        for folder in old:
+            shutil.rmtree(folder)
+    PartialState().wait_for_everyone()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Processes started by `accelerate launch` run this module: same one-line errors as `trl-tidpo train`
+    from trl_tidpo.tools.cli import train_command
+
+    sys.exit(train_command(sys.argv[1:]))

@@ -4,6 +4,7 @@ rendering (colour on a terminal, plain numbers when piped).
 """
 
 import html
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from ..modeling.weight_columns import WEIGHT_COLUMNS
 
 # Weight shading: white at 0, full orange-red at `vmax`.
 _SHADE_RGB = (234, 88, 12)
+SCALE_QUANTILE = 0.95  # the colour scale saturates here (see `scale_max`)
 # 256-colour background ramp for terminals, from white to red.
 _ANSI_RAMP = (231, 230, 229, 223, 216, 209, 202, 196)
 
@@ -44,7 +46,11 @@ table.summary th:first-child, table.summary td:first-child { text-align: left; }
 
 @dataclass
 class TokenRow:
-    """One completion to draw: its tokens (display text), weights, optional critical flags and per-token details."""
+    """
+    One completion to draw: its tokens (display text), weights, optional critical flags and per-token details.
+    `special` marks EOS and other special tokens, which are left out of the colour scale (they still get their colour,
+    saturated when above it).
+    """
 
     tokens: Sequence[str]
     weights: Sequence[float]
@@ -52,9 +58,10 @@ class TokenRow:
     importance: Sequence[float] | None = None
     prior: Sequence[float] | None = None
     caption: str = ""
+    special: Sequence[bool] | None = None
 
     def __post_init__(self):
-        for name in ("weights", "critical", "importance", "prior"):
+        for name in ("weights", "critical", "importance", "prior", "special"):
             values = getattr(self, name)
             if values is not None and len(values) != len(self.tokens):
                 raise ValueError(f"`{name}` has {len(values)} entries for {len(self.tokens)} tokens.")
@@ -121,6 +128,8 @@ def _legend(vmax: float, with_critical: bool) -> str:
     critical = '<span><span class="tok critical">token</span> critical token (ground truth)</span>' if with_critical else ""
     return (
         f'<div class="legend"><span>weight 0</span><span class="ramp"></span><span>≥ {vmax:.2f}</span>'
+        f"<span>(the scale saturates at the {SCALE_QUANTILE:.0%} quantile of the content tokens' weights, EOS and "
+        f"other special tokens left out, so that their large weights do not leave the rest pale)</span>"
         f"{critical}<span>hover a token for its weight, importance and prior</span></div>"
     )
 
@@ -141,8 +150,26 @@ def _page(title: str, body: str) -> str:
     )
 
 
+def scale_max(weights: Sequence[float], quantile: float = SCALE_QUANTILE) -> float:
+    """
+    Where the colour scale saturates: the `quantile` of `weights` (nearest rank), or their maximum when that quantile
+    is not positive. The end-of-sequence token and a few others often weigh several times the rest; scaled to the
+    maximum, every content token would be nearly white.
+
+    Returns:
+        `float`: 1.0 for no weights.
+    """
+    ordered = sorted(weights)
+    if not ordered:
+        return 1.0
+    value = ordered[max(math.ceil(quantile * len(ordered)) - 1, 0)]
+    return value if value > 0 else ordered[-1]
+
+
 def _page_vmax(rows: Sequence[TokenRow]) -> float:
-    return max((w for row in rows for w in row.weights), default=1.0)
+    """`scale_max` of the rows' content tokens (all tokens when every one is special or none is marked)."""
+    content = [w for row in rows for i, w in enumerate(row.weights) if row.special is None or not row.special[i]]
+    return scale_max(content or [w for row in rows for w in row.weights])
 
 
 def pairs_page(

@@ -63,6 +63,7 @@ from ..ops.weighted_losses import (
     weighted_sequence_logps,
     wpo_pair_weights,
 )
+from .checkpoints import check_checkpoint, last_complete_checkpoint
 from .dataset_checks import (
     check_dataset_columns,
     check_dataset_rows,
@@ -880,6 +881,23 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         with torch.no_grad():
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         return loss, outputs
+
+    # ------------------------------------------------------------------ resuming
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """
+        [`~transformers.Trainer.train`], resuming only from a complete checkpoint: `resume_from_checkpoint=True` takes
+        the newest *complete* one in `output_dir` (transformers takes the newest folder, even one a kill or a full
+        disk cut short), and a damaged checkpoint folder is refused, naming the file and the complete one before it
+        (`trl_tidpo.trainer.checkpoints`).
+        """
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+            require_optimizer = not self.args.save_only_model
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = str(last_complete_checkpoint(self.args.output_dir, require_optimizer))
+            elif os.path.isdir(resume_from_checkpoint):
+                check_checkpoint(resume_from_checkpoint, require_optimizer)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     # ------------------------------------------------------------------ saving
 

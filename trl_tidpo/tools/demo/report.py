@@ -21,12 +21,34 @@ TABLE_ROWS = [
 ]
 
 
-def table_rows(summary: dict[str, Any]) -> list[list[str]]:
-    """The side-by-side table as rows of strings; the first row is the header."""
+WEIGHT_METRICS = ("roc_auc", "top_k_share", "roc_auc_content", "top_k_share_content")
+BASELINE_NAMES = ("starting model", "Gaussian prior alone", "uniform weights", "random weights (expected)")
+
+
+def baseline_metrics(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """
+    What the weight metrics of trained models should be read against, by `BASELINE_NAMES`: TI-DPO's weights of the
+    starting model and of the prior alone (λ = 0), uniform weights (ROC-AUC 0.5: all tied; top-k share from the
+    ties broken toward the earlier token), and random weights (expected ROC-AUC 0.5 and top-k share the base rate of
+    critical tokens).
+    """
+    half = {"roc_auc": 0.5, "roc_auc_content": 0.5}
+    random = {**half, "top_k_share": summary["base_rate"], "top_k_share_content": summary["base_rate_content"]}
+    return dict(zip(BASELINE_NAMES, (summary["start"], summary["prior_only"], summary.get("uniform", half), random)))
+
+
+def table_rows(summary: dict[str, Any], with_baselines: bool = False) -> list[list[str]]:
+    """
+    The side-by-side table as rows of strings; the first row is the header. `with_baselines` adds a column per
+    baseline (`baseline_metrics`), filled on the weight-metric rows and "–" elsewhere.
+    """
     names = list(summary["results"])
-    rows = [["metric", *names]]
+    baselines = baseline_metrics(summary) if with_baselines else {}
+    rows = [["metric", *names, *baselines]]
     for key, label, fmt in TABLE_ROWS:
-        rows.append([label, *(fmt.format(summary["results"][name][key]) for name in names)])
+        cells = [fmt.format(summary["results"][name][key]) for name in names]
+        cells += [fmt.format(b[key]) if key in WEIGHT_METRICS and key in b else "–" for b in baselines.values()]
+        rows.append([label, *cells])
     return rows
 
 
@@ -49,8 +71,10 @@ def format_table(summary: dict[str, Any]) -> str:
         "Baselines, ROC-AUC / top-k share (all tokens; special tokens left out):",
         f"  {start_name}: {pair(start, '')}; {pair(start, '_content')}",
         f"  Gaussian prior alone: {pair(prior, '')}; {pair(prior, '_content')}",
-        f"  uniform or random weights: 0.500 / {summary['base_rate']:.3f}; 0.500 / {summary['base_rate_content']:.3f}",
+        f"  random weights (expected): 0.500 / {summary['base_rate']:.3f}; 0.500 / {summary['base_rate_content']:.3f}",
     ]
+    if "uniform" in summary:
+        lines.insert(-1, f"  uniform weights (all tied): {pair(summary['uniform'], '')}; {pair(summary['uniform'], '_content')}")
     return "\n".join(lines)
 
 
@@ -89,6 +113,7 @@ def pair_views(summary: dict[str, Any], test_rows: list[dict], variant: str, num
                 importance=r["importance"],
                 prior=r["prior"],
                 caption=_caption(r),
+                special=r.get("special"),
             )
             for side, r in by_pair[index].items()
         }
@@ -117,7 +142,7 @@ def write_html(summary: dict[str, Any], test_rows: list[dict], path: Path, varia
         pair_views(summary, test_rows, variant, num_pairs),
         title="TI-DPO token weights on held-out pairs",
         intro=intro,
-        summary=table_rows(summary),
+        summary=table_rows(summary, with_baselines=True),
     )
     path.write_text(page, encoding="utf-8")
 

@@ -363,6 +363,7 @@ def _compare(config, rows, tokenizer, train_rows, test_rows, out: Path, run_dir:
         "warmup_seconds": warmup_seconds,
         "start": weight_metrics(start_rows),
         "prior_only": weight_metrics(prior_rows),
+        "uniform": weight_metrics([{**row, "weights": [1.0] * len(row["weights"])} for row in start_rows]),
         "base_rate": critical_base_rate(start_rows),
         "base_rate_content": critical_base_rate(start_rows, content_only=True),
         "results": {},
