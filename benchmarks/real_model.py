@@ -56,10 +56,10 @@ FAMILIES = {
     "multiplication": lambda: [(f"What is {a} * {b}?", a * b) for a in range(2, 70) for b in range(2, 10)],
     "subtraction": lambda: [(f"What is {a} - {b}?", a - b) for a in range(20, 100) for b in range(10, 20) if a > b],
 }
-# Settings that must agree between runs that are merged (the rest: seeds, variants, file names)
+# Settings that must agree between runs that are merged (the rest: seeds, grid, variants, file names)
 MERGE_KEYS = (
-    "steps", "train_prompts", "dev_prompts", "eval_prompts", "samples", "families", "lr_grid", "grid_seeds", "beta",
-    "batch_size", "lora_r", "max_new_tokens", "anchor_max_new_tokens", "data_seed", "device",
+    "steps", "train_prompts", "dev_prompts", "eval_prompts", "samples", "families", "beta", "batch_size", "lora_r",
+    "max_new_tokens", "anchor_max_new_tokens", "data_seed", "device",
 )  # fmt: skip
 
 
@@ -773,7 +773,9 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="one seed, one rate, DPO and TI-DPO, few prompts")
     parser.add_argument("--prepare", action="store_true", help="only sample and cache the pairs and the start's evals")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--grid-seeds", type=int, nargs="+", default=[0], help="seeds that run the whole grid")
+    parser.add_argument(
+        "--grid-seeds", type=int, nargs="*", default=[0], help="seeds that run the grid (none: --seeds at one rate)"
+    )
     parser.add_argument("--lr-grid", type=float, nargs="+", default=[1e-4, 2e-4, 4e-4])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--train-prompts", type=int, default=256)
@@ -796,6 +798,12 @@ def parse_args(argv):
     parser.add_argument("--work-dir", default="real-model-runs")
     parser.add_argument(
         "--save-adapter", default=None, help="save TI-DPO's LoRA adapter (first seed, selected rate) here (case study)"
+    )
+    parser.add_argument(
+        "--grid-point",
+        action="store_true",
+        help="this run is one point of a grid split across processes (e.g. `--lr-grid 4e-4 --seeds 0`): evaluate the "
+        "dev split, select nothing; `--merge` selects each variant's rate from every run's dev results",
     )
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="combine runs into --output")
     args = parser.parse_args(argv)
@@ -882,6 +890,7 @@ def run(args) -> dict:
     }
     if args.prepare:
         return summary
+    with_dev = len(args.lr_grid) > 1 or args.grid_point
     for name in args.variants:
         shares, model = gradient_shares(name, model, tokenizer, data["train_pairs"], args, work)
         summary["gradient_share"][name] = shares
@@ -889,11 +898,13 @@ def run(args) -> dict:
         for lr in args.lr_grid:
             for seed in args.grid_seeds:
                 record, model = train_and_evaluate(
-                    name, model, tokenizer, data, lr, seed, args, work, with_dev=len(args.lr_grid) > 1
+                    name, model, tokenizer, data, lr, seed, args, work, with_dev=with_dev
                 )
                 grid_runs.append(record)
                 summary["records"].append(record)
                 _write(summary, args.output)
+        if args.grid_point:
+            continue  # one point of a grid split across processes: `--merge` selects the rate
         chosen = select_learning_rate(grid_runs, args.grid_seeds) if len(args.lr_grid) > 1 else args.lr_grid[0]
         summary["selected_lr"][name] = chosen
         print(f"{name}: learning rate {chosen:g} selected on the dev split", flush=True)
@@ -920,8 +931,12 @@ def finish(summary: dict, output: str, plot_path: str) -> dict:
 
 
 def merge(paths: list[str], output: str, plot_path: str) -> dict:
-    """One summary from runs that share every setting (`MERGE_KEYS`) and the data; their records are concatenated.
-    Runs may split the work by variant or by seed; a variant's learning rate must be the same in every run."""
+    """
+    One summary from runs that share every setting (`MERGE_KEYS`) and the data; their records are concatenated. Runs
+    may split the work by variant, by seed or by grid point (`--grid-point`). Each variant's learning rate is selected
+    again from every run's dev results (`select_learning_rate`; a variant without any keeps its run's rate), and every
+    run of a seed outside the grid must be at that rate.
+    """
     runs = [json.loads(Path(path).read_text()) for path in paths]
     summary = runs[0]
     for path, run_ in zip(paths[1:], runs[1:]):
@@ -930,19 +945,36 @@ def merge(paths: list[str], output: str, plot_path: str) -> dict:
             what = differing or "the start model's evaluation"
             raise SystemExit(f"Cannot merge {path}: its settings differ ({what}).")
         for name, lr in run_["selected_lr"].items():
-            if summary["selected_lr"].setdefault(name, lr) != lr:
-                other = summary["selected_lr"][name]
-                raise SystemExit(f"Cannot merge {path}: {name} selected learning rate {lr}, another run {other}.")
+            summary["selected_lr"].setdefault(name, lr)
         summary["records"] += run_["records"]
         summary["variants"] += [v for v in run_["variants"] if v not in summary["variants"]]
         for name, shares in run_["gradient_share"].items():
             summary["gradient_share"].setdefault(name, shares)
-        summary["args"]["seeds"] = sorted(set(summary["args"]["seeds"]) | set(run_["args"]["seeds"]))
+        for key in ("seeds", "grid_seeds", "lr_grid"):
+            summary["args"][key] = sorted(set(summary["args"][key]) | set(run_["args"][key]))
+    reselect_learning_rates(summary)
     summary["merged_from"] = {
         path: {"total_seconds": r.get("total_seconds"), "total_cpu_seconds": r.get("total_cpu_seconds")}
         for path, r in zip(paths, runs)
     }
     return finish(summary, output, plot_path)
+
+
+def reselect_learning_rates(summary: dict) -> None:
+    """Each variant's rate from all the dev results of its grid runs; refuse runs of other seeds at another rate."""
+    grid_seeds = summary["args"]["grid_seeds"]
+    for name in summary["variants"]:
+        runs = [r for r in summary["records"] if r["variant"] == name]
+        if any("dev" in r for r in runs):
+            summary["selected_lr"][name] = select_learning_rate(runs, grid_seeds)
+        chosen = summary["selected_lr"].get(name)
+        if chosen is None:
+            raise SystemExit(f"Cannot merge: {name} has no dev results and no selected learning rate.")
+        stray = sorted({r["learning_rate"] for r in runs if r["seed"] not in grid_seeds} - {chosen})
+        if stray:
+            raise SystemExit(
+                f"Cannot merge: {name} selected learning rate {chosen:g}, but seeds outside the grid ran at {stray}."
+            )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -110,3 +110,25 @@ def test_minimal_run_reports_and_fails_its_sanity_gate_loudly(tmp_path, capsys):
     assert difference["vs_dpo_correct"]["mean"] == pytest.approx(difference["accuracy_per_seed"][0] - dpo_acc)
     assert 0.0 <= difference["decisive_gradient_share"] <= 1.0
     assert real_model.markdown(summary).count("\n| difference |") == 3  # main table, per family, grid
+
+
+def test_merge_reselects_each_rate_from_every_runs_dev_results():
+    def record(variant, lr, seed, dev_acc=None):
+        r = {"variant": variant, "learning_rate": lr, "seed": seed}
+        if dev_acc is not None:
+            r["dev"] = {"accuracy": dev_acc, "gold_logp": -1.0}
+        return r
+
+    # three grid points from three processes, then seed 1 at the chosen rate
+    summary = {
+        "args": {"grid_seeds": [0]},
+        "variants": ["TI-DPO"],
+        "selected_lr": {},
+        "records": [record("TI-DPO", 1e-4, 0, 0.3), record("TI-DPO", 2e-4, 0, 0.5), record("TI-DPO", 4e-4, 0, 0.4)]
+        + [record("TI-DPO", 2e-4, 1)],
+    }
+    real_model.reselect_learning_rates(summary)
+    assert summary["selected_lr"] == {"TI-DPO": 2e-4}
+    summary["records"].append(record("TI-DPO", 4e-4, 2))  # a seed run at a rate the grid did not select
+    with pytest.raises(SystemExit, match="seeds outside the grid ran at"):
+        real_model.reselect_learning_rates(summary)
