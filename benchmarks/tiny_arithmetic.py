@@ -48,7 +48,9 @@ from variants import VARIANTS, Variant, decisive_gradient_share
 from trl_tidpo import TIDPOTrainer
 
 # The SFT start, calibrated once (held-out accuracy ~0.29) and fixed: never tuned on the variants' results
-SFT = {"hidden_size": 64, "num_layers": 2, "steps": 900, "batch_size": 64, "lr": 5e-3, "carry_drop_rate": 0.7}
+SFT = {"hidden_size": 64, "num_layers": 2, "steps": 3000, "batch_size": 64, "lr": 3e-3, "carry_drop_rate": 0.7}
+# Fixed split sizes, so the SFT data (everything else) does not depend on the evaluation options
+HELDOUT, DEV = 1000, 500
 DEFAULT_VARIANTS = list(VARIANTS)
 _STATE: dict = {}  # set before the worker processes fork: tokenizer, start model, pairs dataset, splits
 
@@ -59,7 +61,8 @@ _STATE: dict = {}  # set before the worker processes fork: tokenizer, start mode
 def prepare(args) -> dict:
     """Splits, the SFT start model, its evaluations and the on-policy pairs (all seeded by `args.data_seed`)."""
     tokenizer = tiny_task.build_tokenizer()
-    splits = tiny_task.make_splits({"heldout": args.heldout, "dev": args.dev, "sft": -1}, seed=args.data_seed)
+    splits = tiny_task.make_splits({"heldout": HELDOUT, "dev": DEV, "sft": -1}, seed=args.data_seed)
+    splits["heldout"], splits["dev"] = splits["heldout"][: args.heldout], splits["dev"][: args.dev]
     model = tiny_task.build_model(tokenizer, SFT["hidden_size"], SFT["num_layers"], seed=args.data_seed)
     targets = tiny_task.sft_completions(splits["sft"], SFT["carry_drop_rate"], seed=args.data_seed)
     t0 = time.process_time()
@@ -342,12 +345,14 @@ def parse_args(argv):
     parser.add_argument(
         "--grid-seeds", type=int, default=3, help="how many of --seeds train at every grid learning rate"
     )
-    parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-5, 2e-5, 4e-5])
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--heldout", type=int, default=1000, help="held-out prompts (never trained on, never dev)")
-    parser.add_argument("--dev", type=int, default=500, help="dev prompts: choose each variant's learning rate")
+    parser.add_argument(
+        "--heldout", type=int, default=HELDOUT, help=f"held-out prompts (never trained on, never dev; ≤ {HELDOUT})"
+    )
+    parser.add_argument("--dev", type=int, default=DEV, help=f"dev prompts: each variant's learning rate (≤ {DEV})")
     parser.add_argument("--pair-prompts", type=int, default=4000, help="training prompts sampled for pairs")
     parser.add_argument("--samples", type=int, default=8, help="sampled answers per prompt")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -374,6 +379,8 @@ def parse_args(argv):
                 setattr(args, key, value)
     if "DPO" not in args.variants:
         args.variants = ["DPO"] + args.variants  # the baseline of every paired comparison
+    if not (1 <= args.heldout <= HELDOUT and 1 <= args.dev <= DEV):
+        parser.error(f"--heldout must be in [1, {HELDOUT}] and --dev in [1, {DEV}] (the splits are fixed).")
     if not 1 <= args.grid_seeds <= len(args.seeds):
         parser.error(f"--grid-seeds must be between 1 and the number of --seeds ({len(args.seeds)}).")
     args.grid_seeds = args.seeds[: args.grid_seeds]

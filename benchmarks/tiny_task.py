@@ -1,6 +1,6 @@
 """
 The tiny arithmetic benchmark's task and model (`benchmarks/tiny_arithmetic.py`): two-digit addition with carries,
-one token per digit ("4 7 + 3 8 =" → " 8 5"), a word-level tokenizer of digits and symbols, a tiny Llama trained from
+one token per digit ("4 7 + 3 8 =" → " 8 5"), SFT data that teaches a systematic mistake (carries dropped), a word-level tokenizer of digits and symbols, a tiny Llama trained from
 scratch (plain PyTorch SFT), greedy exact-match accuracy, the gold answer's log-probability, and on-policy preference
 pairs sampled from the SFT model.
 
@@ -37,13 +37,16 @@ class Problem:
 
     @property
     def carries(self) -> bool:
-        """Whether the units digits carry into the tens."""
-        return self.a % 10 + self.b % 10 >= 10
+        """Whether the sum has a carry (units into tens, or tens into hundreds)."""
+        return self.a % 10 + self.b % 10 >= 10 or self.a // 10 + self.b // 10 >= 10
 
     @property
     def carry_dropped(self) -> str:
-        """The systematic mistake the SFT data teaches: the units carry forgotten (`29 + 53 → 72`)."""
-        return " " + spaced(self.a + self.b - 10)
+        """
+        The systematic mistake the SFT data teaches: every carry forgotten, digit by digit modulo 10 (`29 + 53 → " 7 2"`,
+        `74 + 51 → " 2 5"`). It differs from the gold answer at its first token whenever the sum carries.
+        """
+        return f" {(self.a // 10 + self.b // 10) % 10} {(self.a + self.b) % 10}"
 
 
 def spaced(number: int) -> str:
@@ -69,7 +72,7 @@ def build_model(tokenizer, hidden_size: int, num_layers: int, seed: int):
 def make_splits(sizes: dict[str, int], seed: int) -> dict[str, list[Problem]]:
     """
     Disjoint splits of the 8,100 problems `a + b` with `a, b` in 10..99, drawn in the order of `sizes` (e.g. held-out,
-    dev, preference train, then `"sft": -1` for every problem left), so no problem is in two splits.
+    dev, then `"sft": -1` for every problem left), so no problem is in two splits.
     """
     problems = [Problem(a, b) for a in range(10, 100) for b in range(10, 100)]
     random.Random(seed).shuffle(problems)
@@ -113,9 +116,9 @@ def completion_logps(model, input_ids: torch.Tensor, completion_mask: torch.Tens
 
 def sft_completions(problems: list[Problem], carry_drop_rate: float, seed: int) -> list[str]:
     """
-    The SFT targets: the gold answer, except that a problem whose units carry is answered with the carry dropped with
-    probability `carry_drop_rate` (one draw per problem, seeded). A systematic, checkable mistake for preference
-    training to remove; its first wrong digit is the decisive token.
+    The SFT targets: the gold answer, except that a problem with a carry is answered with its carries dropped
+    (`Problem.carry_dropped`) with probability `carry_drop_rate` (one draw per problem, seeded). A systematic, checkable
+    mistake for preference training to remove; its first wrong digit (the first token) is the decisive token.
     """
     rng = random.Random(seed)
     return [p.carry_dropped if p.carries and rng.random() < carry_drop_rate else p.answer for p in problems]

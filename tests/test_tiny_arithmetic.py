@@ -25,10 +25,11 @@ def test_problems_splits_and_carry_dropped_answers():
     assert len({(p.a, p.b) for s in splits.values() for p in s}) == 8100  # disjoint, complete
     p = tiny_task.Problem(29, 53)
     assert (p.prompt, p.answer, p.carries, p.carry_dropped) == ("2 9 + 5 3 =", " 8 2", True, " 7 2")
-    assert not tiny_task.Problem(21, 53).carries
+    assert tiny_task.Problem(74, 51).carry_dropped == " 2 5" and tiny_task.Problem(74, 51).carries  # tens carry
+    assert not tiny_task.Problem(21, 53).carries and tiny_task.Problem(21, 53).carry_dropped == " 7 4"
     targets = tiny_task.sft_completions(splits["sft"], 0.7, seed=0)
-    dropped = [t == p.carry_dropped for p, t in zip(splits["sft"], targets)]
-    assert not any(d for p, d in zip(splits["sft"], dropped) if not p.carries)  # only carrying problems
+    dropped = [t != p.answer for p, t in zip(splits["sft"], targets)]
+    assert all(p.carries and t == p.carry_dropped for p, t, d in zip(splits["sft"], targets, dropped) if d)
     share = sum(dropped) / sum(p.carries for p in splits["sft"])
     assert 0.65 < share < 0.75
     tokenizer = tiny_task.build_tokenizer()
@@ -59,8 +60,8 @@ def test_paired_difference_against_explicit_loops():
 def test_smallest_configuration_end_to_end(tmp_path, one_thread):
     output = tmp_path / "tiny.json"
     argv = ["--variants", "DPO", "difference", "--seeds", "0", "1", "--grid-seeds", "1", "--learning-rates", "1e-5",
-            "3e-5", "--steps", "3", "--batch-size", "16", "--heldout", "60", "--dev", "40", "--pair-prompts", "300",
-            "--sft-steps", "150", "--share-pairs", "8", "--bootstrap", "200", "--processes", "1", "--no-gate",
+            "3e-5", "--steps", "3", "--batch-size", "8", "--heldout", "60", "--dev", "40", "--pair-prompts", "600",
+            "--sft-steps", "400", "--share-pairs", "8", "--bootstrap", "200", "--processes", "1", "--no-gate",
             "--output", str(output)]  # fmt: skip
     summary = tiny_arithmetic.main(argv)
     assert json.loads(output.read_text()) == json.loads(json.dumps(summary))
