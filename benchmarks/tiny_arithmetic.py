@@ -1,21 +1,23 @@
 """
 Tiny arithmetic benchmark: a cheap, high-power behavioural screen of the training variants (`benchmarks/variants.py`).
 
-A tiny Llama (hidden 64, 2 layers, word tokenizer of digits and symbols) is trained from scratch on two-digit addition
-("2 9 + 5 3 =" → " 8 2", one token per digit) with a *systematic* mistake in its SFT data: a problem whose units carry
-is answered with the carry dropped (" 7 2") with probability 0.7. The SFT model (fixed steps, calibrated once) answers
-about 30 % of the held-out problems right. On-policy pairs are sampled from it (temperature 1): chosen = the gold answer,
-rejected = the most frequent wrong one; the first divergent token (the first wrong digit) decides. Every variant is then
-trained from the same start with the same data order per seed, each at the learning rate (from a shared grid) that
-maximises its accuracy on a dev split; the headline is held-out greedy exact-match accuracy over 1,000 prompts and
-10 seeds, with the held-out log-prob of the gold answer beside it and a paired bootstrap CI against DPO.
+A tiny Llama (hidden 64, 2 layers, a word tokenizer of digits and symbols) is trained from scratch (plain PyTorch SFT)
+on two-digit addition, one token per digit ("2 9 + 5 3 =" → " 8 2"), with a *systematic* mistake in its SFT data: a
+problem that carries is answered with every carry dropped (" 7 2") with probability 0.7. The SFT model learns that
+mixture, so greedily it answers the problems without a carry right and the others wrong (held-out accuracy ~0.28;
+calibrated once, then fixed). On-policy pairs are sampled from it (temperature 1): chosen = the gold answer, rejected =
+the most frequent wrong one; they differ first at the first digit, the decisive token. Every variant is trained from
+the same start with the same data order per seed (full fine-tuning, an explicit frozen reference copy), each at the
+learning rate of a shared grid that maximises its accuracy on a dev split; the headline is held-out greedy exact-match
+accuracy over 1,000 prompts and 10 seeds, with the held-out log-prob of the gold answer beside it, a paired bootstrap
+CI against DPO (prompts and seeds resampled) and the decisive token's share of the gradient at the start.
 
-    python benchmarks/tiny_arithmetic.py                      # the default screen (about 10 CPU-minutes... see the doc)
-    python benchmarks/tiny_arithmetic.py --quick              # a smoke run (about a minute)
+    python benchmarks/tiny_arithmetic.py                 # the default screen (docs/tiny_benchmark.md: CPU and wall)
+    python benchmarks/tiny_arithmetic.py --quick         # a smoke run: DPO and TI-DPO, 2 seeds
     python benchmarks/tiny_arithmetic.py --variants DPO TI-DPO difference --seeds 0 1 2 3 4
 
 Results: a markdown table on stdout and every number in `--output` (JSON). The run fails (exit 1) when DPO does not
-beat the start model by more than 2 standard errors (`--no-gate` to only warn): a benchmark where DPO does not work
+beat the start model by more than 2 standard errors (`--no-gate` only warns): a benchmark where DPO does not work
 cannot rank variants against it.
 """
 
@@ -47,7 +49,7 @@ from variants import VARIANTS, Variant, decisive_gradient_share
 
 from trl_tidpo import TIDPOTrainer
 
-# The SFT start, calibrated once (held-out accuracy ~0.29) and fixed: never tuned on the variants' results
+# The SFT start, calibrated once (converged: held-out accuracy ~0.28) and fixed, never tuned on the variants' results
 SFT = {"hidden_size": 64, "num_layers": 2, "steps": 3000, "batch_size": 64, "lr": 3e-3, "carry_drop_rate": 0.7}
 # Fixed split sizes, so the SFT data (everything else) does not depend on the evaluation options
 HELDOUT, DEV = 1000, 500
