@@ -916,6 +916,10 @@ def run(args) -> dict:
             _write(summary, args.output)
     summary["total_seconds"] = time.perf_counter() - t_start
     summary["total_cpu_seconds"] = time.process_time() - c_start
+    if args.grid_point:  # no rate selected yet: `--merge` reports
+        _write(summary, args.output)
+        print(f"Wrote {args.output}; merge it with the other grid points (`--merge`).")
+        return summary
     return finish(summary, args.output, args.plot)
 
 
@@ -980,7 +984,7 @@ def reselect_learning_rates(summary: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     summary = merge(args.merge, args.output, args.plot) if args.merge else run(args)
-    if args.prepare:
+    if args.prepare or "report" not in summary:
         return summary
     gate = summary["report"].get("gate")
     if gate is not None and not gate["passed"]:
