@@ -311,7 +311,8 @@ def readme_jsonl_lines() -> list[dict]:
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = text.split("```jsonl\n", 1)[1].split("```", 1)[0]
+    section = text[text.index("### Weights you write") :]
+    block = section.split("```jsonl\n", 1)[1].split("```", 1)[0]
     return [json.loads(line) for line in block.splitlines()]
 
 
