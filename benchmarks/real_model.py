@@ -442,17 +442,21 @@ def build_trainer(variant: Variant, base_model, tokenizer, pairs, run_dir, learn
 GRADIENT_SHARE_AS = {"DPO": Variant(TIDPOTrainer, {"token_weighting": "uniform", "triplet_gamma": 0.0})}
 
 
-def gradient_shares(name: str, base_model, tokenizer, pairs, args, work: Path) -> tuple[list[float], Any]:
+def gradient_shares(
+    name: str, base_model, tokenizer, pairs, args, work: Path, num_pairs: int | None = None
+) -> tuple[list[float], Any]:
     """`decisive_gradient_share` of the variant at the start model (a fresh LoRA adapter is the start) on the first
-    `2 × batch_size` train pairs. DPO is measured as its uniform-weight `TIDPOTrainer` twin (same loss and gradient).
-    Returns the shares and the base model (the adapter removed)."""
+    `num_pairs` train pairs (default `2 × batch_size`), in batches of `2 × batch_size`. DPO is measured as its
+    uniform-weight `TIDPOTrainer` twin (same loss and gradient). Returns the shares and the base model (the adapter
+    removed)."""
     variant = GRADIENT_SHARE_AS.get(name, VARIANTS[name])
-    pairs = pairs[: 2 * args.batch_size]
+    pairs = pairs[: num_pairs or 2 * args.batch_size]
     trainer = build_trainer(variant, base_model, tokenizer, pairs, work / "grad-share", 1e-4, 0, args)
-    rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
-    batch = trainer._prepare_inputs(trainer.data_collator(rows))
-    torch.manual_seed(0)
-    shares = decisive_gradient_share(trainer, batch)
+    shares = []
+    for start in range(0, len(trainer.train_dataset), 2 * args.batch_size):
+        rows = [trainer.train_dataset[i] for i in range(start, min(start + 2 * args.batch_size, len(pairs)))]
+        torch.manual_seed(start)
+        shares += decisive_gradient_share(trainer, trainer._prepare_inputs(trainer.data_collator(rows)))
     return shares, trainer.model.unload()
 
 
@@ -805,6 +809,11 @@ def parse_args(argv):
         help="this run is one point of a grid split across processes (e.g. `--lr-grid 4e-4 --seeds 0`): evaluate the "
         "dev split, select nothing; `--merge` selects each variant's rate from every run's dev results",
     )
+    parser.add_argument(
+        "--gradient-shares-only",
+        action="store_true",
+        help="only measure each variant's decisive-token gradient share at the start model on 32 train pairs",
+    )
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="combine runs into --output")
     args = parser.parse_args(argv)
     if args.quick:
@@ -889,6 +898,13 @@ def run(args) -> dict:
         "gradient_share": {},
     }
     if args.prepare:
+        return summary
+    if args.gradient_shares_only:
+        for name in args.variants:
+            shares, model = gradient_shares(name, model, tokenizer, data["train_pairs"], args, work, num_pairs=32)
+            summary["gradient_share"][name] = shares
+            print(f"{name}: decisive-token gradient share {statistics.mean(shares):.3f} ({len(shares)} pairs)")
+        _write(summary, args.output)
         return summary
     with_dev = len(args.lr_grid) > 1 or args.grid_point
     for name in args.variants:
@@ -984,7 +1000,7 @@ def reselect_learning_rates(summary: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     summary = merge(args.merge, args.output, args.plot) if args.merge else run(args)
-    if args.prepare or "report" not in summary:
+    if args.prepare or args.gradient_shares_only or "report" not in summary:
         return summary
     gate = summary["report"].get("gate")
     if gate is not None and not gate["passed"]:
