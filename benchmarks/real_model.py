@@ -774,7 +774,7 @@ def plot(summary: dict, path: Path) -> None:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one seed, one rate, DPO and TI-DPO, few prompts")
+    parser.add_argument("--quick", action="store_true", help="one seed, rate 1e-4, DPO and TI-DPO, 128/128 prompts")
     parser.add_argument("--prepare", action="store_true", help="only sample and cache the pairs and the start's evals")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
@@ -818,7 +818,7 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.quick:
         quick = {
-            "seeds": [0], "grid_seeds": [0], "lr_grid": [2e-4], "steps": 10, "train_prompts": 64, "dev_prompts": 0,
+            "seeds": [0], "grid_seeds": [0], "lr_grid": [1e-4], "train_prompts": 128, "dev_prompts": 0,
             "eval_prompts": 128, "variants": ["DPO", "TI-DPO"],
         }  # fmt: skip
         for key, value in quick.items():
