@@ -154,7 +154,3 @@ def tie_shared_prefix(weights: torch.Tensor, shared_prefix: torch.Tensor) -> tor
     mean = ((chosen + rejected) / 2).repeat(2, 1)
     return torch.where(tie, mean, weights)
 
-
-def pad_shifted(mask: torch.Tensor) -> torch.Tensor:
-    """`[R, T-1]` shifted mask → `[R, T]` unshifted (position 0 is never scored)."""
-    return F.pad(mask, (1, 0), value=0)
