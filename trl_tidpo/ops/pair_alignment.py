@@ -8,7 +8,6 @@ Pure tensor functions on TRL's pair layout (rows `[chosen_0..chosen_{B-1}; rejec
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .importance import HybridWeights
 
