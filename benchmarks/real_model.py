@@ -774,7 +774,7 @@ def plot(summary: dict, path: Path) -> None:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one seed, rate 1e-4, DPO and TI-DPO, 128/128 prompts")
+    parser.add_argument("--quick", action="store_true", help="one seed, rate 1e-4, DPO and TI-DPO, 128 train / 256 held-out prompts")
     parser.add_argument("--prepare", action="store_true", help="only sample and cache the pairs and the start's evals")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
@@ -819,7 +819,7 @@ def parse_args(argv):
     if args.quick:
         quick = {
             "seeds": [0], "grid_seeds": [0], "lr_grid": [1e-4], "train_prompts": 128, "dev_prompts": 0,
-            "eval_prompts": 128, "variants": ["DPO", "TI-DPO"],
+            "eval_prompts": 256, "variants": ["DPO", "TI-DPO"],
         }  # fmt: skip
         for key, value in quick.items():
             if getattr(args, key) == parser.get_default(key):
