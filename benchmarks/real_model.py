@@ -774,7 +774,7 @@ def plot(summary: dict, path: Path) -> None:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one seed, rate 1e-4, DPO and TI-DPO, 128 train / 256 held-out prompts")
+    parser.add_argument("--quick", action="store_true", help="one seed, rate 1e-4, DPO and TI-DPO, 128/256 prompts")
     parser.add_argument("--prepare", action="store_true", help="only sample and cache the pairs and the start's evals")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
