@@ -1,5 +1,7 @@
+import html
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from trl_tidpo.tools.demo.data import (
 )
 from trl_tidpo.tools.demo.runner import DemoConfig, sequence_logps, run_demo
 from trl_tidpo.tools.demo.tiny_models import build_tiny_llama, build_word_tokenizer
+from trl_tidpo.tools.results import load_summary, verdict
 from trl_tidpo.modeling.tokenization import tokenize_completion
 
 
@@ -124,6 +127,10 @@ def test_short_demo_writes_every_output(tmp_path, capsys):
     assert saved["num_test_pairs"] == 4 and saved["results"]["DPO"]["accuracy"] == summary["results"]["DPO"]["accuracy"]
     page = (out / "token_importance.html").read_text()
     assert page.count('class="pair"') == 2 and 'class="tok critical"' in page
+    # The closing line and the page's second verdict are the benchmarks' verdict, read from the summary JSON
+    benchmarks = verdict(load_summary(Path(__file__).resolve().parents[1] / "docs" / "benchmarks_summary.json"))
+    assert printed.rstrip().splitlines()[-1].endswith(benchmarks)
+    assert html.escape(benchmarks) in page and "where 0.5 is chance" in page
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "tidpo-model" / "config.json").is_file()
 
@@ -177,7 +184,8 @@ def test_html_table_shows_the_baselines_next_to_the_weight_metrics():
     assert rows["metric"] == ["TI-DPO", "starting model", "Gaussian prior alone", "uniform weights",
                               "random weights (expected)"]  # fmt: skip
     assert rows["critical-token ROC-AUC of weights"] == ["0.610", "0.550", "0.520", "0.500", "0.500"]
-    assert rows["critical share of top-k weights"] == ["0.310", "0.550", "0.520", "0.200", "0.125"]
+    top_k = "critical share of top-k weights (k = the response's critical tokens)"
+    assert rows[top_k] == ["0.310", "0.550", "0.520", "0.200", "0.125"]
     assert rows["  same top-k share, special tokens left out"] == ["0.410", "0.550", "0.520", "0.250", "0.150"]
     assert rows["held-out preference accuracy"] == ["0.750", "–", "–", "–", "–"]
     assert len(table_rows(summary)[0]) == 2  # the terminal table keeps its baselines below it

@@ -39,23 +39,30 @@ def test_pairs_page_escapes_completion_prompt_and_title():
     assert "<script" not in page.lower() and "src=" not in page.replace("src=x", "")
 
 
-def test_pairs_page_shades_by_weight_and_outlines_critical_tokens():
+HIGH, LOW, WHITE = "rgb(214,96,77)", "rgb(67,147,195)", "rgb(255,255,255)"
+
+
+def test_pairs_page_shades_around_the_mean_and_outlines_critical_tokens():
     pair = PairView(prompt="p", chosen=_row(["a", "b"], [0.0, 4.0], [False, True]), rejected=_row(["c"], [2.0], [False]))
     page = pairs_page([pair], title="t")
     spans = re.findall(r'<span class="(tok[^"]*)" style="background:([^"]+)" title="([^"]+)">([^<]*)</span>', page)
     by_text = {text: (cls, color, title) for cls, color, title, text in spans}
-    assert by_text["a"][:2] == ("tok", "rgb(255,255,255)")  # weight 0: white
-    assert by_text["b"][:2] == ("tok critical", "rgb(234,88,12)")  # the page maximum: full colour
-    assert by_text["c"][1] == shade(2.0, 4.0)  # one scale for the whole page
+    # Mean weight 2: c is white; a and b are 2 away, the 95% quantile of the distances (3rd of 3): full colour
+    assert by_text["c"][:2] == ("tok", WHITE)
+    assert by_text["a"][:2] == ("tok", LOW)
+    assert by_text["b"][:2] == ("tok critical", HIGH)
     assert "weight 4.000 · importance 0.100 · prior 0.200 · critical" in by_text["b"][2]
+    assert "the mean weight, 2.00" in page and "weight ≤ 0.00" in page and "≥ 4.00" in page
 
 
-def test_shade_saturates_and_clamps():
-    assert shade(0.0, 2.0) == "rgb(255,255,255)"
-    # a quarter of the way: 255 - 0.25 * (255 - 234) = 249.75, 255 - 0.25 * 167 = 213.25, 255 - 0.25 * 243 = 194.25
-    assert shade(0.5, 2.0) == "rgb(250,213,194)"
-    assert shade(5.0, 2.0) == shade(2.0, 2.0) == "rgb(234,88,12)"
-    assert shade(-1.0, 2.0) == "rgb(255,255,255)"
+def test_shade_diverges_from_the_center_and_clamps():
+    assert shade(1.0, 1.0, 0.5) == WHITE
+    # a fifth of the way up: 255 - 0.2 * (255 - 214) = 246.8, 255 - 0.2 * 159 = 223.2, 255 - 0.2 * 178 = 219.4
+    assert shade(1.2, 1.0, 1.0) == "rgb(247,223,219)"
+    # a fifth of the way down: 255 - 0.2 * 188 = 217.4, 255 - 0.2 * 108 = 233.4, 255 - 0.2 * 60 = 243
+    assert shade(0.8, 1.0, 1.0) == "rgb(217,233,243)"
+    assert shade(5.0, 1.0, 2.0) == shade(3.0, 1.0, 2.0) == HIGH
+    assert shade(-5.0, 1.0, 2.0) == shade(-1.0, 1.0, 2.0) == LOW
 
 
 def test_completion_page_escapes():
@@ -109,31 +116,34 @@ def test_use_color(monkeypatch):
 
 
 def test_colour_scale_saturates_at_the_95th_percentile_not_at_an_outlier():
-    from trl_tidpo.tools.visualize import scale_max
+    from trl_tidpo.tools.visualize import scale_center, scale_spread
 
-    # 19 content tokens between 0.5 and 1.4 and one EOS at 9.0: nearest-rank 95th percentile = 19th of 20 sorted
-    weights = [0.5 + 0.05 * i for i in range(19)] + [9.0]
-    assert scale_max(weights) == pytest.approx(sorted(weights)[18])
-    assert scale_max([0.0] * 19 + [3.0]) == 3.0  # a non-positive quantile falls back to the maximum
-    assert scale_max([]) == 1.0
-    page = completion_page("p", _row([f"t{i}" for i in range(20)], weights), title="T")
-    full = r'style="background:rgb\(234,88,12\)" title="[^"]*">'
-    assert re.search(full + "t18<", page) and re.search(full + "t19<", page)  # the largest content token and EOS
-    assert not re.search(full + "t17<", page)
-    assert "≥ 1.40" in page and "95% quantile" in page
+    # 19 weights at 1 ± 0.05 k (k = 0..9 each side but 0 once) and one at 9.0: distances from 1 sorted, the
+    # nearest-rank 95th percentile is the 19th of 20: 0.45, not the outlier's 8.0
+    weights = [1 + 0.05 * k for k in range(-9, 10)] + [9.0]
+    assert scale_spread(weights, 1.0) == pytest.approx(0.45)
+    assert scale_spread([1.0] * 19 + [3.0], 1.0) == 2.0  # a zero quantile falls back to the largest distance
+    assert scale_spread([1.0, 1.0], 1.0) == scale_spread([], 1.0) == 1.0
+    assert scale_center([TokenRow(["a", "b"], [0.5, 1.5]), TokenRow(["c"], [4.0])]) == pytest.approx(2.0)
 
 
 def test_special_tokens_are_left_out_of_the_colour_scale():
-    # Content weights 0.2..1.0 (five tokens), EOS 6.0 on each of two rows: EOS would set a scale where 1.0 is pale
-    content = [0.2, 0.4, 0.6, 0.8, 1.0]
-    rows = [
-        TokenRow([f"t{i}" for i in range(6)], content + [6.0], special=[False] * 5 + [True]),
-        TokenRow([f"u{i}" for i in range(6)], content + [6.0], special=[False] * 5 + [True]),
-    ]
-    pair = PairView(prompt="p", chosen=rows[0], rejected=rows[1])
-    page = pairs_page([pair], title="T")
-    assert "≥ 1.00" in page  # nearest-rank 95% quantile of the ten content weights: the 10th, 1.0
-    assert 'style="background:rgb(234,88,12)" title="weight 1.000">t4<' in page
-    assert 'style="background:rgb(234,88,12)" title="weight 6.000">t5<' in page
+    # Content 0.25..1.0 and an EOS of 2.5: six weights that average 1, as TI-DPO's mean normalisation gives
+    content = [0.25, 0.5, 0.75, 1.0, 1.0]
+    row = TokenRow([f"t{i}" for i in range(5)] + ["<eos>"], content + [2.5], special=[False] * 5 + [True])
+    page = pairs_page([PairView(prompt="p", chosen=row, rejected=row)], title="T")
+    # Distances of the content weights from 1: 0.75 at most (the 5th of 5 at the 95% quantile); EOS's 1.5 is not used
+    assert "weight ≤ 0.25" in page and "≥ 1.75" in page and "the mean weight, 1.00" in page
+    assert f'style="background:{LOW}" title="weight 0.250">t0<' in page
+    assert f'style="background:{WHITE}" title="weight 1.000">t3<' in page
+    # EOS: no colour of the scale, hatched, its weight written beside it
+    special = re.findall(r'<span class="tok special" title="([^"]+)">([^<]*)<small>([^<]*)</small></span>', page)
+    assert special == [("weight 2.500 · special token, left out of the colour scale", "&lt;eos&gt;", "2.50")] * 2
     with pytest.raises(ValueError, match="`special` has 1 entries for 2 tokens"):
         TokenRow(["a", "b"], [1.0, 1.0], special=[True])
+
+
+def test_verdict_opens_the_page():
+    row = TokenRow(["a"], [1.0])
+    page = pairs_page([PairView("p", row, row)], title="T", intro="intro", verdict=["First <b>.", "Second."])
+    assert '<h1>T</h1>\n<div class="verdict"><p>First &lt;b&gt;.</p><p>Second.</p></div><p class="note">intro' in page

@@ -16,9 +16,11 @@ from ..modeling.tis_dpo import tokenize_preference_dataset
 from ..modeling.weight_columns import WEIGHT_COLUMNS
 
 
-# Weight shading: white at 0, full orange-red at `vmax`.
-_SHADE_RGB = (234, 88, 12)
-SCALE_QUANTILE = 0.95  # the colour scale saturates here (see `scale_max`)
+# Weight shading, diverging around the mean weight (1 under TI-DPO's mean normalisation): white at the mean, blue below
+# it, red above it, full colour at `spread` away from it (see `scale_spread`). Black text stays readable on both ends.
+_HIGH_RGB = (214, 96, 77)
+_LOW_RGB = (67, 147, 195)
+SCALE_QUANTILE = 0.95  # the colour scale saturates here (see `scale_spread` and `scale_max`)
 # 256-colour background ramp for terminals, from white to red.
 _ANSI_RAMP = (231, 230, 229, 223, 216, 209, 202, 196)
 
@@ -26,20 +28,30 @@ _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 75em;
        color: #1f2937; padding: 0 1em; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.1em; margin: 0 0 .4em; } h3 { font-size: .95em; margin: .2em 0; }
+.verdict { font-size: 1.08em; background: #f3f4f6; border-left: 4px solid #374151; padding: .6em .9em; max-width: 60em; }
+.verdict p { margin: .3em 0; }
 .note { color: #4b5563; max-width: 60em; }
-.legend { display: flex; gap: 1.5em; align-items: center; margin: 1em 0; font-size: .9em; }
-.ramp { width: 12em; height: 1em; border: 1px solid #d1d5db;
-        background: linear-gradient(to right, rgb(255,255,255), rgb(234,88,12)); }
+.legend { display: flex; flex-wrap: wrap; gap: .6em 1.5em; align-items: center; margin: 1em 0; font-size: .9em; }
+.ramp { display: inline-block; width: 12em; height: 1em; border: 1px solid #d1d5db; vertical-align: middle;
+        background: linear-gradient(to right, rgb(67,147,195), rgb(255,255,255), rgb(214,96,77)); }
+.table-card { max-width: 100%; overflow-x: auto; }
 table.summary { border-collapse: collapse; margin: 1em 0; font-size: .9em; }
 table.summary td, table.summary th { border: 1px solid #d1d5db; padding: .25em .6em; text-align: right; }
+table.summary th { overflow-wrap: anywhere; }
 table.summary th:first-child, table.summary td:first-child { text-align: left; }
 .pair { border: 1px solid #e5e7eb; border-radius: 6px; padding: .8em 1em; margin: 1em 0; }
-.prompt { color: #374151; margin-bottom: .5em; }
-.sides { display: grid; grid-template-columns: 1fr 1fr; gap: 1.5em; }
+.prompt { color: #374151; margin-bottom: .5em; overflow-wrap: anywhere; }
+.sides { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 1.5em; }
+@media (max-width: 50em) { .sides { grid-template-columns: minmax(0, 1fr); } }
+.side { min-width: 0; }
 .side h3.chosen { color: #15803d; } .side h3.rejected { color: #b91c1c; }
-.tokens { line-height: 2.1em; font-family: ui-monospace, "SFMono-Regular", Menlo, monospace; font-size: .92em; }
-.tok { white-space: pre; padding: .15em .2em; margin: 0 1px; border-radius: 3px; }
+.tokens { line-height: 1.5em; font-family: ui-monospace, "SFMono-Regular", Menlo, monospace; font-size: .92em; }
+.tok { display: inline-block; max-width: 100%; overflow-wrap: anywhere; white-space: pre-wrap; padding: .1em .2em;
+       margin: 2px 1px; border-radius: 3px; vertical-align: top; }
 .tok.critical { outline: 2px solid #1d4ed8; outline-offset: 1px; }
+.tok.special { background: repeating-linear-gradient(45deg, #f3f4f6, #f3f4f6 3px, #e5e7eb 3px, #e5e7eb 6px);
+               color: #6b7280; border: 1px dashed #9ca3af; }
+.tok.special small { color: #374151; margin-left: .3em; }
 .stats { color: #6b7280; font-size: .8em; margin-top: .3em; }
 """
 
@@ -90,47 +102,67 @@ def visible(token: str) -> str:
     return out or "∅"
 
 
-def shade(weight: float, vmax: float) -> str:
-    """CSS colour of `weight` on a white → orange-red scale that saturates at `vmax`."""
-    t = 0.0 if vmax <= 0 else min(max(weight / vmax, 0.0), 1.0)
-    r, g, b = (round(255 + t * (c - 255)) for c in _SHADE_RGB)
+def shade(weight: float, center: float, spread: float) -> str:
+    """
+    CSS colour of `weight` on a diverging scale: white at `center`, blue below it, red above it, full colour at
+    `spread` or more away from it.
+    """
+    t = 0.0 if spread <= 0 else min(max((weight - center) / spread, -1.0), 1.0)
+    end = _HIGH_RGB if t > 0 else _LOW_RGB
+    r, g, b = (round(255 + abs(t) * (c - 255)) for c in end)
     return f"rgb({r},{g},{b})"
 
 
-def tokens_html(row: TokenRow, vmax: float) -> str:
-    """`<span>`s of `row`'s tokens, shaded by weight, critical ones outlined, details in the hover title."""
+def tokens_html(row: TokenRow, center: float, spread: float) -> str:
+    """
+    `<span>`s of `row`'s tokens, shaded by weight (`shade`), critical ones outlined, details in the hover title.
+    Special tokens (EOS, chat markers) are left out of the scale: grey and hatched, their weight written beside them.
+    """
     spans = []
     for i, (token, weight) in enumerate(zip(row.tokens, row.weights)):
-        classes = "tok critical" if row.critical is not None and row.critical[i] else "tok"
+        critical = row.critical is not None and row.critical[i]
+        special = row.special is not None and row.special[i]
+        classes = "tok" + (" critical" if critical else "") + (" special" if special else "")
         details = f"weight {weight:.3f}"
         if row.importance is not None:
             details += f" · importance {row.importance[i]:.3f}"
         if row.prior is not None:
             details += f" · prior {row.prior[i]:.3f}"
-        if row.critical is not None and row.critical[i]:
+        if critical:
             details += " · critical"
-        spans.append(
-            f'<span class="{classes}" style="background:{shade(weight, vmax)}" title="{html.escape(details)}">'
-            f"{html.escape(visible(token))}</span>"
-        )
+        if special:
+            details += " · special token, left out of the colour scale"
+        text = html.escape(visible(token))
+        if special:
+            spans.append(f'<span class="{classes}" title="{html.escape(details)}">{text}<small>{weight:.2f}</small></span>')
+        else:
+            style = f"background:{shade(weight, center, spread)}"
+            spans.append(f'<span class="{classes}" style="{style}" title="{html.escape(details)}">{text}</span>')
     return "".join(spans)
 
 
-def _row_block(row: TokenRow, heading: str, css_class: str, vmax: float) -> str:
+def _row_block(row: TokenRow, heading: str, css_class: str, center: float, spread: float) -> str:
     caption = f'<div class="stats">{html.escape(row.caption)}</div>' if row.caption else ""
     return (
         f'<div class="side"><h3 class="{css_class}">{html.escape(heading)}</h3>'
-        f'<div class="tokens">{tokens_html(row, vmax)}</div>{caption}</div>'
+        f'<div class="tokens">{tokens_html(row, center, spread)}</div>{caption}</div>'
     )
 
 
-def _legend(vmax: float, with_critical: bool) -> str:
+def _legend(center: float, spread: float, with_critical: bool, with_special: bool) -> str:
     critical = '<span><span class="tok critical">token</span> critical token (ground truth)</span>' if with_critical else ""
+    special = (
+        '<span><span class="tok special">&lt;eos&gt;<small>4.20</small></span> special token (end of sequence, chat '
+        "markers): left out of the colour scale, its weight written beside it</span>"
+        if with_special
+        else ""
+    )
     return (
-        f'<div class="legend"><span>weight 0</span><span class="ramp"></span><span>≥ {vmax:.2f}</span>'
-        f"<span>(the scale saturates at the {SCALE_QUANTILE:.0%} quantile of the content tokens' weights, EOS and "
-        f"other special tokens left out, so that their large weights do not leave the rest pale)</span>"
-        f"{critical}<span>hover a token for its weight, importance and prior</span></div>"
+        f'<div class="legend"><span>weight ≤ {center - spread:.2f}</span><span class="ramp"></span>'
+        f"<span>≥ {center + spread:.2f}</span>"
+        f"<span>(white: the mean weight, {center:.2f}; blue: below it, red: above it; full colour at the "
+        f"{SCALE_QUANTILE:.0%} quantile of the distance from the mean over the other tokens)</span>"
+        f"{critical}{special}<span>hover a token for its weight, importance and prior</span></div>"
     )
 
 
@@ -140,7 +172,7 @@ def _summary_table(summary: Sequence[Sequence[str]]) -> str:
     head, *body = summary
     rows = ["<tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in head) + "</tr>"]
     rows += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in body]
-    return f'<table class="summary">{"".join(rows)}</table>'
+    return f'<div class="table-card"><table class="summary">{"".join(rows)}</table></div>'
 
 
 def _page(title: str, body: str) -> str:
@@ -168,47 +200,93 @@ def scale_max(weights: Sequence[float], quantile: float = SCALE_QUANTILE) -> flo
 
 def _page_vmax(rows: Sequence[TokenRow]) -> float:
     """`scale_max` of the rows' content tokens (all tokens when every one is special or none is marked)."""
+    return scale_max(_content_weights(rows))
+
+
+def _content_weights(rows: Sequence[TokenRow]) -> list[float]:
+    """The weights of the rows' tokens that are not special (all of them when every one is special)."""
     content = [w for row in rows for i, w in enumerate(row.weights) if row.special is None or not row.special[i]]
-    return scale_max(content or [w for row in rows for w in row.weights])
+    return content or [w for row in rows for w in row.weights]
+
+
+def scale_center(rows: Sequence[TokenRow]) -> float:
+    """
+    Where the colour scale is white: the mean weight over every token of `rows`, special ones included. With TI-DPO's
+    `weight_normalization="mean"` each completion's weights average 1, so this is 1. Returns 1.0 for no tokens.
+    """
+    weights = [w for row in rows for w in row.weights]
+    return sum(weights) / len(weights) if weights else 1.0
+
+
+def scale_spread(weights: Sequence[float], center: float, quantile: float = SCALE_QUANTILE) -> float:
+    """
+    How far from `center` the colour saturates: the `quantile` (nearest rank) of `|w - center|` over `weights`, or
+    their largest distance when that quantile is 0, so that a few outliers do not leave the rest pale.
+
+    Returns:
+        `float`: 1.0 when every weight equals `center` (or there is none).
+    """
+    distances = sorted(abs(w - center) for w in weights)
+    if not distances or distances[-1] <= 0:
+        return 1.0
+    value = distances[max(math.ceil(quantile * len(distances)) - 1, 0)]
+    return value if value > 0 else distances[-1]
+
+
+def _verdict_html(verdict: Sequence[str]) -> str:
+    if not verdict:
+        return ""
+    return '<div class="verdict">' + "".join(f"<p>{html.escape(line)}</p>" for line in verdict) + "</div>"
 
 
 def pairs_page(
-    pairs: Sequence[PairView], title: str, intro: str = "", summary: Sequence[Sequence[str]] = (), vmax: float | None = None
+    pairs: Sequence[PairView],
+    title: str,
+    intro: str = "",
+    summary: Sequence[Sequence[str]] = (),
+    verdict: Sequence[str] = (),
 ) -> str:
     """
-    A self-contained HTML page: an optional summary table, then each pair's prompt and its chosen and rejected
-    completions side by side, every token shaded by its weight on one scale for the whole page.
+    A self-contained HTML page: an optional verdict (one paragraph per string) and summary table, then each pair's
+    prompt and its chosen and rejected completions side by side, every token shaded by its weight on one diverging
+    scale for the whole page (white at the mean weight, `scale_center`; special tokens left out).
 
     Returns:
         `str`: the HTML document.
     """
     rows = [row for pair in pairs for row in (pair.chosen, pair.rejected)]
-    vmax = _page_vmax(rows) if vmax is None else vmax
+    center = scale_center(rows)
+    spread = scale_spread(_content_weights(rows), center)
     with_critical = any(row.critical is not None and any(row.critical) for row in rows)
+    with_special = any(row.special is not None and any(row.special) for row in rows)
     blocks = []
     for pair in pairs:
         notes = "".join(f'<div class="stats">{html.escape(note)}</div>' for note in pair.notes)
+        sides = _row_block(pair.chosen, "chosen", "chosen", center, spread)
+        sides += _row_block(pair.rejected, "rejected", "rejected", center, spread)
         blocks.append(
             f'<div class="pair"><h2>{html.escape(pair.title)}</h2>'
-            f'<div class="prompt"><b>Prompt:</b> {html.escape(pair.prompt)}</div><div class="sides">'
-            f'{_row_block(pair.chosen, "chosen", "chosen", vmax)}{_row_block(pair.rejected, "rejected", "rejected", vmax)}'
+            f'<div class="prompt"><b>Prompt:</b> {html.escape(pair.prompt)}</div><div class="sides">{sides}'
             f"</div>{notes}</div>"
         )
     intro_html = f'<p class="note">{html.escape(intro)}</p>' if intro else ""
-    body = intro_html + _summary_table(summary) + _legend(vmax, with_critical) + "\n".join(blocks)
+    legend = _legend(center, spread, with_critical, with_special)
+    body = _verdict_html(verdict) + intro_html + _summary_table(summary) + legend + "\n".join(blocks)
     return _page(title, body)
 
 
 def completion_page(prompt: str, row: TokenRow, title: str, intro: str = "") -> str:
     """A self-contained HTML page of one prompt and its completion's token weights. Returns the HTML document."""
-    vmax = _page_vmax([row])
+    center = scale_center([row])
+    spread = scale_spread(_content_weights([row]), center)
     intro_html = f'<p class="note">{html.escape(intro)}</p>' if intro else ""
     caption = f'<div class="stats">{html.escape(row.caption)}</div>' if row.caption else ""
+    with_special = row.special is not None and any(row.special)
     body = (
         intro_html
-        + _legend(vmax, row.critical is not None and any(row.critical))
+        + _legend(center, spread, row.critical is not None and any(row.critical), with_special)
         + f'<div class="pair"><div class="prompt"><b>Prompt:</b> {html.escape(prompt)}</div>'
-        f'<div class="tokens">{tokens_html(row, vmax)}</div>{caption}</div>'
+        f'<div class="tokens">{tokens_html(row, center, spread)}</div>{caption}</div>'
     )
     return _page(title, body)
 

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..results import load_summary, verdict
 from ..visualize import PairView, TokenRow, pairs_page
 
 
@@ -14,7 +15,7 @@ TABLE_ROWS = [
     ("accuracy", "held-out preference accuracy", "{:.3f}"),
     ("margin", "mean reward margin", "{:+.3f}"),
     ("roc_auc", "critical-token ROC-AUC of weights", "{:.3f}"),
-    ("top_k_share", "critical share of top-k weights", "{:.3f}"),
+    ("top_k_share", "critical share of top-k weights (k = the response's critical tokens)", "{:.3f}"),
     ("roc_auc_content", "  same ROC-AUC, special tokens left out", "{:.3f}"),
     ("top_k_share_content", "  same top-k share, special tokens left out", "{:.3f}"),
     ("seconds_per_step", "seconds per step", "{:.3f}"),
@@ -130,19 +131,58 @@ def _caption(row: dict) -> str:
     return f"mean weight: critical {sum(critical) / len(critical):.2f}, other {sum(other) / len(other):.2f}"
 
 
+def _finding(auc: float) -> str:
+    """Plain words for a critical-token ROC-AUC."""
+    if auc < 0.45:
+        return "worse than chance"
+    if auc < 0.55:
+        return "no better than chance"
+    if auc < 0.65:
+        return "only a little better than chance"
+    return "better than chance" if auc < 0.8 else "well"
+
+
+def page_verdict(summary: dict[str, Any], variant: str = "TI-DPO") -> list[str]:
+    """
+    The top of the HTML page: one sentence on what this run shows (do `variant`'s weights find the critical tokens,
+    and its accuracy against DPO's), in words a newcomer reads, then the benchmarks' verdict (`results.verdict`).
+    """
+    result = summary["results"][variant]
+    auc, auc_content = result["roc_auc"], result["roc_auc_content"]
+    accuracy = f"held-out preference accuracy {result['accuracy']:.2f}"
+    if "DPO" in summary["results"] and variant != "DPO":
+        accuracy += f" against DPO's {summary['results']['DPO']['accuracy']:.2f}"
+    run = (
+        f"In this run ({summary['config']['steps']} steps, one seed), {variant}'s token weights pick out the critical "
+        f"tokens {_finding(auc)}: ROC-AUC {auc:.2f} ({auc_content:.2f} leaving out the end-of-sequence token), where "
+        f"0.5 is chance (a critical token outweighs a random other token half the time) and 1 would mean every critical "
+        f"token outweighs every other token; {accuracy}."
+    )
+    return [run, "On the benchmarks that decide (docs/benchmarks.md): " + verdict(load_summary())]
+
+
+READING_GUIDE = (
+    "ROC-AUC: the chance that a critical token of a held-out response weighs more than a random non-critical one "
+    "(0.5: chance; 1: always). Top-k share: in each response, the share of critical tokens among its k heaviest "
+    "tokens, where k is the number of critical tokens in that response (1: the critical tokens are exactly the "
+    "heaviest; random weights give the critical tokens' base rate, in the last column)."
+)
+
+
 def write_html(summary: dict[str, Any], test_rows: list[dict], path: Path, variant: str = "TI-DPO", num_pairs: int = 12) -> None:
     intro = (
         f"Held-out preference pairs after {summary['config']['steps']} steps of {variant} training. Every completion "
         "token is shaded by the weight TI-DPO gives it (trl_tidpo.token_weights on the trained policy: gradient "
-        "attribution mixed with a Gaussian prior, averaging 1 per completion). Outlined tokens are the critical "
-        "tokens in which chosen and rejected were built to differ; the other words are shared filler, one random "
-        "distractor word per side, the final '.' and the end-of-sequence token."
+        "attribution mixed with a Gaussian prior, averaging 1 per completion): red above 1, blue below. Outlined "
+        "tokens are the critical tokens in which chosen and rejected were built to differ; the other words are shared "
+        "filler, one random distractor word per side, the final '.' and the end-of-sequence token. " + READING_GUIDE
     )
     page = pairs_page(
         pair_views(summary, test_rows, variant, num_pairs),
         title="TI-DPO token weights on held-out pairs",
         intro=intro,
         summary=table_rows(summary, with_baselines=True),
+        verdict=page_verdict(summary, variant),
     )
     path.write_text(page, encoding="utf-8")
 
