@@ -63,6 +63,18 @@ VARIANTS: dict[str, Variant] = {
     "weights λ=1 (attribution only)": Variant(config_overrides={**NO_TRIPLET, "importance_lambda": 1.0}),
     "TI-DPO prefix-tied": Variant(PrefixTiedTIDPOTrainer, {}, "paper defaults, common prefix weights tied"),
     "weights prefix-tied": Variant(PrefixTiedTIDPOTrainer, NO_TRIPLET, "weights only, common prefix weights tied"),
+    "TI-DPO skip copies": Variant(
+        config_overrides={"triplet_skip_copy_anchors": True},
+        note="paper defaults; anchors token-identical to the chosen or rejected completion left out of the triplet",
+    ),
+    "TI-DPO anchor gradient": Variant(
+        config_overrides={"triplet_gradient": "anchor"},
+        note="paper defaults; chosen/rejected log-ratios detached inside the triplet",
+    ),
+    "TI-DPO skip copies + anchor gradient": Variant(
+        config_overrides={"triplet_skip_copy_anchors": True, "triplet_gradient": "anchor"},
+        note="both triplet fixes",
+    ),
     "difference": Variant(
         config_overrides={**NO_TRIPLET, "token_weighting": "difference"},
         note="shared prefix/suffix 0.5, differing tokens 1, mean 1; no attribution, no triplet",

@@ -87,10 +87,12 @@ class PairForward:
 
 @dataclass
 class AnchorForward:
-    """The anchor rows: `per_token_logps` and `completion_mask` `[B, T_a-1]` (shifted)."""
+    """The anchor rows: `per_token_logps` and `completion_mask` `[B, T_a-1]` (shifted), and the `token_ids` they score
+    `[B, T_a-1]` (None where only the log-probs are known, e.g. precomputed reference log-probs)."""
 
     per_token_logps: torch.Tensor
     completion_mask: torch.Tensor
+    token_ids: torch.Tensor | None = None
 
 
 def scoring_kwargs(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> dict[str, Any]:
@@ -231,6 +233,7 @@ def anchor_forward(
     return AnchorForward(
         per_token_logps=outputs.log_probs[:, -seq_len:],  # real tokens only (prompt-learning PEFT)
         completion_mask=anchors.completion_mask[:, 1:],
+        token_ids=anchors.input_ids[:, 1:],
     )
 
 
@@ -280,6 +283,7 @@ def split_anchor_rows(
     anchor = AnchorForward(
         per_token_logps=stacked.per_token_logps[rows:, : anchor_width - 1],
         completion_mask=anchors.completion_mask[:, 1:],
+        token_ids=anchors.input_ids[:, 1:],
     )
     return pair, anchor
 
@@ -300,4 +304,8 @@ def precomputed_reference_forward(batch: PairBatch, ref_token_logps: torch.Tenso
 def precomputed_anchor_forward(anchors: AnchorBatch, anchor_ref_token_logps: torch.Tensor) -> AnchorForward:
     """The reference's anchor forward read from the batch: `anchor_ref_token_logps` `[B, T_a]`, aligned with the anchor
     rows, moved to the shifted axis."""
-    return AnchorForward(per_token_logps=anchor_ref_token_logps[:, 1:], completion_mask=anchors.completion_mask[:, 1:])
+    return AnchorForward(
+        per_token_logps=anchor_ref_token_logps[:, 1:],
+        completion_mask=anchors.completion_mask[:, 1:],
+        token_ids=anchors.input_ids[:, 1:],
+    )

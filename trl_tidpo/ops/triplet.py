@@ -7,6 +7,11 @@ The anchor `a` is a policy-sampled (or dataset-given) response to the same promp
     d_pos = sum_{t < min(n_a, n_c)} (ℓ^a_t - ℓ^c_t)^2
     d_neg = sum_{t < min(n_a, n_r)} (ℓ^a_t - ℓ^r_t)^2
     L_trip = max(0, d_pos - d_neg + m)
+
+On on-policy pairs the policy's anchor is often a token copy of the rejected (or chosen) completion. A copy of the
+rejected gives `ℓ^a = ℓ^r`, `d_neg = 0`, and the loss then minimises `d_pos = Σ (ℓ^r_t - ℓ^c_t)^2`: it pulls the pair's
+log-ratios together, against the DPO margin (SPEC §4). `completion_copies` finds those rows, so that they can be counted
+and, with `triplet_skip_copy_anchors`, left out.
 """
 
 import torch
@@ -72,3 +77,29 @@ def triplet_distances(
 def triplet_loss(dist_pos: torch.Tensor, dist_neg: torch.Tensor, margin: float) -> torch.Tensor:
     """Per-pair triplet loss `max(0, d_pos - d_neg + margin)` (Eq. 14); inputs and output `[B]`."""
     return torch.relu(dist_pos - dist_neg + margin)
+
+
+def completion_copies(
+    anchor_ids: torch.Tensor, anchor_mask: torch.Tensor, other_ids: torch.Tensor, other_mask: torch.Tensor
+) -> torch.Tensor:
+    """
+    Rows whose anchor completion is token-for-token the other completion (same tokens, same length).
+
+    Completion tokens are located from the masks, never from token ids (pad can equal EOS).
+
+    Args:
+        anchor_ids (`torch.Tensor`): `[B, L_a]` token ids of the anchor rows.
+        anchor_mask (`torch.Tensor`): `[B, L_a]`, 1 on the anchor's completion tokens.
+        other_ids (`torch.Tensor`): `[B, L_o]` token ids of the chosen (or rejected) rows.
+        other_mask (`torch.Tensor`): `[B, L_o]`, 1 on their completion tokens.
+
+    Returns:
+        `torch.Tensor`: `[B]` bool, True where the two completions are identical. Two empty completions are identical.
+    """
+    a, a_mask = left_align(anchor_ids, anchor_mask)
+    o, o_mask = left_align(other_ids, other_mask)
+    same_length = a_mask.sum(dim=-1) == o_mask.sum(dim=-1)
+    width = min(a.size(-1), o.size(-1))
+    # past `width` the longer row must be empty for the lengths to match, so the overlap decides
+    differ = (a[:, :width] != o[:, :width]) & a_mask[:, :width] & o_mask[:, :width]
+    return same_length & ~differ.any(dim=-1)

@@ -9,13 +9,25 @@ from ..ops.importance import HybridWeights
 
 @dataclass
 class TripletTerms:
-    """The triplet loss of each pair (Eq. 13-14): `dist_pos`, `dist_neg`, `loss` `[B]`, and the anchors' completion
-    lengths `anchor_tokens` `[B]`."""
+    """
+    The triplet loss of each pair (Eq. 13-14).
+
+    Attributes:
+        dist_pos, dist_neg: `[B]` the squared distances of the anchor's log-ratios to the chosen and rejected ones.
+        loss: `[B]` `max(0, d_pos - d_neg + m)`; 0 on the rows `skipped` leaves out.
+        anchor_tokens: `[B]` the anchors' completion lengths.
+        anchor_equals_chosen, anchor_equals_rejected: `[B]` bool, the anchor completion is token-identical to the
+            chosen / rejected one (None when the anchor's token ids are unknown).
+        skipped: `[B]` bool, the rows left out of the triplet (`triplet_skip_copy_anchors`), or None.
+    """
 
     dist_pos: torch.Tensor
     dist_neg: torch.Tensor
     loss: torch.Tensor
     anchor_tokens: torch.Tensor
+    anchor_equals_chosen: torch.Tensor | None = None
+    anchor_equals_rejected: torch.Tensor | None = None
+    skipped: torch.Tensor | None = None
 
 
 @dataclass

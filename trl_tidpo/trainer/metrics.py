@@ -73,7 +73,8 @@ def token_weight_metrics(gather: Gather, parts: LossParts) -> dict[str, float]:
 
 
 def triplet_and_kl_metrics(gather: Gather, parts: LossParts) -> dict[str, float]:
-    """`triplet/*` when the triplet loss is on, `kl/*` when the sequential KL is."""
+    """`triplet/*` when the triplet loss is on (with the shares of rows whose anchor copies the chosen / rejected
+    completion, and of rows `triplet_skip_copy_anchors` left out), `kl/*` when the sequential KL is."""
     metrics = {}
     if parts.triplet is not None:
         metrics.update(
@@ -84,6 +85,12 @@ def triplet_and_kl_metrics(gather: Gather, parts: LossParts) -> dict[str, float]
                 "triplet/anchor_tokens": gather.mean(parts.triplet.anchor_tokens),
             }
         )
+        copies = {
+            "triplet/anchor_equals_chosen": parts.triplet.anchor_equals_chosen,  # share of rows (SPEC §4)
+            "triplet/anchor_equals_rejected": parts.triplet.anchor_equals_rejected,
+            "triplet/skipped_rows": parts.triplet.skipped,
+        }
+        metrics.update({key: gather.mean(rows.float()) for key, rows in copies.items() if rows is not None})
     if parts.kl_chosen is not None:
         metrics["kl/chosen"] = gather.mean(parts.kl_chosen)
         metrics["kl/rejected"] = gather.mean(parts.kl_rejected)

@@ -12,6 +12,7 @@ WEIGHT_OPTIONS = ("importance_lambda", "prior_sigma_ratio", "weight_span", "weig
 # Fields whose `choices` metadata `__post_init__` enforces (DPOConfig's own are TRL's to check).
 TIDPO_CHOICE_FIELDS = (
     "token_weighting", "importance_model", "weight_span", "weight_normalization", "tis_transform", "anchor_source",
+    "triplet_gradient",
 )  # fmt: skip
 
 
@@ -101,6 +102,17 @@ class TIDPOConfig(DPOConfig):
             γ ≥ 0, the weight of the triplet loss. `0` disables it and all anchor work.
         triplet_margin (`float`, *optional*, defaults to `0.01`):
             Margin ≥ 0 of the triplet loss (the paper gives none).
+        triplet_skip_copy_anchors (`bool`, *optional*, defaults to `False`):
+            Opt-in fix for on-policy pairs (not in the paper): rows whose anchor completion is token-identical to the
+            chosen or the rejected completion get no triplet loss (counted in `triplet/skipped_rows`). An anchor that
+            copies the rejected completion makes the triplet minimise `Σ (ℓ^r − ℓ^c)²`, pulling the pair's log-ratios
+            together against the DPO margin (SPEC §4); `triplet/anchor_equals_chosen` and
+            `triplet/anchor_equals_rejected` show how often that happens, with or without this option.
+        triplet_gradient (`str`, *optional*, defaults to `"full"`):
+            `"full"` (the paper's): the triplet's gradient reaches the anchor, chosen and rejected log-ratios.
+            `"anchor"` (opt-in, not in the paper): the chosen and rejected log-ratios are detached inside the triplet,
+            so it moves the anchor toward the chosen response and never pulls the pair together directly (a copy
+            anchor *is* the copied sequence, so combine with `triplet_skip_copy_anchors` for that case).
         anchor_source (`str`, *optional*, defaults to `"policy"`):
             `"policy"`: an anchor is sampled from the current policy for each prompt at every step (costs one
             generation of up to `anchor_max_new_tokens` tokens per step). `"dataset"`: read from an `anchor` column in
@@ -247,6 +259,21 @@ class TIDPOConfig(DPOConfig):
         metadata={"help": "γ ≥ 0, weight of the triplet loss; 0 disables it and all anchor work."},
     )
     triplet_margin: float = field(default=0.01, metadata={"help": "Margin ≥ 0 of the triplet loss."})
+    triplet_skip_copy_anchors: bool = field(
+        default=False,
+        metadata={
+            "help": "Opt-in (not in the paper): no triplet loss for rows whose anchor completion is token-identical to "
+            "the chosen or rejected one (counted in `triplet/skipped_rows`)."
+        },
+    )
+    triplet_gradient: str = field(
+        default="full",
+        metadata={
+            "help": "'full' (the paper's) or 'anchor' (opt-in: chosen and rejected log-ratios detached inside the "
+            "triplet, so it moves only the anchor's).",
+            "choices": ["full", "anchor"],
+        },
+    )
     anchor_source: str = field(
         default="policy",
         metadata={
@@ -369,6 +396,13 @@ class TIDPOConfig(DPOConfig):
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"`{name}` must be {allowed}, got {getattr(self, name)!r}.")
+        triplet_fixes = [name for name, on in (("triplet_skip_copy_anchors", self.triplet_skip_copy_anchors),
+                                                ("triplet_gradient", self.triplet_gradient != "full")) if on]  # fmt: skip
+        if self.triplet_gamma == 0 and triplet_fixes:
+            raise ValueError(
+                f"`{triplet_fixes[0]}` changes the triplet loss, which `triplet_gamma=0` turns off. Set "
+                "`triplet_gamma > 0` (the paper's 0.1) or leave the triplet options at their defaults."
+            )
         no_weight = self.difference_shared_weight == self.difference_differing_weight == 0
         if self.token_weighting == "difference" and no_weight:
             raise ValueError(

@@ -54,7 +54,6 @@ from ..modeling.weight_spans import (
 from ..ops.importance import HybridWeights, completion_token_weights
 from ..ops.pair_alignment import align_pair_completions, difference_token_weights
 from ..ops.sequential_kl import sequential_kl
-from ..ops.triplet import triplet_distances, triplet_loss
 from ..ops.weighted_losses import (
     length_desensitized_logps,
     pair_rewards,
@@ -78,6 +77,7 @@ from .loss_parts import LossParts, TripletTerms
 from .metrics import Gather, dpo_metrics, token_weight_metrics, triplet_and_kl_metrics
 from .precompute import PrecomputeMixin
 from .tidpo_config import TIDPOConfig
+from .triplet_terms import triplet_terms
 
 logger = get_logger(__name__)
 
@@ -644,21 +644,23 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         )
 
     def _triplet_terms(
-        self, policy: PairForward, ref: PairForward, anchor: AnchorForward, ref_anchor: AnchorForward
+        self,
+        policy: PairForward,
+        ref: PairForward,
+        anchor: AnchorForward,
+        ref_anchor: AnchorForward,
+        pair_token_ids: torch.Tensor,
     ) -> TripletTerms:
-        """Distances between the anchor's per-token log-ratios and the chosen/rejected ones, and the triplet loss."""
-        logratios = policy.per_token_logps - ref.per_token_logps.detach()
-        chosen, rejected = logratios.chunk(2)
-        chosen_mask, rejected_mask = policy.completion_mask.chunk(2)
-        anchor_logratios = anchor.per_token_logps - ref_anchor.per_token_logps.detach()
-        dist_pos, dist_neg = triplet_distances(
-            anchor_logratios, anchor.completion_mask, chosen, chosen_mask, rejected, rejected_mask
-        )
-        return TripletTerms(
-            dist_pos=dist_pos,
-            dist_neg=dist_neg,
-            loss=triplet_loss(dist_pos, dist_neg, self.args.triplet_margin),
-            anchor_tokens=anchor.completion_mask.sum(dim=-1).float(),
+        """The triplet terms of each pair (`trl_tidpo.trainer.triplet_terms`)."""
+        return triplet_terms(
+            policy,
+            ref,
+            anchor,
+            ref_anchor,
+            pair_token_ids,
+            margin=self.args.triplet_margin,
+            skip_copy_anchors=self.args.triplet_skip_copy_anchors,
+            gradient=self.args.triplet_gradient,
         )
 
     def _sequential_kl(self, model, policy: PairForward, ref: PairForward) -> torch.Tensor:
@@ -784,7 +786,7 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
             kl_chosen, kl_rejected = self._sequential_kl(model, policy, ref).chunk(2)
         triplet = None
         if anchor is not None:
-            triplet = self._triplet_terms(policy, ref, anchor, ref_anchor)
+            triplet = self._triplet_terms(policy, ref, anchor, ref_anchor, batch["input_ids"])
         dpo_losses, chosen_rewards, rejected_rewards = self.dpo_loss(
             chosen_logps,
             rejected_logps,

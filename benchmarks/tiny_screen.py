@@ -1,0 +1,124 @@
+"""
+The tiny arithmetic screen with the start varied per seed, one process per seed (issue 21 §1 and §4).
+
+Each seed gets its own SFT start and pair sample (`data_seed = seed`, `tiny_arithmetic.prepare`), so the table is a
+distribution over starts rather than one start. A process trains the variants of `benchmarks/variants.py` from its
+seed's start at each learning rate it is given, evaluates on dev and held-out, and writes one JSON of per-prompt
+records. Triplet variants are trained under `triplet_probe.probed`, which records the norm ratio and cosine between the
+DPO term's and the γ-scaled triplet term's gradients, and every run keeps the logged `triplet/anchor_equals_*` shares.
+
+    # grid seeds: every rate; then the other seeds at each variant's dev-chosen rate (`--chosen`)
+    python benchmarks/tiny_screen.py --seed 0 --learning-rates 1e-5 3e-5 1e-4 3e-4 1e-3 --out-dir runs/
+    python benchmarks/tiny_screen.py --seed 5 --chosen runs/chosen.json --out-dir runs/
+
+`benchmarks/screen_report.py` selects the rates on dev and reports seed-level intervals against DPO.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import datasets
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny_arithmetic
+import tiny_task
+from triplet_probe import probed
+from variants import VARIANTS, Variant
+
+TRIPLET_METRICS = ("triplet/anchor_equals_chosen", "triplet/anchor_equals_rejected", "triplet/skipped_rows")
+
+
+def run_one(name: str, learning_rate: float, seed: int, args) -> dict:
+    """Train one variant from the seed's start at one rate; per-prompt dev and held-out results and the probes."""
+    variant = VARIANTS[name]
+    has_triplet = variant.config_overrides is not None and variant.config_overrides.get("triplet_gamma", 0.1) > 0
+    if has_triplet:
+        variant = Variant(probed(variant.trainer_cls, every=args.probe_every), variant.config_overrides, variant.note)
+    c0 = time.process_time()
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = tiny_arithmetic.training_config(variant, args, learning_rate=learning_rate, seed=seed, output_dir=output_dir)
+        config.logging_steps = args.probe_every  # the anchor shares over training, not only their mean
+        trainer = tiny_arithmetic.build_trainer(variant, config)
+        trainer.train()
+        train_cpu = time.process_time() - c0
+        state = tiny_arithmetic._STATE
+        evals = {s: tiny_task.evaluate(trainer.model, state["tokenizer"], state["splits"][s]) for s in ("dev", "heldout")}
+    logs = [log for log in trainer.state.log_history if any(key in log for key in TRIPLET_METRICS)]
+    return {
+        "variant": name,
+        "learning_rate": learning_rate,
+        "seed": seed,
+        "steps": args.steps,
+        "train_cpu_seconds": train_cpu,
+        "dev": {key: evals["dev"][key] for key in ("correct", "gold_logp")},
+        "heldout": {key: evals["heldout"][key] for key in ("correct", "gold_logp", "malformed")},
+        "triplet_metrics": [{k: log[k] for k in (*TRIPLET_METRICS, "step") if k in log} for log in logs],
+        "gradient_conflict": getattr(trainer, "conflicts", []),
+    }
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, required=True, help="the run's seed, also its start's data seed")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT")
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3])
+    parser.add_argument("--chosen", default=None, help="JSON {variant: rate}: run each variant at that rate only")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--heldout", type=int, default=tiny_arithmetic.HELDOUT)
+    parser.add_argument("--dev", type=int, default=tiny_arithmetic.DEV)
+    parser.add_argument("--pair-prompts", type=int, default=4000)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--sft-steps", type=int, default=tiny_arithmetic.SFT["steps"])
+    parser.add_argument("--probe-every", type=int, default=10, help="gradient-conflict probe and log interval (steps)")
+    parser.add_argument("--out-dir", default="tiny-screen-runs")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    args.data_seed = args.seed
+    torch.set_num_threads(1)
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    cpu0 = time.process_time()
+    state = tiny_arithmetic.prepare(args)
+    tiny_arithmetic._STATE.update(state)
+    chosen = json.loads(Path(args.chosen).read_text()) if args.chosen else None
+    jobs = [(n, chosen[n]) for n in args.variants] if chosen else [(n, lr) for n in args.variants for lr in args.learning_rates]
+    runs = []
+    for name, learning_rate in jobs:
+        runs.append(run_one(name, learning_rate, args.seed, args))
+        print(f"seed {args.seed} {name} lr {learning_rate:g}: held-out {statistics.mean(runs[-1]['heldout']['correct']):.3f}", flush=True)
+    out = Path(args.out_dir) / f"seed{args.seed}{'-final' if chosen else '-grid'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = state["start"]
+    out.write_text(json.dumps({
+        "seed": args.seed,
+        "args": vars(args),
+        "start": {s: {k: start[s][k] for k in ("correct", "gold_logp")} for s in ("dev", "heldout")},
+        "pairs": len(state["pairs"]),
+        "sft_cpu_seconds": state["sft_cpu_seconds"],
+        "cpu_seconds": time.process_time() - cpu0,
+        "runs": runs,
+    }))  # fmt: skip
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
