@@ -169,13 +169,30 @@ READING_GUIDE = (
 )
 
 
+def special_share_note(rows: list[dict]) -> str:
+    """
+    When the special tokens (EOS) of `rows` average well above 1, say so: they take weight from the rest, which is
+    why most other tokens sit below 1 (blue) on a scale white at 1.
+    """
+    special = [w for row in rows for w, s in zip(row["weights"], row.get("special") or []) if s]
+    if not special or sum(special) / len(special) < 1.5:
+        return ""
+    return (
+        f" The special tokens average {sum(special) / len(special):.1f} here (written beside them), taking weight "
+        "from the rest: most other tokens fall below 1."
+    )
+
+
 def write_html(summary: dict[str, Any], test_rows: list[dict], path: Path, variant: str = "TI-DPO", num_pairs: int = 12) -> None:
     intro = (
         f"Held-out preference pairs after {summary['config']['steps']} steps of {variant} training. Every completion "
         "token is shaded by the weight TI-DPO gives it (trl_tidpo.token_weights on the trained policy: gradient "
         "attribution mixed with a Gaussian prior, averaging 1 per completion): red above 1, blue below. Outlined "
         "tokens are the critical tokens in which chosen and rejected were built to differ; the other words are shared "
-        "filler, one random distractor word per side, the final '.' and the end-of-sequence token. " + READING_GUIDE
+        "filler, one random distractor word per side, the final '.' and the end-of-sequence token."
+        + special_share_note(summary["results"][variant]["weight_rows"])
+        + " "
+        + READING_GUIDE
     )
     page = pairs_page(
         pair_views(summary, test_rows, variant, num_pairs),
