@@ -194,7 +194,10 @@ def test_html_table_shows_the_baselines_next_to_the_weight_metrics():
 def test_html_note_on_heavy_special_tokens():
     from trl_tidpo.tools.demo.report import special_share_note
 
-    rows = [{"weights": [0.5, 4.0], "special": [False, True]}, {"weights": [0.9, 0.1, 3.0], "special": [False, False, True]}]
+    rows = [
+        {"weights": [0.5, 4.0], "special": [False, True]},
+        {"weights": [0.9, 0.1, 3.0], "special": [False, False, True]},
+    ]
     assert "special tokens average 3.5 here" in special_share_note(rows)  # (4.0 + 3.0) / 2
     assert special_share_note([{"weights": [0.9, 1.1], "special": [False, True]}]) == ""  # 1.1: not heavy
     assert special_share_note([{"weights": [1.0], "special": [False]}]) == ""

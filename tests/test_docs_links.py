@@ -22,7 +22,8 @@ def anchors(page: Path) -> set[str]:
 
 
 def test_slug_matches_github():
-    assert slug("Token weights: uniform, TI-DPO, TIS-DPO, or your own") == "token-weights-uniform-ti-dpo-tis-dpo-or-your-own"
+    heading = "Token weights: uniform, TI-DPO, TIS-DPO, or your own"
+    assert slug(heading) == "token-weights-uniform-ti-dpo-tis-dpo-or-your-own"
     assert slug("What each option costs") == "what-each-option-costs"
 
 

@@ -38,7 +38,7 @@ def test_outcome_reads_the_interval_not_the_point():
 
 def test_verdict_when_a_ci_excludes_zero_upward():
     summary = _summary(
-        [("prior", "tiny", 0.05, 0.01, 0.09), ("prior", "smol", 0.02, 0.004, 0.03), ("prior", "text", 0.0, -0.01, 0.01)]
+        [("prior", "tiny", 0.05, 0.01, 0.09), ("prior", "smol", 0.02, 0.004, 0.03), ("prior", "text", 0, -0.01, 0.01)]
     )
     sentence = verdict(summary)
     assert sentence == (
@@ -82,8 +82,8 @@ def test_results_table_cells():
     rows = [("TI-DPO", "tiny", -0.357, -0.393, -0.321), ("TI-DPO", "smol", 0.0004, -0.0101, 0.0126)]
     table = results_table(_summary(rows, benchmarks=("tiny", "smol"))).splitlines()
     assert table[0] == (
-        "| variant | tiny bench: Δ accuracy vs DPO [95% CI] | CPU/step vs DPO | smol bench: Δ accuracy vs DPO [95% CI] "
-        "| CPU/step vs DPO |"
+        "| variant | tiny bench: Δ accuracy vs DPO [95% CI] | CPU/step vs DPO "
+        "| smol bench: Δ accuracy vs DPO [95% CI] | CPU/step vs DPO |"
     )
     assert table[2] == "| DPO (its own score: start → trained) | 0.250 → 0.500 | 1.00× | 0.250 → 0.500 | 1.00× |"
     # Bold where the interval excludes 0; a true minus sign; rounding to 3 decimals
@@ -99,7 +99,8 @@ def test_render_replaces_only_the_marked_section_and_links_from_the_page():
     summary = _summary(_all("difference", 0.0, -0.01, 0.01, benchmarks=("tiny",)), benchmarks=("tiny",))
     text = f"# Title\n\nbefore\n{START_MARKER}\nold text\n{END_MARKER}\nafter\n"
     out = render(text, summary, "docs/benchmarks.md")
-    assert out.startswith(f"# Title\n\nbefore\n{START_MARKER}\n**Against DPO") and out.endswith(f"\n{END_MARKER}\nafter\n")
+    assert out.startswith(f"# Title\n\nbefore\n{START_MARKER}\n**Against DPO")
+    assert out.endswith(f"\n{END_MARKER}\nafter\n")
     assert "old text" not in out and "[tiny bench](tiny.md): accuracy, 5 seeds." in out
     assert "Intervals: t over seed means." in out and "(benchmarks_summary.json)" in out
     assert "[tiny bench](docs/tiny.md)" in render(text, summary, "README.md")
@@ -113,7 +114,8 @@ def test_load_summary_names_the_file_and_what_is_missing(tmp_path):
     path.write_text(json.dumps({"command": "c", "date": "d", "benchmarks": {}}))
     with pytest.raises(ValueError, match=r"s.json is not a benchmark summary: it has no 'rows' key"):
         load_summary(path)
-    path.write_text(json.dumps({**_summary([]), "rows": [{"variant": "x", "benchmark": "nope", "delta": 0, "ci": [0, 0]}]}))
+    row = {"variant": "x", "benchmark": "nope", "delta": 0, "ci": [0, 0]}
+    path.write_text(json.dumps({**_summary([]), "rows": [row]}))
     with pytest.raises(ValueError, match=r"row 0 names benchmark 'nope'"):
         load_summary(path)
     with pytest.raises(FileNotFoundError, match="missing.json"):

@@ -205,7 +205,9 @@ def results_section(summary: dict[str, Any], page: str | os.PathLike) -> str:
     """
     from_dir = Path(page).parent
     specs = summary["benchmarks"].values()
-    notes = [f"[{spec['title']}]({_link(spec['doc'], from_dir)}): {spec['metric']}, {spec['seeds']} seeds" for spec in specs]
+    notes = [
+        f"[{spec['title']}]({_link(spec['doc'], from_dir)}): {spec['metric']}, {spec['seeds']} seeds" for spec in specs
+    ]
     kinds = list(dict.fromkeys(spec["ci_kind"] for spec in specs))
     if len(kinds) == 1:
         intervals = f"Intervals: {kinds[0]}."
@@ -247,8 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         description="Render the results sections of the given pages from the benchmark summary JSON.",
     )
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--write", nargs="+", metavar="PAGE", help="rewrite the sections of these pages (and the packaged copy of the summary)")
-    mode.add_argument("--check", nargs="+", metavar="PAGE", help="exit 1 if a page's section, or the packaged copy, is stale")
+    mode.add_argument(
+        "--write", nargs="+", metavar="PAGE", help="rewrite the sections of these pages (and the packaged copy)"
+    )
+    mode.add_argument("--check", nargs="+", metavar="PAGE", help="exit 1 if a section, or the packaged copy, is stale")
     mode.add_argument("--verdict", action="store_true", help="print the one-sentence verdict")
     parser.add_argument("--summary", default=str(DOCS_SUMMARY), help=f"the summary JSON (default: {DOCS_SUMMARY})")
     args = parser.parse_args(argv)
@@ -278,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.write:
             PACKAGED_SUMMARY.write_bytes(source)
     if args.check and stale:
-        print(f"stale: {', '.join(stale)}; run python -m trl_tidpo.tools.results --write {' '.join(args.check)}", file=sys.stderr)
+        command = f"python -m trl_tidpo.tools.results --write {' '.join(args.check)}"
+        print(f"stale: {', '.join(stale)}; run {command}", file=sys.stderr)
         return 1
     for page in stale if args.write else ():
         print(f"wrote {page}")

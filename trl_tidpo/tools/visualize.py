@@ -28,7 +28,8 @@ _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 75em;
        color: #1f2937; padding: 0 1em; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.1em; margin: 0 0 .4em; } h3 { font-size: .95em; margin: .2em 0; }
-.verdict { font-size: 1.08em; background: #f3f4f6; border-left: 4px solid #374151; padding: .6em .9em; max-width: 60em; }
+.verdict { font-size: 1.08em; background: #f3f4f6; border-left: 4px solid #374151; padding: .6em .9em;
+           max-width: 60em; }
 .verdict p { margin: .3em 0; }
 .note { color: #4b5563; max-width: 60em; }
 .legend { display: flex; flex-wrap: wrap; gap: .6em 1.5em; align-items: center; margin: 1em 0; font-size: .9em; }
@@ -134,7 +135,8 @@ def tokens_html(row: TokenRow, center: float, spread: float) -> str:
             details += " · special token, left out of the colour scale"
         text = html.escape(visible(token))
         if special:
-            spans.append(f'<span class="{classes}" title="{html.escape(details)}">{text}<small>{weight:.2f}</small></span>')
+            label = f"{text}<small>{weight:.2f}</small>"
+            spans.append(f'<span class="{classes}" title="{html.escape(details)}">{label}</span>')
         else:
             style = f"background:{shade(weight, center, spread)}"
             spans.append(f'<span class="{classes}" style="{style}" title="{html.escape(details)}">{text}</span>')

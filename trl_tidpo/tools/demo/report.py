@@ -155,8 +155,8 @@ def page_verdict(summary: dict[str, Any], variant: str = "TI-DPO") -> list[str]:
     run = (
         f"In this run ({summary['config']['steps']} steps, one seed), {variant}'s token weights pick out the critical "
         f"tokens {_finding(auc)}: ROC-AUC {auc:.2f} ({auc_content:.2f} leaving out the end-of-sequence token), where "
-        f"0.5 is chance (a critical token outweighs a random other token half the time) and 1 would mean every critical "
-        f"token outweighs every other token; {accuracy}."
+        "0.5 is chance (a critical token outweighs a random other token half the time) and 1 would mean every "
+        f"critical token outweighs every other token; {accuracy}."
     )
     return [run, "On the benchmarks that decide (docs/benchmarks.md): " + verdict(load_summary())]
 

@@ -422,5 +422,5 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     print(f"Total time: {summary['wall_seconds']:.0f} s")
     # This task cannot tell the weightings apart (every variant learns it); the benchmarks can: their verdict, read
     # from the summary JSON that docs/benchmarks.md is rendered from, is the last line
-    print(f"This toy task cannot tell the weightings apart; the benchmarks can (docs/benchmarks.md). {verdict(load_summary())}")
+    print("This toy task cannot tell the weightings apart; the benchmarks can (docs/benchmarks.md). " + verdict(load_summary()))
     return summary
