@@ -35,7 +35,7 @@ def test_a_weight_list_of_the_wrong_length_raises_naming_the_row():
 @pytest.mark.parametrize("bad", [-0.5, math.nan, math.inf])
 def test_negative_or_non_finite_weights_raise(bad):
     dataset = weighted_dataset([[1.0, 0.0], [0.5, 1.0, 2.0]], [[1.0], [0.0, bad]])
-    with pytest.raises(ValueError, match="row 1: `rejected_token_weights` holds"):
+    with pytest.raises(ValueError, match="row 1: `rejected_token_weights` position 1 holds"):
         validate_token_weight_columns(dataset, "eval")
 
 

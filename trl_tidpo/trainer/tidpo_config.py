@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from trl import DPOConfig
 
 from ..modeling.tis_dpo import check_tis_sources
+from ..modeling.weight_columns import is_weight
 from ..ops.weighted_losses import F_DIVERGENCE_TYPES, KL_LOSS_TYPES, LOSS_TYPES
 
 
@@ -13,10 +14,6 @@ WEIGHT_OPTIONS = ("importance_lambda", "prior_sigma_ratio", "weight_span", "weig
 TIDPO_CHOICE_FIELDS = (
     "token_weighting", "importance_model", "weight_span", "weight_normalization", "tis_transform", "anchor_source",
 )  # fmt: skip
-
-
-def _finite_non_negative(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
 
 
 def weight_option_defaults() -> dict:
@@ -362,9 +359,9 @@ class TIDPOConfig(DPOConfig):
             ("anchor_top_p", 0.0 < self.anchor_top_p <= 1.0, "in (0, 1]"),
             ("tdpo_alpha", self.tdpo_alpha >= 0, ">= 0"),
             ("kl_chunk_size", self.kl_chunk_size >= 1, ">= 1"),
-            ("span_default_weight", _finite_non_negative(self.span_default_weight), "finite and >= 0"),
-            ("difference_shared_weight", _finite_non_negative(self.difference_shared_weight), "finite and >= 0"),
-            ("difference_differing_weight", _finite_non_negative(self.difference_differing_weight), "finite and >= 0"),
+            ("span_default_weight", is_weight(self.span_default_weight), "finite and >= 0"),
+            ("difference_shared_weight", is_weight(self.difference_shared_weight), "finite and >= 0"),
+            ("difference_differing_weight", is_weight(self.difference_differing_weight), "finite and >= 0"),
         ]
         for name, ok, allowed in checks:
             if not ok:

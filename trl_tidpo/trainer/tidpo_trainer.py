@@ -52,7 +52,7 @@ from ..modeling.weight_spans import (
     validate_span_rows,
 )
 from ..ops.importance import HybridWeights, completion_token_weights
-from ..ops.pair_alignment import align_pair_completions, difference_token_weights
+from ..ops.pair_alignment import pair_difference_weights
 from ..ops.sequential_kl import sequential_kl
 from ..ops.triplet import triplet_distances, triplet_loss
 from ..ops.weighted_losses import (
@@ -633,15 +633,11 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         """`token_weighting="difference"`: the pair's shared tokens and differing tokens, weighted and normalised."""
         if input_ids is None:
             raise ValueError("`token_weighting='difference'` compares the pair's tokens: pass `input_ids`.")
-        unshifted = torch.nn.functional.pad(completion_mask, (1, 0), value=0)
-        alignment = align_pair_completions(input_ids, unshifted)
-        return difference_token_weights(
-            alignment.shared,
-            completion_mask,
-            self.args.difference_shared_weight,
-            self.args.difference_differing_weight,
-            self.args.weight_normalization,
-        )
+        args = self.args
+        return pair_difference_weights(
+            input_ids, completion_mask, args.difference_shared_weight, args.difference_differing_weight,
+            args.weight_normalization,
+        )  # fmt: skip
 
     def _triplet_terms(
         self, policy: PairForward, ref: PairForward, anchor: AnchorForward, ref_anchor: AnchorForward

@@ -1,16 +1,19 @@
-"""Checks of the datasets handed to `TIDPOTrainer`, run at construction before anything loads or tokenises."""
+"""
+Checks of every row of a preference dataset, in one pass in Python over the columns (no tokenisation), before
+`TIDPOTrainer` prepares it: text fields in one format, non-empty completions, token weight lists
+(`check_token_weights`), pairs that differ.
+"""
 
-import math
 from typing import Any
 
 from accelerate.logging import get_logger
 from datasets import Dataset, IterableDataset
 from trl.data_utils import extract_prompt
 
-from ..modeling.weight_cache import TOKENIZED_COLUMNS
-from ..modeling.weight_columns import WEIGHT_COLUMNS
-from ..modeling.weight_spans import SPAN_COLUMNS, span_columns_of
-from .tidpo_config import TIDPOConfig
+from ...modeling.weight_cache import TOKENIZED_COLUMNS
+from ...modeling.weight_columns import check_token_weights
+from ..tidpo_config import TIDPOConfig
+from .columns import named_datasets, token_weight_columns_read
 
 
 logger = get_logger(__name__)
@@ -19,141 +22,6 @@ TEXT_FORMAT_HINT = (
     "Each of 'prompt', 'chosen' and 'rejected' is a string (plain text) or a list of {'role': ..., 'content': ...} "
     "messages (conversational), the same format in every row."
 )
-
-
-def named_datasets(train_dataset, eval_dataset) -> dict:
-    """The train dataset and each eval dataset, by the name an error message gives them."""
-    datasets = {"train_dataset": train_dataset}
-    if isinstance(eval_dataset, dict):
-        datasets.update({f"eval_dataset[{key!r}]": ds for key, ds in eval_dataset.items()})
-    elif eval_dataset is not None:
-        datasets["eval_dataset"] = eval_dataset
-    return {name: dataset for name, dataset in datasets.items() if dataset is not None}
-
-
-def _missing_column_hint(missing: list[str]) -> str:
-    if "anchor" in missing:
-        return (
-            " The 'anchor' column is required by `anchor_source='dataset'` (with `triplet_gamma > 0`); use "
-            "`anchor_source='policy'` to sample anchors instead, or `triplet_gamma=0` to disable the triplet loss."
-        )
-    if set(WEIGHT_COLUMNS) & set(missing):
-        return " `token_weighting='dataset'` reads one weight per completion token from these columns."
-    return " A preference dataset needs 'chosen' and 'rejected' (and optionally 'prompt')."
-
-
-def check_dataset_columns(args: TIDPOConfig, train_dataset, eval_dataset) -> None:
-    """Fail at construction on a dataset that cannot train: missing columns, or no rows."""
-    for name, dataset in named_datasets(train_dataset, eval_dataset).items():
-        if isinstance(dataset, Dataset) and len(dataset) == 0:
-            raise ValueError(f"`{name}` is empty: TIDPOTrainer needs at least one preference pair.")
-        columns = dataset.column_names or list(next(iter(dataset)).keys())
-        required = [] if set(TOKENIZED_COLUMNS) <= set(columns) else ["chosen", "rejected"]
-        if args.triplet_gamma > 0 and args.anchor_source == "dataset" and "anchor_ids" not in columns:
-            required.append("anchor")
-        spans = span_columns_of(columns)
-        _check_span_columns(args, name, columns, spans)
-        if args.token_weighting == "dataset" and not spans:
-            required.extend(WEIGHT_COLUMNS)
-        if args.token_weighting == "tis_dpo" and set(WEIGHT_COLUMNS) & set(columns):
-            raise ValueError(
-                f"`{name}` already has token weight columns, which `token_weighting='tis_dpo'` computes itself. "
-                "Use `token_weighting='dataset'` to train on them, or remove them to recompute."
-            )
-        missing = [column for column in required if column not in columns]
-        if missing:
-            raise ValueError(f"`{name}` is missing column(s) {missing}; it has {columns}.{_missing_column_hint(missing)}")
-
-
-def _check_span_columns(args: TIDPOConfig, name: str, columns: list[str], spans: list[str]) -> None:
-    """Span columns are `token_weighting="dataset"`'s other input: refused with another mode, or with token lists."""
-    if not spans:
-        return
-    if args.token_weighting != "dataset":
-        raise ValueError(
-            f"`{name}` has the span column(s) {spans}, which only `token_weighting='dataset'` reads, but "
-            f"`token_weighting` is {args.token_weighting!r}. Set `token_weighting='dataset'` or remove the columns."
-        )
-    given = [column for column in WEIGHT_COLUMNS if column in columns]
-    if given:
-        raise ValueError(
-            f"`{name}` has both span columns {spans} and token weight columns {given}: give the weights one way, "
-            f"either as character spans ({list(SPAN_COLUMNS)}) or as one weight per token ({list(WEIGHT_COLUMNS)})."
-        )
-    if set(TOKENIZED_COLUMNS) <= set(columns):
-        raise ValueError(
-            f"`{name}` is already tokenised ({list(TOKENIZED_COLUMNS)}), so the trainer cannot place the character "
-            f"spans {spans} on its tokens. Pass the text columns ('prompt', 'chosen', 'rejected') untokenised, or give "
-            f"{list(WEIGHT_COLUMNS)} instead."
-        )
-
-
-def overlong_prompt_rows(dataset, max_length: int | None, truncation_mode: str) -> list[int]:
-    """
-    Indices of the rows of a tokenised map-style `dataset` whose prompt alone fills `max_length`: with
-    `truncation_mode="keep_start"` the collator would cut away their whole completion, so they train on nothing (TRL
-    drops them when it tokenises; a pre-tokenised dataset skips that step). `keep_end` keeps every completion's end.
-    An `IterableDataset` is not read ahead: no rows.
-    """
-    if max_length is None or truncation_mode != "keep_start" or not isinstance(dataset, Dataset):
-        return []
-    return [index for index, ids in enumerate(dataset["prompt_ids"]) if len(ids) >= max_length]
-
-
-def report_dropped_overlong_prompts(count: int, num_rows: int | None, dataset_name: str, max_length: int | None) -> None:
-    """
-    Say that `count` pairs whose prompt fills `max_length` were dropped (TRL's `DPOTrainer` drops them without a
-    word): a warning, or an error when no pair is left to train on.
-    """
-    if not count:
-        return
-    if count == num_rows:
-        raise ValueError(
-            f"Every pair of the {dataset_name} dataset ({num_rows}) has a prompt of `max_length={max_length}` tokens "
-            "or more, so `truncation_mode='keep_start'` leaves their completions empty and TRL drops them all. Raise "
-            "`max_length`, shorten those prompts, or set `truncation_mode='keep_end'` (deprecated)."
-        )
-    logger.warning(
-        f"Dropped {count} of the {num_rows} pairs of the {dataset_name} dataset: their prompt has "
-        f"`max_length={max_length}` tokens or more, so `truncation_mode='keep_start'` would leave their completions "
-        "empty (TRL's DPOTrainer drops them too). To keep them, raise `max_length` or shorten those prompts.",
-        main_process_only=True,
-    )
-
-
-def drop_overlong_prompt_rows(dataset, max_length: int | None, truncation_mode: str, dataset_name: str):
-    """A pre-tokenised map-style `dataset` without its over-long-prompt rows (as TRL drops them when it tokenises),
-    reported by `report_dropped_overlong_prompts`."""
-    overlong = overlong_prompt_rows(dataset, max_length, truncation_mode)
-    num_rows = len(dataset) if isinstance(dataset, Dataset) else None
-    report_dropped_overlong_prompts(len(overlong), num_rows, dataset_name, max_length)
-    if not overlong:
-        return dataset
-    dropped = set(overlong)
-    return dataset.select([index for index in range(len(dataset)) if index not in dropped])
-
-
-def overlong_prompt_filter(max_length: int, dataset_name: str):
-    """TRL's filter of a streamed dataset's pairs whose prompt fills `max_length`, warning at the first one dropped
-    (a stream cannot be counted ahead)."""
-    warned = False
-
-    def keep(example: dict) -> bool:
-        nonlocal warned
-        if len(example["prompt_ids"]) < max_length:
-            return True
-        if not warned:
-            logger.warning(
-                f"Dropping the pairs of the streamed {dataset_name} dataset whose prompt has `max_length={max_length}` "
-                "tokens or more (a stream cannot be counted ahead; this is the first): `truncation_mode='keep_start'` "
-                "would leave their completions empty (TRL's DPOTrainer drops them too). To keep them, raise "
-                "`max_length` or shorten those prompts.",
-                main_process_only=True,
-            )
-            warned = True
-        return False
-
-    return keep
 
 
 # ---------------------------------------------------------------------------------------------------- row checks
@@ -168,10 +36,6 @@ def overlong_prompt_filter(max_length: int, dataset_name: str):
 class DatasetRowError(ValueError):
     """A row of a preference dataset that cannot train; the message names the dataset, the row, the column and the
     fix."""
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _messages_text(messages: list) -> str:
@@ -211,7 +75,7 @@ class RowChecker:
         if not self.tokenized and args.triplet_gamma > 0 and args.anchor_source == "dataset" and "anchor" in columns:
             text.append("anchor")
         self.text_columns = text
-        self.weight_columns = [c for c in WEIGHT_COLUMNS if c in columns] if args.token_weighting == "dataset" else []
+        self.weight_columns = token_weight_columns_read(args.token_weighting, columns)
         self.id_columns = [c for c in ("chosen_ids", "rejected_ids") if self.tokenized]
         self.columns = [*self.text_columns, *self.weight_columns, *self.id_columns]
         self.dataset_format: tuple[str, int] | None = None  # (format, first row), from the first row read
@@ -328,27 +192,10 @@ class RowChecker:
             )
 
     def _check_weights(self, index: int, column: str, weights: Any) -> None:
-        if not isinstance(weights, list):
-            raise self._error(
-                index,
-                f"`{column}` is {'None (null)' if weights is None else type(weights).__name__}, not a list. Give one "
-                "finite weight >= 0 per completion token (`token_weighting='dataset'`).",
-            )
-        if not weights:
-            raise self._error(index, f"`{column}` is an empty list; give one weight per completion token.")
-        for position, weight in enumerate(weights):
-            if not _is_number(weight) or not math.isfinite(weight) or weight < 0:
-                shown = "None (null)" if weight is None else f"{type(weight).__name__} {weight!r}"
-                raise self._error(
-                    index,
-                    f"`{column}` position {position} holds {shown}; token weights must be finite numbers >= 0.",
-                )
-        if not any(weights):
-            raise self._error(
-                index,
-                f"every weight of `{column}` is 0, so this completion adds nothing to the margin and the pair trains "
-                "on one side only (or not at all). Give some token a positive weight, or drop the row.",
-            )
+        try:
+            check_token_weights(weights, column, f"`{self.name}` row {index}")
+        except ValueError as error:
+            raise DatasetRowError(str(error)) from None
 
     def finish(self) -> None:
         """After every row: refuse a dataset whose pairs are all identical (nothing to learn), warn once with the
@@ -367,16 +214,6 @@ class RowChecker:
             f"{self.identical_rows[:5]}{' ...' if count > 5 else ''}): each adds a constant loss (log 2 for "
             "'sigmoid') and no gradient, and dilutes its batch. Consider removing them.",
             main_process_only=True,
-        )
-
-
-def _check_unused_weight_columns(args: TIDPOConfig, dataset_name: str, columns: list[str]) -> None:
-    present = [column for column in WEIGHT_COLUMNS if column in columns]
-    if present and args.token_weighting in ("ti_dpo", "uniform", "difference"):
-        raise ValueError(
-            f"`{dataset_name}` has the token weight column(s) {present}, which `token_weighting="
-            f"{args.token_weighting!r}` does not read: they would be ignored. Set `token_weighting='dataset'` to train "
-            f"on them, or remove them (`dataset.remove_columns({present})`)."
         )
 
 
@@ -425,8 +262,7 @@ def streamed_row_check(args: TIDPOConfig, dataset_name: str, columns: list[str])
 
 def check_dataset_rows(args: TIDPOConfig, train_dataset, eval_dataset) -> tuple[Any, Any]:
     """
-    Check every row of the train and eval datasets (map-style: now, in one pass; streamed: as each row is read),
-    and refuse weight columns the configured `token_weighting` would ignore.
+    Check every row of the train and eval datasets (map-style: now, in one pass; streamed: as each row is read).
 
     Returns:
         `tuple`: the train and eval datasets, streamed ones wrapped in their row check (map-style ones unchanged).
@@ -434,7 +270,6 @@ def check_dataset_rows(args: TIDPOConfig, train_dataset, eval_dataset) -> tuple[
     checked = {}
     for name, dataset in named_datasets(train_dataset, eval_dataset).items():
         columns = dataset.column_names or list(next(iter(dataset)).keys())
-        _check_unused_weight_columns(args, name, columns)
         if isinstance(dataset, Dataset):
             check_rows(args, dataset, name)
         elif isinstance(dataset, IterableDataset):
@@ -447,65 +282,3 @@ def check_dataset_rows(args: TIDPOConfig, train_dataset, eval_dataset) -> tuple[
     elif eval_dataset is not None:
         eval_dataset = checked.get("eval_dataset", eval_dataset)
     return train_dataset, eval_dataset
-
-
-# ---------------------------------------------------------------------------------------------------- positions
-
-
-def rows_past_positions(dataset: Dataset, max_positions: int, max_length: int | None) -> list[tuple[int, int]]:
-    """
-    The rows of a tokenised map-style `dataset` whose collated length (prompt plus its longer completion, cut to
-    `max_length` when set) is more than `max_positions`, as `(row index, length)`.
-    """
-    columns = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
-    past = []
-    index = 0
-    for batch in columns.iter(batch_size=4096):
-        for prompt, chosen, rejected in zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], strict=True):
-            length = len(prompt) + max(len(chosen), len(rejected))
-            if max_length is not None:
-                length = min(length, max_length)
-            if length > max_positions:
-                past.append((index, length))
-            index += 1
-    return past
-
-
-def check_positions(dataset, dataset_name: str, max_positions: int | None, max_length: int | None) -> None:
-    """
-    Refuse the rows of a tokenised map-style `dataset` that would train at positions past the model's
-    `max_position_embeddings` (`max_positions`; None: no limit known, nothing checked): with `max_length=None` nothing
-    truncates them, and a rotary model then trains on positions it never saw (a learned position table fails). They
-    are refused rather than dropped: the fix, `max_length`, is the user's choice of how to cut them. Streamed datasets
-    are not read ahead: not checked.
-
-    Raises:
-        ValueError: naming the first such row, the count and the fix.
-    """
-    if max_positions is None or not isinstance(dataset, Dataset):
-        return
-    if max_length is not None and max_length <= max_positions:
-        return
-    past = rows_past_positions(dataset, max_positions, max_length)
-    if not past:
-        return
-    index, length = past[0]
-    more = f" (and {len(past) - 1} more)" if len(past) > 1 else ""
-    if max_length is None:
-        cause, fix = "`max_length=None` does not truncate it", f"Set `max_length` (at most {max_positions})"
-    else:
-        cause = f"`max_length={max_length}` is more than that"
-        fix = f"Lower `max_length` to at most {max_positions}"
-    raise ValueError(
-        f"`{dataset_name}` row {index}{more}: its prompt and longer completion take {length} tokens, more than the "
-        f"model's `max_position_embeddings={max_positions}`, and {cause}, so it would train at positions the model has "
-        f"no position for. {fix} to truncate such rows (with `truncation_mode='keep_start'`, rows whose prompt alone "
-        "fills it are then dropped with a warning, as TRL drops them), or shorten them."
-    )
-
-
-def model_max_positions(config) -> int | None:
-    """The model config's `max_position_embeddings` (of its text model for a multimodal config), or None."""
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    value = getattr(text_config, "max_position_embeddings", None)
-    return value if isinstance(value, int) and value > 0 else None
