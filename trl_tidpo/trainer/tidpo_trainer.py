@@ -1,5 +1,4 @@
 import contextlib
-import copy
 import os
 import shutil
 import textwrap
@@ -15,7 +14,7 @@ from trl.models import unwrap_model_for_generation
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from ..modeling.anchors import anchor_eos_token_ids, sample_policy_anchors, tokenize_anchor
+from ..modeling.anchors import anchor_eos_token_ids, sample_policy_anchors
 from ..modeling.attribution import causal_lm_of, project_to_logits, uses_reentrant_checkpointing
 from ..modeling.collator import DataCollatorForTIDPO
 from ..modeling.forwards import (
@@ -33,24 +32,8 @@ from ..modeling.forwards import (
     stack_anchor_rows,
 )
 from ..modeling.tis_dpo import check_tis_sources
-from ..modeling.weight_cache import (
-    ANCHOR_REF_LOGP_COLUMN,
-    REF_LOGP_COLUMNS,
-    TOKENIZED_COLUMNS,
-)
-from ..modeling.weight_columns import (
-    PAIR_WEIGHT_COLUMN,
-    WEIGHT_COLUMNS,
-    validate_pair_weights,
-    validate_token_weight_columns,
-)
-from ..modeling.weight_spans import (
-    add_span_weight_columns,
-    check_offsets_support,
-    record_span_source,
-    span_columns_of,
-    validate_span_rows,
-)
+from ..modeling.weight_cache import REF_LOGP_COLUMNS
+from ..modeling.weight_columns import PAIR_WEIGHT_COLUMN
 from ..ops.importance import HybridWeights, completion_token_weights
 from ..ops.pair_alignment import pair_difference_weights
 from ..ops.sequential_kl import sequential_kl
@@ -64,16 +47,8 @@ from ..ops.weighted_losses import (
     wpo_pair_weights,
 )
 from .checkpoints import check_checkpoint, last_complete_checkpoint
-from .dataset_checks import (
-    check_dataset_columns,
-    check_dataset_rows,
-    check_positions,
-    drop_overlong_prompt_rows,
-    model_max_positions,
-    named_datasets,
-    overlong_prompt_filter,
-    report_dropped_overlong_prompts,
-)
+from .dataset_checks import check_dataset_columns, check_dataset_rows
+from .dataset_preparation import TIDPO_BATCH_COLUMNS, check_model_positions, prepare_dataset
 from .loss_parts import LossParts, TripletTerms
 from .metrics import Gather, dpo_metrics, token_weight_metrics, triplet_and_kl_metrics
 from .precompute import PrecomputeMixin
@@ -213,9 +188,7 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
-        max_positions = model_max_positions(causal_lm_of(self.model).config)
-        for name, dataset in named_datasets(self.train_dataset, self.eval_dataset).items():
-            check_positions(dataset, name, max_positions, args.max_length)
+        check_model_positions(self.model, self.train_dataset, self.eval_dataset, args.max_length)
         if kept_for:
             args.precompute_ref_log_probs = True
             self._precompute_with_kept_reference(kept_for)
@@ -278,61 +251,11 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
     # ------------------------------------------------------------------ dataset preparation (TRL hooks)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        implicit_prompt = "prompt" not in next(iter(dataset))
-        if isinstance(dataset, Dataset):  # row checks before TRL drops rows, so that errors number them as given
-            validate_pair_weights(dataset, dataset_name)
-        has_spans = bool(span_columns_of(next(iter(dataset))))
-        if has_spans:
-            dataset = self._record_span_sources(dataset, processing_class, args, implicit_prompt, dataset_name)
-        num_rows = len(dataset) if isinstance(dataset, Dataset) else None
-        drops_overlong = args.max_length is not None and args.truncation_mode == "keep_start"
-        # TRL 1.16 always re-tokenises from the text columns, which an already tokenised dataset may not have
-        if set(TOKENIZED_COLUMNS) <= set(next(iter(dataset))):
-            dataset = drop_overlong_prompt_rows(dataset, args.max_length, args.truncation_mode, dataset_name)
-        elif isinstance(dataset, IterableDataset) and drops_overlong:
-            # TRL filters a stream's over-long prompts without a word: tokenise without its filter, filter here
-            unfiltered = copy.copy(args)
-            unfiltered.max_length = None  # TRL's preparation reads `max_length` only for that filter
-            dataset = super()._prepare_dataset(dataset, processing_class, unfiltered, dataset_name)
-        else:
-            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-            dropped = num_rows - len(dataset) if num_rows is not None else 0  # the pairs TRL dropped
-            report_dropped_overlong_prompts(dropped, num_rows, dataset_name, args.max_length)
-        if isinstance(dataset, IterableDataset) and drops_overlong:
-            dataset = dataset.filter(overlong_prompt_filter(args.max_length, dataset_name))
-        needs_anchor_ids = args.triplet_gamma > 0 and args.anchor_source == "dataset"
-        if needs_anchor_ids and "anchor_ids" not in next(iter(dataset)):
-            map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
-            dataset = dataset.map(
-                tokenize_anchor,
-                with_indices=True,
-                fn_kwargs={"processing_class": processing_class, "implicit_prompt": implicit_prompt},
-                **map_kwargs,
-            )
-        if has_spans:
-            dataset = add_span_weight_columns(
-                dataset, processing_class, args.span_default_weight, dataset_name, args.dataset_num_proc
-            )
-        if args.token_weighting == "dataset" and isinstance(dataset, Dataset):
-            validate_token_weight_columns(dataset, dataset_name)
-        return dataset
-
-    def _record_span_sources(self, dataset, processing_class, args, implicit_prompt: bool, dataset_name: str):
-        """Check the span columns (map-style: every row now) and keep what mapping them needs after TRL's
-        preparation (`record_span_source`)."""
-        check_offsets_support(processing_class)
-        validate_span_rows(dataset, dataset_name)
-        map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
-        return dataset.map(
-            record_span_source,
-            with_indices=True,
-            fn_kwargs={"dataset_name": dataset_name, "implicit_prompt": implicit_prompt},
-            **map_kwargs,
-        )
+        return prepare_dataset(dataset, processing_class, args, dataset_name, tokenize=super()._prepare_dataset)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        for column in ("anchor_ids", *WEIGHT_COLUMNS, PAIR_WEIGHT_COLUMN, *REF_LOGP_COLUMNS, ANCHOR_REF_LOGP_COLUMN):
+        for column in TIDPO_BATCH_COLUMNS:
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 
