@@ -9,6 +9,7 @@ from .columns import (
     check_dataset_columns,
     check_token_weight_columns,
     named_datasets,
+    reads_dataset_anchors,
     token_weight_columns_read,
 )
 from .lengths import (
@@ -37,6 +38,7 @@ __all__ = [
     "named_datasets",
     "overlong_prompt_filter",
     "overlong_prompt_rows",
+    "reads_dataset_anchors",
     "report_dropped_overlong_prompts",
     "rows_past_positions",
     "streamed_row_check",

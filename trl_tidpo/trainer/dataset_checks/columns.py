@@ -21,6 +21,11 @@ def named_datasets(train_dataset, eval_dataset) -> dict:
     return {name: dataset for name, dataset in datasets.items() if dataset is not None}
 
 
+def reads_dataset_anchors(args: TIDPOConfig) -> bool:
+    """Whether the triplet loss reads the dataset's 'anchor' column (`anchor_source="dataset"`, `triplet_gamma > 0`)."""
+    return args.triplet_gamma > 0 and args.anchor_source == "dataset"
+
+
 def token_weight_columns_read(token_weighting: str, columns) -> list[str]:
     """The `*_token_weights` columns among `columns` that `token_weighting` reads: those present under `"dataset"`,
     none otherwise (`check_token_weight_columns` refuses them there)."""
@@ -99,7 +104,7 @@ def check_columns(args: TIDPOConfig, columns, where: str) -> None:
     """
     columns = list(columns)
     required = [] if set(TOKENIZED_COLUMNS) <= set(columns) else ["chosen", "rejected"]
-    if args.triplet_gamma > 0 and args.anchor_source == "dataset" and "anchor_ids" not in columns:
+    if reads_dataset_anchors(args) and "anchor_ids" not in columns:
         required.append("anchor")
     required.extend(check_token_weight_columns(args.token_weighting, columns, where))
     missing = [column for column in required if column not in columns]

@@ -13,7 +13,7 @@ from trl.data_utils import extract_prompt
 from ...modeling.weight_cache import TOKENIZED_COLUMNS
 from ...modeling.weight_columns import check_token_weights
 from ..tidpo_config import TIDPOConfig
-from .columns import named_datasets, token_weight_columns_read
+from .columns import named_datasets, reads_dataset_anchors, token_weight_columns_read
 
 
 logger = get_logger(__name__)
@@ -24,13 +24,12 @@ TEXT_FORMAT_HINT = (
 )
 
 
-# ---------------------------------------------------------------------------------------------------- row checks
-#
 # TRL 1.16's DPOTrainer checks no row: it decides plain vs conversational from the first row alone (`add_eos` then
 # crashes on a `None` or an int, and skips the EOS of plain rows in a conversational dataset), and it trains without
-# a word on empty completions, messages without 'content', and weight columns it does not read. Each is refused here,
-# at construction, in one pass over the columns in Python (no tokenisation), naming the dataset, the row and the
-# column. TRL's own clear messages (a missing 'chosen'/'rejected' column, `loss_weights`' length) are left to it.
+# a word on empty completions and messages without 'content'. Each is refused here, at construction, in one pass over
+# the columns in Python (no tokenisation), naming the dataset, the row and the column (weight columns it does not
+# read are refused by `columns`). TRL's own clear messages (a missing 'chosen'/'rejected' column, `loss_weights`'
+# length) are left to it.
 
 
 class DatasetRowError(ValueError):
@@ -72,7 +71,7 @@ class RowChecker:
         self.tokenized = set(TOKENIZED_COLUMNS) <= set(columns)
         self.implicit_prompt = "prompt" not in columns
         text = [] if self.tokenized else [c for c in ("prompt", "chosen", "rejected") if c in columns]
-        if not self.tokenized and args.triplet_gamma > 0 and args.anchor_source == "dataset" and "anchor" in columns:
+        if not self.tokenized and reads_dataset_anchors(args) and "anchor" in columns:
             text.append("anchor")
         self.text_columns = text
         self.weight_columns = token_weight_columns_read(args.token_weighting, columns)
@@ -192,6 +191,7 @@ class RowChecker:
             )
 
     def _check_weights(self, index: int, column: str, weights: Any) -> None:
+        """The one check of a token-weight list (`check_token_weights`), raised as a `DatasetRowError`."""
         try:
             check_token_weights(weights, column, f"`{self.name}` row {index}")
         except ValueError as error:
