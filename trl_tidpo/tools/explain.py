@@ -238,7 +238,7 @@ def _difference_sides(
     mixed = pair_difference_weights(batch["input_ids"], mask, shared_weight, differing_weight, normalization)
     sides = []
     for row, side in enumerate(("chosen", "rejected")):
-        ids = list(prepared[f"{side}_ids"])
+        ids, fallback = list(prepared[f"{side}_ids"]), bool(mixed.fallback[row])
         weights = mixed.weights[row][mask[row].bool()].tolist()
-        sides.append(TokenWeights(tokenizer.convert_ids_to_tokens(ids), ids, weights, None, None, bool(mixed.fallback[row])))
+        sides.append(TokenWeights(tokenizer.convert_ids_to_tokens(ids), ids, weights, None, None, fallback))
     return sides
