@@ -12,6 +12,13 @@ def _config(tmp_path, **kwargs) -> TIDPOConfig:
     return TIDPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to=[], **kwargs)
 
 
+@pytest.mark.parametrize("field", ["span_default_weight", "difference_shared_weight", "difference_differing_weight"])
+def test_a_boolean_weight_is_refused(tmp_path, field):
+    """A weight is `modeling.weight_columns.is_weight`: `True` is not read as the weight 1."""
+    with pytest.raises(ValueError, match=f"`{field}` must be finite and >= 0, got True"):
+        _config(tmp_path, **{field: True})
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [

@@ -260,6 +260,7 @@ def test_weight_columns_that_would_be_ignored_are_refused(tmp_path, model_dir, t
         ([1.0, 1.0, None], "`chosen_token_weights` position 2 holds None (null)"),
         ([1.0, float("nan"), 1.0], "`chosen_token_weights` position 1 holds float nan"),
         ([1.0, -1.0, 1.0], "`chosen_token_weights` position 1 holds float -1.0"),
+        ([1.0, True, 1.0], "`chosen_token_weights` position 1 holds bool True"),
         (None, "`chosen_token_weights` is None (null), not a list"),
         ([], "`chosen_token_weights` is an empty list"),
     ],

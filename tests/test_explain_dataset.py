@@ -135,3 +135,30 @@ def test_difference_row_shows_the_trainers_weights(tmp_path, model_dir, tokenize
         assert shown[side]["weights"] == expected.weights[row][mask[row].bool()].tolist()
     # the differing middle ("see doctor" / "take pills") weighs more than the shared "rest and ... now . <eos>"
     assert shown["chosen"]["weights"][2] > shown["chosen"]["weights"][0]
+
+
+def test_all_zero_weight_row_is_refused_with_the_trainers_message(tmp_path, model_dir, tokenizer, capsys):
+    """`explain` runs the trainer's row checks: the row training refuses is refused, with the same message."""
+    from trainer_probes import tidpo_args
+
+    from trl_tidpo import TIDPOTrainer
+
+    rows = [
+        {"prompt": PROMPT, "chosen": " see doctor .", "rejected": " no .", "chosen_token_weights": [1.0] * 4,
+         "rejected_token_weights": [1.0] * 3},
+        {"prompt": PROMPT, "chosen": " see doctor .", "rejected": " no .", "chosen_token_weights": [1.0] * 4,
+         "rejected_token_weights": [0.0] * 3},
+    ]  # fmt: skip
+    with pytest.raises(ValueError) as refused:
+        TIDPOTrainer(
+            model=model_dir,
+            args=tidpo_args(tmp_path, token_weighting="dataset", triplet_gamma=0.0),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
+    message = str(refused.value)
+    assert message.startswith("`train_dataset` row 1: every weight of `rejected_token_weights` is 0")
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    capsys.readouterr()
+    assert main(["explain", "--model", model_dir, "--dataset", path, "--row", "1"]) == 2
+    _one_line_error(capsys, message.replace("`train_dataset`", "`pairs.jsonl`"))

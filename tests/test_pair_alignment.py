@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from trl_tidpo.ops.pair_alignment import align_pair_completions, difference_token_weights, tie_shared_prefix
+from trl_tidpo.ops.pair_alignment import (
+    align_pair_completions,
+    difference_token_weights,
+    pair_difference_weights,
+    tie_shared_prefix,
+)
 
 
 def _rows(pairs, length=12, pad=0):
@@ -73,6 +78,24 @@ def test_difference_weights_match_an_explicit_loop(normalization):
         scale = count / total if normalization == "mean" else 1 / total
         assert got.weights[row].tolist() == pytest.approx([w * scale for w in raw], abs=1e-6)
     assert not got.fallback.any() and not got.empty.any()
+
+
+@pytest.mark.parametrize("normalization", ["mean", "sum"])
+def test_pair_difference_weights_of_a_batch_match_an_explicit_loop(normalization):
+    """The batch function the trainer and `explain` call, from the shifted mask: each completion token weighs 0.25
+    inside the explicit loop's common prefix or suffix, 2.0 elsewhere, scaled to mean 1 (or sum 1); 0 off it."""
+    ids, mask = _rows(PAIRS)
+    got = pair_difference_weights(ids, mask[:, 1:], 0.25, 2.0, normalization)
+    for b, (pc, c, pr, r) in enumerate(PAIRS):
+        p, s = _expected(c, r)
+        for row, prompt, completion in ((b, pc, c), (len(PAIRS) + b, pr, r)):
+            n = len(completion)
+            raw = [0.25 if j < p or j >= n - s else 2.0 for j in range(n)]
+            scale = (n if normalization == "mean" else 1) / sum(raw)
+            start = len(prompt) - 1  # shifted axis: entry i weighs token i + 1
+            expected = [0.0] * start + [w * scale for w in raw] + [0.0] * (ids.size(1) - 1 - start - n)
+            assert got.weights[row].tolist() == pytest.approx(expected, abs=1e-6)
+    assert not got.fallback.any()
 
 
 def test_all_shared_row_with_zero_shared_weight_falls_back_to_uniform():

@@ -161,7 +161,8 @@ def test_fused_policy_attribution_equals_separate_pass(tmp_path, model_dir, toke
 
     assert len(forwards) == 1  # attribution and loss inputs from the same forward
     assert all(p.grad is None for p in trainer.model.parameters())  # activation-only backward
-    separate = attribute_rows(trainer.model, batch["input_ids"], batch["attention_mask"], trainer._without_checkpointing)
+    without_checkpointing = trainer._contexts.policy_without_checkpointing
+    separate = attribute_rows(trainer.model, batch["input_ids"], batch["attention_mask"], without_checkpointing)
     torch.testing.assert_close(fused, separate, atol=1e-6, rtol=1e-5)
     for r, (ids, _) in enumerate(text_rows(tokenizer, standard_dataset)):
         expected = torch.tensor(raw_importance(trainer.model, ids))

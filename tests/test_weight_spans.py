@@ -184,6 +184,17 @@ def test_conversational_span_range_is_the_assistant_content(tmp_path, model_dir,
         build(tmp_path, model_dir, tokenizer, Dataset.from_list(rows))
 
 
+def test_a_side_whose_span_weights_are_all_0_is_refused_as_an_all_0_list_is(tmp_path, model_dir, tokenizer):
+    """`span_default_weight=0` and no spans on row 0's rejected side: every token weighs 0, so that completion adds
+    nothing to the margin; refused by the same check as a hand-written all-0 list, naming the row and the column."""
+    with pytest.raises(ValueError) as error:
+        build(tmp_path, model_dir, tokenizer, span_dataset(WORD_CONTENT, conversational=False), span_default_weight=0.0)
+    assert str(error.value).startswith(
+        "`train` row 0 (`span_default_weight=0.0`): every weight of `rejected_weight_spans` is 0, so this completion "
+        "adds nothing to the margin"
+    )
+
+
 def test_touching_spans_are_accepted():
     assert check_spans([[3, 6, 1.0], [0, 3, 2.0]], 6, "here") == [(0, 3, 2.0), (3, 6, 1.0)]
 

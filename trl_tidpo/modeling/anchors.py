@@ -1,6 +1,7 @@
 """
-Anchors for the triplet loss (SPEC §4): tokenisation of a dataset `anchor` column, and sampling from the current
-policy. The collator that carries them is `collator.DataCollatorForTIDPO`.
+Anchors for the triplet loss (SPEC §4): tokenisation of a dataset `anchor` column, sampling from the current policy,
+and a batch's anchor rows from either (`dataset_anchor_batch`, `policy_anchor_batch`). The collator that carries
+dataset anchors is `collator.DataCollatorForTIDPO`.
 """
 
 import contextlib
@@ -13,6 +14,7 @@ from trl.data_utils import common_prefix_length
 from trl.trainer.utils import flush_left
 
 from .attribution import causal_lm_of
+from .forwards import AnchorBatch
 from .tokenization import tokenize_completion
 
 
@@ -173,3 +175,66 @@ def sample_policy_anchors(
         "anchor_attention_mask": attention_mask,
         "anchor_completion_mask": completion_mask,
     }
+
+
+def dataset_anchor_batch(inputs: dict[str, torch.Tensor]) -> AnchorBatch:
+    """The batch's dataset anchors (`anchor_source="dataset"`), as the collator tokenised the `anchor` column."""
+    if "anchor_input_ids" not in inputs:
+        raise ValueError(
+            "`anchor_source='dataset'` needs `anchor_input_ids`, `anchor_attention_mask` and "
+            "`anchor_completion_mask` in each batch; the default collator builds them from the 'anchor' column."
+        )
+    return AnchorBatch.from_inputs(inputs)
+
+
+def policy_anchor_batch(
+    model,
+    inputs: dict[str, torch.Tensor],
+    generation_kwargs: dict[str, Any],
+    tokenizer,
+    max_length: int | None,
+    truncation_mode: str,
+    max_completion_tokens: int,
+) -> AnchorBatch:
+    """
+    One anchor per prompt of the batch, sampled from `model` (unwrapped, ready for `generate`; no grad, KV cache):
+    `sample_policy_anchors` on the batch's `prompt_input_ids`, stopping at the model's and the tokenizer's EOS ids.
+
+    Args:
+        inputs (`dict`): a collated batch with `prompt_input_ids` and `prompt_attention_mask` `[B, P]`.
+        generation_kwargs (`dict`): `TIDPOConfig.anchor_generation_kwargs()`.
+        tokenizer: gives the EOS and pad ids.
+        max_length, truncation_mode, max_completion_tokens: see `sample_policy_anchors`.
+    """
+    if "prompt_input_ids" not in inputs:
+        raise ValueError(
+            "`anchor_source='policy'` needs `prompt_input_ids` and `prompt_attention_mask` in each batch. The "
+            "default collator provides them; a custom `data_collator` must too (see `DataCollatorForTIDPO`)."
+        )
+    anchors = sample_policy_anchors(
+        model,
+        inputs["prompt_input_ids"],
+        inputs["prompt_attention_mask"],
+        generation_kwargs,
+        eos_token_id=anchor_eos_token_ids(causal_lm_of(model).generation_config, tokenizer.eos_token_id),
+        pad_token_id=tokenizer.pad_token_id,
+        max_length=max_length,
+        truncation_mode=truncation_mode,
+        max_completion_tokens=max_completion_tokens,
+    )
+    return AnchorBatch.from_inputs(anchors)
+
+
+def longest_completion(completion_mask: torch.Tensor, accelerator) -> int:
+    """
+    The batch's longest chosen/rejected completion, in tokens (the most the triplet distances read of an anchor), over
+    all processes, so that every process generates the same number of steps, as it did uncapped.
+
+    Args:
+        completion_mask (`torch.Tensor`): the pair rows' `[2B, T]` completion mask.
+        accelerator (`accelerate.Accelerator`): gathers the maximum across processes.
+    """
+    longest = completion_mask.sum(dim=-1).max()
+    if accelerator.num_processes > 1:
+        longest = accelerator.gather(longest.reshape(1)).max()
+    return int(longest)

@@ -16,6 +16,7 @@ from torch import nn
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from ..ops.importance import importance_from_gradients
+from .checkpointing import is_checkpointing
 
 
 # wrapper -> weak reference to its causal LM. Keyed by the wrapper object itself (weakly: a wrapper that is dropped
@@ -103,13 +104,38 @@ def uses_reentrant_checkpointing(model: nn.Module) -> bool:
     `checkpoint` is reentrant when `use_reentrant` is not given.
     """
     lm = causal_lm_of(model)
-    if not (lm.is_gradient_checkpointing and lm.training):
+    if not (is_checkpointing(lm) and lm.training):
         return False
     for module in lm.modules():
         checkpoint_func = getattr(module, "_gradient_checkpointing_func", None)
         if getattr(module, "gradient_checkpointing", False) and checkpoint_func is not None:
             return bool(getattr(checkpoint_func, "keywords", {}).get("use_reentrant", True))
     return False
+
+
+def separate_attribution_reason(model: nn.Module, zero3: bool) -> str | None:
+    """
+    Why the policy's attribution cannot share the loss's forward (and runs in a forward of its own, without
+    checkpointing: exact, at one extra forward per step), or None when it can. The message is the trainer's one-time
+    warning.
+
+    - Under DeepSpeed ZeRO-3 (`zero3`), the attribution's backward runs ZeRO-3's backward hooks, which re-partition
+      the parameters that the loss's own backward (on the same retained graph) then needs.
+    - Reentrant checkpointing cannot serve `autograd.grad` w.r.t. activations (`uses_reentrant_checkpointing`).
+    """
+    if zero3:
+        return (
+            "DeepSpeed ZeRO-3 re-partitions the parameters after any backward through the model, so the "
+            "attribution backward cannot share the loss's graph; token importance is computed in a separate "
+            "forward without checkpointing (exact, but one extra forward per step, with its parameter gathers)."
+        )
+    if uses_reentrant_checkpointing(model):
+        return (
+            "Reentrant gradient checkpointing is on (`use_reentrant=True`), which cannot give gradients w.r.t. "
+            "activations; token importance is computed in a separate forward without checkpointing (exact, but "
+            "one extra forward per step). Use `gradient_checkpointing_kwargs={'use_reentrant': False}` to avoid it."
+        )
+    return None
 
 
 def logit_transform(config) -> tuple[float, float | None]:

@@ -9,14 +9,13 @@ Character positions are Python string indices (code points), `end_char` exclusiv
 column (implicit prompt), plain-text spans index the `chosen`/`rejected` text as given (prompt included).
 """
 
-import math
 from itertools import pairwise
 from typing import Any
 
 from datasets import Dataset
 from trl.data_utils import is_conversational
 
-from .weight_columns import WEIGHT_COLUMNS
+from .weight_columns import WEIGHT_COLUMNS, check_token_weights, is_weight
 
 SPAN_COLUMNS = ("chosen_weight_spans", "rejected_weight_spans")
 # A helper column carried through TRL's preparation (see `record_span_source`), removed once the spans are mapped
@@ -26,6 +25,27 @@ SPAN_SOURCE_COLUMN = "_span_source"
 def span_columns_of(columns) -> list[str]:
     """The span columns among `columns`, in `SPAN_COLUMNS` order."""
     return [column for column in SPAN_COLUMNS if column in columns]
+
+
+def check_one_weight_source(columns, where: str) -> None:
+    """
+    Refuse span columns beside token weight columns: `token_weighting="dataset"` reads the weights one way or the
+    other, never both.
+
+    Args:
+        columns: the dataset's columns (or one row's keys).
+        where (`str`): the dataset (and row), for the message.
+
+    Raises:
+        ValueError: naming both sets of columns.
+    """
+    spans = span_columns_of(columns)
+    given = [column for column in WEIGHT_COLUMNS if column in columns]
+    if spans and given:
+        raise ValueError(
+            f"{where} has both span columns {spans} and token weight columns {given}: give the weights one way, "
+            f"either as character spans ({list(SPAN_COLUMNS)}) or as one weight per token ({list(WEIGHT_COLUMNS)})."
+        )
 
 
 def completion_text(completion: Any, where: str) -> str:
@@ -70,7 +90,7 @@ def check_spans(spans: Any, text_length: int, where: str) -> list[tuple[int, int
         shown = _show(span)
         if not all(_is_integral(v) for v in (start, end)):
             raise ValueError(f"{where}: span {shown} needs integer character positions.")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        if not is_weight(weight):
             raise ValueError(f"{where}: span {shown} has weight {weight!r}; weights must be finite and >= 0.")
         start, end = int(start), int(end)
         if not 0 <= start < end <= text_length:
@@ -184,26 +204,35 @@ def example_span_weights(
         `dict`: `chosen_token_weights` and `rejected_token_weights`, one float per `chosen_ids` / `rejected_ids` token.
     """
     source = example[SPAN_SOURCE_COLUMN]
+    row = f"`{dataset_name}` row {source['row']}"
     output = {}
     for side, column in zip(("chosen", "rejected"), WEIGHT_COLUMNS, strict=True):
         span_column = f"{side}_weight_spans"
-        where = f"`{dataset_name}` row {source['row']}, `{span_column}`"
-        completion_ids = list(example[f"{side}_ids"])
-        if example.get(span_column) is None:
-            output[column] = [float(default_weight)] * len(completion_ids)
-            continue
-        spans = check_spans(example[span_column], source[f"{side}_length"], where)
-        text, text_start, add_special, bounds = _rendered_completion(processing_class, example, side, source, where)
-        encoding = processing_class(text, add_special_tokens=add_special, return_offsets_mapping=True)
-        ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
-        if len(completion_ids) > len(ids) or ids[len(ids) - len(completion_ids) :] != completion_ids:
-            raise ValueError(
-                f"{where}: tokenising the rendered text with offsets does not reproduce the trainer's "
-                f"`{side}_ids`, so the spans cannot be placed on tokens. Give `{column}` instead."
-            )
-        completion_offsets = offsets[len(ids) - len(completion_ids) :]
-        output[column] = spans_to_token_weights(spans, completion_offsets, text_start, default_weight, bounds)
+        weights = _side_span_weights(example, processing_class, side, source, default_weight, f"{row}, `{span_column}`")
+        # all 0 (spans of weight 0 and `default_weight=0`) trains the pair on one side only: refused as a list is
+        output[column] = check_token_weights(weights, span_column, f"{row} (`span_default_weight={default_weight}`)")
     return output
+
+
+def _side_span_weights(
+    example: dict, processing_class, side: str, source: dict, default_weight: float, where: str
+) -> list[float]:
+    """One side's token weights from its spans (`default_weight` everywhere when it has none)."""
+    span_column = f"{side}_weight_spans"
+    completion_ids = list(example[f"{side}_ids"])
+    if example.get(span_column) is None:
+        return [float(default_weight)] * len(completion_ids)
+    spans = check_spans(example[span_column], source[f"{side}_length"], where)
+    text, text_start, add_special, bounds = _rendered_completion(processing_class, example, side, source, where)
+    encoding = processing_class(text, add_special_tokens=add_special, return_offsets_mapping=True)
+    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+    if len(completion_ids) > len(ids) or ids[len(ids) - len(completion_ids) :] != completion_ids:
+        raise ValueError(
+            f"{where}: tokenising the rendered text with offsets does not reproduce the trainer's `{side}_ids`, so the "
+            f"spans cannot be placed on tokens. Give `{side}_token_weights` instead."
+        )
+    completion_offsets = offsets[len(ids) - len(completion_ids) :]
+    return spans_to_token_weights(spans, completion_offsets, text_start, default_weight, bounds)
 
 
 def check_offsets_support(processing_class) -> None:

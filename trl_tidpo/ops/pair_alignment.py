@@ -130,6 +130,31 @@ def difference_token_weights(
     return HybridWeights(weights, None, None, fallback, empty)
 
 
+def pair_difference_weights(
+    input_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    shared_weight: float,
+    differing_weight: float,
+    normalization: str = "mean",
+) -> HybridWeights:
+    """
+    `token_weighting="difference"` for a batch of pairs: align each pair's completions (`align_pair_completions`),
+    then weigh the shared and the differing tokens (`difference_token_weights`). The trainer and `explain` call this.
+
+    Args:
+        input_ids (`torch.Tensor`): `[2B, T]` token ids, chosen rows then rejected rows.
+        completion_mask (`torch.Tensor`): `[2B, T-1]` shifted completion mask (entry `i` scores token `i+1`).
+        shared_weight, differing_weight (`float`): the raw weights, ≥ 0.
+        normalization (`str`): `"mean"` or `"sum"`.
+
+    Returns:
+        `HybridWeights` with `weights` `[2B, T-1]` on the shifted axis.
+    """
+    unshifted = torch.nn.functional.pad(completion_mask, (1, 0), value=0)  # [2B, T]; token 0 is never scored
+    alignment = align_pair_completions(input_ids, unshifted)
+    return difference_token_weights(alignment.shared, completion_mask, shared_weight, differing_weight, normalization)
+
+
 def tie_shared_prefix(weights: torch.Tensor, shared_prefix: torch.Tensor) -> torch.Tensor:
     """
     Give the two rows of a pair one weight on each token of their common prefix: the mean of the two.

@@ -1,27 +1,24 @@
 """Per-token TI-DPO weights of any (model, tokenizer, prompt, completion), and the weights the trainer will use for
 one dataset row (span columns, weight columns or TI-DPO's), for inspection."""
 
-import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from datasets import Dataset
 from torch import nn
+from trl import DPOTrainer
 
 from ..modeling.attribution import attribute_in_own_forward
-from ..modeling.tis_dpo import tokenize_preference_dataset
+from ..modeling.collator import DataCollatorForTIDPO
 from ..modeling.tokenization import tokenize_completion
 from ..modeling.weight_columns import PAIR_WEIGHT_COLUMN, WEIGHT_COLUMNS, check_pair_weight
-from ..modeling.weight_spans import (
-    SPAN_COLUMNS,
-    add_span_weight_columns,
-    check_offsets_support,
-    record_span_source,
-    span_columns_of,
-)
+from ..modeling.weight_spans import SPAN_COLUMNS
 from ..ops.importance import completion_token_weights
-from ..ops.pair_alignment import align_pair_completions, difference_token_weights
+from ..ops.pair_alignment import pair_difference_weights
+from ..trainer.dataset_checks import RowChecker, check_columns
+from ..trainer.dataset_preparation import prepare_dataset
 from ..trainer.tidpo_config import WEIGHT_OPTIONS, TIDPOConfig, weight_option_defaults
 
 
@@ -141,8 +138,11 @@ def dataset_row_weights(
     **weight_options: Any,
 ) -> RowWeights:
     """
-    The per-token weights `TIDPOTrainer` will use for one dataset row, tokenised as the trainer tokenises it (TRL's
-    preparation: implicit prompt, EOS, chat template).
+    The per-token weights `TIDPOTrainer` will use for one dataset row, by the trainer's own functions: its column rule
+    and row checks (`check_columns`, `RowChecker`: a row the trainer refuses is refused here, with the same message),
+    its preparation (`prepare_dataset`: TRL's tokenisation, implicit prompt, EOS, chat template, span columns mapped
+    onto tokens, weight lists checked against the tokens), its collator and its `"difference"` weights. The row is
+    shown untruncated (no `max_length`).
 
     Args:
         tokenizer: the model's tokenizer (a fast one for span columns).
@@ -151,7 +151,9 @@ def dataset_row_weights(
         dataset_name (`str`): the dataset's name, for messages.
         model: a causal LM; needed only for TI-DPO weights.
         token_weighting (`str`): `"dataset"` (span or weight columns), `"ti_dpo"`, `"difference"`, or `"auto"`:
-            `"dataset"` when the row has span or weight columns, else `"ti_dpo"`.
+            `"dataset"` when the row has span or weight columns, else `"ti_dpo"`. With `"ti_dpo"` or `"difference"`
+            the row's span and weight columns are left out (the trainer refuses them there: they are shown as if
+            removed, for comparison).
         span_default_weight (`float`): weight of tokens outside every span (`TIDPOConfig.span_default_weight`).
         difference_weights (`tuple[float, float]`, *optional*): `(difference_shared_weight,
             difference_differing_weight)` of `"difference"`, `TIDPOConfig`'s by default (the row is shown untruncated;
@@ -163,82 +165,80 @@ def dataset_row_weights(
         `RowWeights`.
 
     Raises:
-        ValueError: naming the row and column of a bad span, weight list or `pair_weight`, or a missing source.
+        ValueError: naming the row and column of a bad span, weight list, text field or `pair_weight`, or a missing
+            source.
     """
     where = f"`{dataset_name}` row {row}"
-    spans = span_columns_of(example)
-    lists = [column for column in WEIGHT_COLUMNS if column in example]
-    if spans and lists:
-        raise ValueError(f"{where}: has both span columns {spans} and token weight columns {lists}; give one of them.")
+    given = [column for column in (*SPAN_COLUMNS, *WEIGHT_COLUMNS) if column in example]
     if token_weighting == "auto":
-        token_weighting = "dataset" if spans or lists else "ti_dpo"
-    if token_weighting == "dataset" and not (spans or len(lists) == 2):
-        raise ValueError(
-            f"{where}: `token_weighting='dataset'` needs the span columns {list(SPAN_COLUMNS)} or both weight columns "
-            f"{list(WEIGHT_COLUMNS)}; the row has {sorted(example)}."
-        )
+        token_weighting = "dataset" if given else "ti_dpo"
     if token_weighting not in ("dataset", "ti_dpo", "difference"):
         raise ValueError(
             f"`token_weighting` must be 'auto', 'dataset', 'ti_dpo' or 'difference' here, got {token_weighting!r}."
         )
-    pair_weight = example.get(PAIR_WEIGHT_COLUMN)
-    if PAIR_WEIGHT_COLUMN in example:
-        pair_weight = check_pair_weight(pair_weight, where)
-    example = dict(example)
-    if token_weighting == "dataset" and spans:
-        check_offsets_support(tokenizer)
-        example.update(record_span_source(example, row, dataset_name, implicit_prompt="prompt" not in example))
-    elif token_weighting in ("ti_dpo", "difference"):  # the trainer would not read them: left out of the preparation
-        example = {key: value for key, value in example.items() if key not in (*SPAN_COLUMNS, *WEIGHT_COLUMNS)}
-    prepared = tokenize_preference_dataset(Dataset.from_list([example]), tokenizer)
-    if token_weighting == "dataset" and spans:
-        prepared = add_span_weight_columns(prepared, tokenizer, span_default_weight, dataset_name)
-    prepared = prepared[0]
+    if token_weighting != "dataset":
+        example = {key: value for key, value in example.items() if key not in given}
+    args = _row_args(token_weighting, span_default_weight)
+    check_columns(args, example, where)
+    RowChecker(args, dataset_name, list(example)).check(row, example)
+    pair_weight = check_pair_weight(example[PAIR_WEIGHT_COLUMN], where) if PAIR_WEIGHT_COLUMN in example else None
+    prepared = _prepare_row(tokenizer, example, row, dataset_name, args)
+    prompt_ids = list(prepared["prompt_ids"])
     if token_weighting == "difference":
         if difference_weights is None:
             fields = TIDPOConfig.__dataclass_fields__
             difference_weights = (fields["difference_shared_weight"].default, fields["difference_differing_weight"].default)
         normalization = {**weight_option_defaults(), **weight_options}["weight_normalization"]
         sides = _difference_sides(tokenizer, prepared, *difference_weights, normalization)
-        return RowWeights("difference", list(prepared["prompt_ids"]), *sides, pair_weight)
+        return RowWeights("difference", prompt_ids, *sides, pair_weight)
     if token_weighting == "ti_dpo":
         if model is None:
             raise ValueError(f"{where}: TI-DPO weights need a model (the row has no span or weight columns).")
         sides = [token_weights(model, tokenizer, prepared["prompt"], prepared[side], **weight_options)
                  for side in ("chosen", "rejected")]  # fmt: skip
-        return RowWeights("ti_dpo", list(prepared["prompt_ids"]), *sides, pair_weight)
+        return RowWeights("ti_dpo", prompt_ids, *sides, pair_weight)
     sides = []
     for side, column in zip(("chosen", "rejected"), WEIGHT_COLUMNS, strict=True):
-        ids, weights = list(prepared[f"{side}_ids"]), [float(w) for w in prepared[column]]
-        if len(weights) != len(ids):
-            raise ValueError(
-                f"{where}: `{column}` has {len(weights)} weights but the tokenised {side} completion has {len(ids)} "
-                "tokens (one weight per completion token as the trainer tokenises it, EOS included for plain text)."
-            )
-        bad = [w for w in weights if not math.isfinite(w) or w < 0]
-        if bad:
-            raise ValueError(f"{where}: `{column}` holds {bad[0]!r}; token weights must be finite and >= 0.")
+        ids, weights = list(prepared[f"{side}_ids"]), [float(w) for w in prepared[column]]  # checked by the preparation
         sides.append(TokenWeights(tokenizer.convert_ids_to_tokens(ids), ids, weights, None, None, False))
-    return RowWeights("spans" if spans else "columns", list(prepared["prompt_ids"]), *sides, pair_weight)
+    source = "spans" if any(column in given for column in SPAN_COLUMNS) else "columns"
+    return RowWeights(source, prompt_ids, *sides, pair_weight)
+
+
+def _row_args(token_weighting: str, span_default_weight: float) -> SimpleNamespace:
+    """What the trainer's checks and preparation read of a `TIDPOConfig`, for one row shown untruncated and without
+    the triplet loss (a `TIDPOConfig` is not built: it is a `TrainingArguments`, with its warnings and state)."""
+    return SimpleNamespace(
+        token_weighting=token_weighting, span_default_weight=span_default_weight, max_length=None,
+        truncation_mode="keep_start", dataset_num_proc=None, triplet_gamma=0.0, anchor_source="policy",
+    )  # fmt: skip
+
+
+def _trl_tokenize(dataset: Dataset, processing_class, args, dataset_name: str) -> Dataset:
+    """TRL's preparation (`DPOTrainer._prepare_dataset`), which reads only `_tokenizer` of its trainer."""
+    return DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=processing_class), dataset, processing_class, args,
+                                       dataset_name)  # fmt: skip
+
+
+def _prepare_row(tokenizer, example: dict, row: int, dataset_name: str, args: SimpleNamespace) -> dict:
+    """The row prepared by the trainer's `prepare_dataset`, as a one-row dataset (whose row 0 messages call `row`)."""
+    try:
+        return prepare_dataset(Dataset.from_list([example]), tokenizer, args, dataset_name, tokenize=_trl_tokenize)[0]
+    except ValueError as error:
+        raise ValueError(str(error).replace(f"`{dataset_name}` row 0", f"`{dataset_name}` row {row}")) from None
 
 
 def _difference_sides(
     tokenizer, prepared: dict, shared_weight: float, differing_weight: float, normalization: str
 ) -> list[TokenWeights]:
-    """`token_weighting="difference"` weights of one prepared pair, by the trainer's functions on a 2-row batch."""
-    prompt = list(prepared["prompt_ids"])
-    completions = [list(prepared["chosen_ids"]), list(prepared["rejected_ids"])]
-    width = len(prompt) + max(len(ids) for ids in completions)
-    rows = [prompt + ids + [0] * (width - len(prompt) - len(ids)) for ids in completions]
-    masks = [[0] * len(prompt) + [1] * len(ids) + [0] * (width - len(prompt) - len(ids)) for ids in completions]
-    input_ids, completion_mask = torch.tensor(rows), torch.tensor(masks)
-    alignment = align_pair_completions(input_ids, completion_mask)
-    mixed = difference_token_weights(
-        alignment.shared, completion_mask[:, 1:], shared_weight, differing_weight, normalization
-    )
+    """`token_weighting="difference"` weights of one prepared pair: the trainer's collator, then its batch function."""
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = DataCollatorForTIDPO(pad_token_id=pad_token_id)([prepared])
+    mask = batch["completion_mask"][:, 1:]  # [2, T-1] shifted
+    mixed = pair_difference_weights(batch["input_ids"], mask, shared_weight, differing_weight, normalization)
     sides = []
-    for row, ids in enumerate(completions):
-        start = len(prompt) - 1  # on the shifted axis
-        weights = mixed.weights[row, start : start + len(ids)].tolist()
-        sides.append(TokenWeights(tokenizer.convert_ids_to_tokens(ids), ids, weights, None, None, bool(mixed.fallback[row])))
+    for row, side in enumerate(("chosen", "rejected")):
+        ids, fallback = list(prepared[f"{side}_ids"]), bool(mixed.fallback[row])
+        weights = mixed.weights[row][mask[row].bool()].tolist()
+        sides.append(TokenWeights(tokenizer.convert_ids_to_tokens(ids), ids, weights, None, None, fallback))
     return sides

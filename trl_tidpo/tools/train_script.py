@@ -63,7 +63,7 @@ from trl import (
     get_quantization_config,
 )
 
-from ..trainer.checkpoints import SaveOnSignalCallback, check_checkpoint, check_output_dir, last_complete_checkpoint
+from ..trainer.checkpoints import SaveOnSignalCallback, check_output_dir, resolve_resume
 from ..trainer.dataset_checks import check_dataset_columns
 from ..trainer.tidpo_config import TIDPOConfig
 from ..trainer.tidpo_trainer import TIDPOTrainer
@@ -232,21 +232,8 @@ def check_resume(training_args: TIDPOConfig) -> str | None:
     `"true"`/`"last"` the newest complete checkpoint in `output_dir` (newer incomplete ones are skipped with a
     warning). None when not resuming.
     """
-    resume = training_args.resume_from_checkpoint
-    if resume is None:
-        return None
     require_optimizer = not training_args.save_only_model
-    if resume.lower() in ("true", "last"):
-        try:
-            return str(last_complete_checkpoint(training_args.output_dir, require_optimizer))
-        except ValueError as error:
-            raise ValueError(f"`--resume_from_checkpoint {resume}`: {error}") from None
-    if not Path(resume).is_dir():
-        raise FileNotFoundError(
-            f"`--resume_from_checkpoint {resume}`: no such checkpoint folder. Pass a `checkpoint-N` folder written by "
-            "a previous run, `last` for the latest one in `output_dir`, or drop the flag."
-        )
-    return str(check_checkpoint(resume, require_optimizer))
+    return resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir, require_optimizer)
 
 
 # ---------------------------------------------------------------------------------------------- data and model

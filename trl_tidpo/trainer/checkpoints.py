@@ -190,6 +190,44 @@ def check_checkpoint(folder: str | Path, require_optimizer: bool = True) -> Path
     )
 
 
+def resolve_resume(
+    resume_from_checkpoint: str | bool | None, output_dir: str | Path, require_optimizer: bool = True
+) -> str | None:
+    """
+    The checkpoint folder a run resumes from, checked complete; None when it does not resume (None or False). What
+    both `TIDPOTrainer.train` and the training script's `--resume_from_checkpoint` mean:
+
+    - `True`, `"true"` or `"last"`: the newest *complete* checkpoint of `output_dir` (`last_complete_checkpoint`;
+      transformers takes the newest folder, even one a kill or a full disk cut short);
+    - a folder: itself, refused when damaged (`check_checkpoint`, naming the file and the complete one before it).
+
+    Args:
+        require_optimizer: also require the optimizer and scheduler states (False for `save_only_model=True` runs).
+
+    Raises:
+        ValueError: no complete checkpoint in `output_dir`, or a damaged folder.
+        FileNotFoundError: a path that is no folder.
+    """
+    if resume_from_checkpoint is None or resume_from_checkpoint is False:
+        return None
+    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in ("true", "last"):
+        try:
+            return str(last_complete_checkpoint(output_dir, require_optimizer))
+        except ValueError as error:
+            raise ValueError(f"`--resume_from_checkpoint {str(resume_from_checkpoint).lower()}`: {error}") from None
+    if not Path(resume_from_checkpoint).is_dir():
+        raise FileNotFoundError(
+            f"`--resume_from_checkpoint {resume_from_checkpoint}`: no such checkpoint folder. Pass a `checkpoint-N` "
+            "folder written by a previous run, `last` for the latest one in `output_dir`, or drop the flag."
+        )
+    return str(check_checkpoint(resume_from_checkpoint, require_optimizer))
+
+
+def checkpoint_step(folder: str | Path) -> int:
+    """The optimizer step a complete checkpoint was saved at (`global_step` of its `trainer_state.json`)."""
+    return int(json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8"))["global_step"])
+
+
 def check_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) -> list[Path]:
     """
     Refuse a new run into an `output_dir` that holds another run's `checkpoint-N` folders: their steps would mix
@@ -221,7 +259,8 @@ class SaveOnSignalCallback(TrainerCallback):
     """
     On SIGTERM or SIGINT (what schedulers and preemptible machines send, and Ctrl-C), finish the current optimizer
     step, save a checkpoint and stop training; a second signal interrupts at once. After `trainer.train()` returns,
-    `received` holds the signal number (None when training ended normally).
+    `received` holds the signal number (None when training ended normally), and `saved_checkpoint` the folder saved
+    on it (a warning names it).
 
     Every process installs the handlers; at each step end the processes agree (a max over ranks), so all save and stop
     at the same step even when only one of them received the signal. The handlers are installed at `on_train_begin`
@@ -232,6 +271,7 @@ class SaveOnSignalCallback(TrainerCallback):
 
     def __init__(self):
         self.received: int | None = None
+        self.saved_checkpoint: Path | None = None
         self._pending: int | None = None
         self._previous: dict[int, object] = {}
 
@@ -251,7 +291,7 @@ class SaveOnSignalCallback(TrainerCallback):
         self._previous = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.received, self._pending = None, None
+        self.received, self._pending, self.saved_checkpoint = None, None, None
         try:
             self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         except ValueError:  # not the main thread: signals cannot be caught here
@@ -264,6 +304,15 @@ class SaveOnSignalCallback(TrainerCallback):
             control.should_save = True  # Trainer saves on this flag whatever `save_strategy` says
             control.should_training_stop = True
         return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.received is not None and self.saved_checkpoint is None:
+            # the folder `Trainer._save_checkpoint` just wrote (`PREFIX_CHECKPOINT_DIR`-step, in `output_dir`)
+            self.saved_checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            logger.warning(
+                f"{signal.Signals(self.received).name}: saved checkpoint {self.saved_checkpoint} (step "
+                f"{state.global_step}); stopping. Resume with `--resume_from_checkpoint last` (or this folder)."
+            )
 
     def on_train_end(self, args, state, control, **kwargs):
         self._restore()

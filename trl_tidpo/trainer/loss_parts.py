@@ -44,8 +44,8 @@ class LossParts:
         completion_mask: `[2B, T-1]` the pair rows' shifted completion mask.
         triplet: the triplet terms, or None when `triplet_gamma = 0`.
         kl_chosen, kl_rejected: `[B]` TDPO's sequential KL, or None when `tdpo_alpha = 0`.
-        pair_weights: `[B]` the dataset's `pair_weight` column (already applied to `dpo_losses`; the triplet term is
-            scaled by it in the loss), or None without the column.
+        dataset_pair_weights: `[B]` the dataset's `pair_weight` column alone, without WPO's weights (already applied
+            to `dpo_losses`, with WPO's; the triplet term is scaled by it in the loss), or None without the column.
     """
 
     dpo_losses: torch.Tensor
@@ -57,4 +57,4 @@ class LossParts:
     triplet: TripletTerms | None = None
     kl_chosen: torch.Tensor | None = None
     kl_rejected: torch.Tensor | None = None
-    pair_weights: torch.Tensor | None = None
+    dataset_pair_weights: torch.Tensor | None = None

@@ -1,14 +1,17 @@
 """
 The metrics of one batch, gathered across processes: TRL's DPO metrics (computed as `DPOTrainer` computes them) and
-TI-DPO's `token_weights/*`, `triplet/*` and `kl/*`.
+TI-DPO's `token_weights/*`, `triplet/*` and `kl/*`; and the warning when rows' weights fell back.
 """
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 
 from ..modeling.forwards import PairForward
 from .loss_parts import LossParts
 
+
+logger = get_logger(__name__)
 
 class Gather:
     """Reductions of per-process tensors to floats over every process."""
@@ -95,3 +98,35 @@ def triplet_and_kl_metrics(gather: Gather, parts: LossParts) -> dict[str, float]
         metrics["kl/chosen"] = gather.mean(parts.kl_chosen)
         metrics["kl/rejected"] = gather.mean(parts.kl_rejected)
     return metrics
+
+
+class FallbackRowsWarning:
+    """
+    A warning at each batch with rows whose token weights fell back (`token_weights/fallback_rows`), naming what they
+    fell back to and the count so far: `token_weighting="difference"` rows with only shared tokens (weighed 0 by
+    `difference_shared_weight=0`) train with uniform weights, TI-DPO rows whose attribution sums to 0 or is not
+    finite with the Gaussian prior alone.
+    """
+
+    def __init__(self, token_weighting: str):
+        self.token_weighting = token_weighting
+        self.rows_seen = 0
+
+    def __call__(self, fallback_rows: int, mode: str) -> None:
+        if not fallback_rows:
+            return
+        self.rows_seen += fallback_rows
+        if self.token_weighting == "difference":
+            what = (
+                "had only tokens shared with the other completion, which `difference_shared_weight=0` weighs 0, and "
+                "used uniform weights"
+            )
+        else:
+            what = (
+                "had a token attribution that sums to 0 or is not finite (e.g. an fp16 overflow) and used the "
+                "Gaussian prior alone"
+            )
+        logger.warning(
+            f"{fallback_rows} row(s) in this {mode} batch {what} ({self.rows_seen} so far); see the "
+            "`token_weights/fallback_rows` metric."
+        )

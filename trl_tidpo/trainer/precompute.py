@@ -50,7 +50,7 @@ class PrecomputeMixin:
 
         def attribute(input_ids, attention_mask):
             model = self._precompute_model(reference)
-            return attribute_rows(model, input_ids, attention_mask, self._reference_attribution_context)
+            return attribute_rows(model, input_ids, attention_mask, self._contexts.reference_attribution)
 
         def add_columns(dataset: Dataset, name: str) -> Dataset:
             require_map_style(
@@ -100,7 +100,7 @@ class PrecomputeMixin:
             if negative is None
             else load_contrastive_model(negative, init_kwargs, self.model.dtype, self.accelerator.device)
         )
-        context = self._reference_context if uses_reference else contextlib.nullcontext
+        context = self._contexts.reference_adapters if uses_reference else contextlib.nullcontext
         model_hash = (hash_model(positive), hash_model(negative) if negative is not positive else None)
         same_model = negative is positive
         positive = self._precompute_model(positive)
@@ -221,13 +221,13 @@ class PrecomputeMixin:
                     batch,
                     attribute=False,
                     keep_hidden=False,
-                    reference_mode=self._reference_mode,
-                    attribution_context=self._reference_attribution_context,
+                    reference_mode=self._contexts.reference_scoring,
+                    attribution_context=self._contexts.reference_attribution,
                 ).per_token_logps
 
         def score_anchors(anchors: AnchorBatch) -> torch.Tensor:
             with self.accelerator.autocast():
-                return anchor_forward(reference, anchors, self._reference_mode).per_token_logps
+                return anchor_forward(reference, anchors, self._contexts.reference_scoring).per_token_logps
 
         def compute() -> dict:
             return reference_logp_lists(

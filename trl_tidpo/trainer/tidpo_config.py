@@ -4,20 +4,18 @@ from dataclasses import dataclass, field
 from trl import DPOConfig
 
 from ..modeling.tis_dpo import check_tis_sources
+from ..modeling.weight_columns import is_weight
 from ..ops.weighted_losses import F_DIVERGENCE_TYPES, KL_LOSS_TYPES, LOSS_TYPES
 
 
-# The options of the hybrid weights (Eq. 7-8); their defaults live in the fields below, and nowhere else.
+# The options of the hybrid weights (Eq. 7-8). Their defaults are those of the fields below: read them with
+# `weight_option_defaults()`, never repeat them.
 WEIGHT_OPTIONS = ("importance_lambda", "prior_sigma_ratio", "weight_span", "weight_normalization")
 # Fields whose `choices` metadata `__post_init__` enforces (DPOConfig's own are TRL's to check).
 TIDPO_CHOICE_FIELDS = (
     "token_weighting", "importance_model", "weight_span", "weight_normalization", "tis_transform", "anchor_source",
     "triplet_gradient",
 )  # fmt: skip
-
-
-def _finite_non_negative(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
 
 
 def weight_option_defaults() -> dict:
@@ -310,9 +308,19 @@ class TIDPOConfig(DPOConfig):
     )
 
     def weight_options(self) -> dict:
-        """The four options of TI-DPO's hybrid weights, by name: what `token_weights`, the callback, the demo and
-        the CLI read (their defaults are this config's)."""
+        """The four options of TI-DPO's hybrid weights, by name, as `token_weights` and `completion_token_weights`
+        take them."""
         return {name: getattr(self, name) for name in WEIGHT_OPTIONS}
+
+    def anchor_generation_kwargs(self) -> dict:
+        """The sampling settings of policy anchors (`anchor_source="policy"`), as `GenerationConfig` takes them."""
+        return {
+            "do_sample": True,
+            "max_new_tokens": self.anchor_max_new_tokens,
+            "temperature": self.anchor_temperature,
+            "top_k": self.anchor_top_k,  # 0 disables top-k
+            "top_p": self.anchor_top_p,
+        }
 
     def __post_init__(self):
         self._validate_tidpo_fields()
@@ -354,6 +362,13 @@ class TIDPOConfig(DPOConfig):
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"`{name}` must be {allowed}, got {getattr(self, name)!r}.")
+        if not (isinstance(self.max_steps, int) and not isinstance(self.max_steps, bool)) or not (
+            self.max_steps == -1 or self.max_steps >= 1
+        ):  # transformers trains `num_train_epochs` for any `max_steps <= 0` without a word
+            raise ValueError(
+                f"`max_steps` must be -1 (train for `num_train_epochs`) or an integer >= 1 (that many optimizer "
+                f"steps), got {self.max_steps!r}. Set `max_steps` to a positive number of steps, or leave it at -1."
+            )
         if self.f_divergence_type not in F_DIVERGENCE_TYPES:
             raise ValueError(
                 f"`f_divergence_type` must be one of {F_DIVERGENCE_TYPES}, got {self.f_divergence_type!r}."
@@ -389,9 +404,9 @@ class TIDPOConfig(DPOConfig):
             ("anchor_top_p", 0.0 < self.anchor_top_p <= 1.0, "in (0, 1]"),
             ("tdpo_alpha", self.tdpo_alpha >= 0, ">= 0"),
             ("kl_chunk_size", self.kl_chunk_size >= 1, ">= 1"),
-            ("span_default_weight", _finite_non_negative(self.span_default_weight), "finite and >= 0"),
-            ("difference_shared_weight", _finite_non_negative(self.difference_shared_weight), "finite and >= 0"),
-            ("difference_differing_weight", _finite_non_negative(self.difference_differing_weight), "finite and >= 0"),
+            ("span_default_weight", is_weight(self.span_default_weight), "finite and >= 0"),
+            ("difference_shared_weight", is_weight(self.difference_shared_weight), "finite and >= 0"),
+            ("difference_differing_weight", is_weight(self.difference_differing_weight), "finite and >= 0"),
         ]
         for name, ok, allowed in checks:
             if not ok:

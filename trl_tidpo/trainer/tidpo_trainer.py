@@ -1,5 +1,3 @@
-import contextlib
-import copy
 import os
 import shutil
 import textwrap
@@ -8,15 +6,16 @@ import weakref
 
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from trl import DPOTrainer
-from trl.models import unwrap_model_for_generation
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import use_adapter
 
-from ..modeling.anchors import anchor_eos_token_ids, sample_policy_anchors, tokenize_anchor
-from ..modeling.attribution import causal_lm_of, project_to_logits, uses_reentrant_checkpointing
+from ..modeling.anchors import dataset_anchor_batch, longest_completion, policy_anchor_batch
+from ..modeling.attribution import (
+    causal_lm_of,
+    project_to_logits,
+    separate_attribution_reason,
+    uses_reentrant_checkpointing,
+)
 from ..modeling.collator import DataCollatorForTIDPO
 from ..modeling.forwards import (
     AnchorBatch,
@@ -33,26 +32,10 @@ from ..modeling.forwards import (
     stack_anchor_rows,
 )
 from ..modeling.tis_dpo import check_tis_sources
-from ..modeling.weight_cache import (
-    ANCHOR_REF_LOGP_COLUMN,
-    REF_LOGP_COLUMNS,
-    TOKENIZED_COLUMNS,
-)
-from ..modeling.weight_columns import (
-    PAIR_WEIGHT_COLUMN,
-    WEIGHT_COLUMNS,
-    validate_pair_weights,
-    validate_token_weight_columns,
-)
-from ..modeling.weight_spans import (
-    add_span_weight_columns,
-    check_offsets_support,
-    record_span_source,
-    span_columns_of,
-    validate_span_rows,
-)
+from ..modeling.weight_cache import REF_LOGP_COLUMNS
+from ..modeling.weight_columns import PAIR_WEIGHT_COLUMN
 from ..ops.importance import HybridWeights, completion_token_weights
-from ..ops.pair_alignment import align_pair_completions, difference_token_weights
+from ..ops.pair_alignment import pair_difference_weights
 from ..ops.sequential_kl import sequential_kl
 from ..ops.weighted_losses import (
     length_desensitized_logps,
@@ -62,19 +45,12 @@ from ..ops.weighted_losses import (
     weighted_sequence_logps,
     wpo_pair_weights,
 )
-from .checkpoints import check_checkpoint, last_complete_checkpoint
-from .dataset_checks import (
-    check_dataset_columns,
-    check_dataset_rows,
-    check_positions,
-    drop_overlong_prompt_rows,
-    model_max_positions,
-    named_datasets,
-    overlong_prompt_filter,
-    report_dropped_overlong_prompts,
-)
+from .checkpoints import checkpoint_step, resolve_resume
+from .dataset_checks import check_dataset_columns, check_dataset_rows
+from .dataset_preparation import TIDPO_BATCH_COLUMNS, check_model_positions, prepare_dataset
 from .loss_parts import LossParts, TripletTerms
-from .metrics import Gather, dpo_metrics, token_weight_metrics, triplet_and_kl_metrics
+from .metrics import FallbackRowsWarning, Gather, dpo_metrics, token_weight_metrics, triplet_and_kl_metrics
+from .model_contexts import ModelContexts
 from .precompute import PrecomputeMixin
 from .tidpo_config import TIDPOConfig
 from .triplet_terms import triplet_terms
@@ -213,9 +189,7 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
-        max_positions = model_max_positions(causal_lm_of(self.model).config)
-        for name, dataset in named_datasets(self.train_dataset, self.eval_dataset).items():
-            check_positions(dataset, name, max_positions, args.max_length)
+        check_model_positions(self.model, self.train_dataset, self.eval_dataset, args.max_length)
         if kept_for:
             args.precompute_ref_log_probs = True
             self._precompute_with_kept_reference(kept_for)
@@ -230,7 +204,7 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         if data_collator is None:
             self.data_collator = self._collator(return_prompts=self._uses_policy_anchors)
         self._gather = Gather(self.accelerator)
-        self._fallback_rows_seen = 0
+        self._warn_about_fallback_rows = FallbackRowsWarning(args.token_weighting)
         self._warned_separate_attribution_pass = False
         self._precompute_engines = []  # DeepSpeed inference engines built for the passes below
         if self._precomputes_reference_weights:
@@ -278,61 +252,11 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
     # ------------------------------------------------------------------ dataset preparation (TRL hooks)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        implicit_prompt = "prompt" not in next(iter(dataset))
-        if isinstance(dataset, Dataset):  # row checks before TRL drops rows, so that errors number them as given
-            validate_pair_weights(dataset, dataset_name)
-        has_spans = bool(span_columns_of(next(iter(dataset))))
-        if has_spans:
-            dataset = self._record_span_sources(dataset, processing_class, args, implicit_prompt, dataset_name)
-        num_rows = len(dataset) if isinstance(dataset, Dataset) else None
-        drops_overlong = args.max_length is not None and args.truncation_mode == "keep_start"
-        # TRL 1.16 always re-tokenises from the text columns, which an already tokenised dataset may not have
-        if set(TOKENIZED_COLUMNS) <= set(next(iter(dataset))):
-            dataset = drop_overlong_prompt_rows(dataset, args.max_length, args.truncation_mode, dataset_name)
-        elif isinstance(dataset, IterableDataset) and drops_overlong:
-            # TRL filters a stream's over-long prompts without a word: tokenise without its filter, filter here
-            unfiltered = copy.copy(args)
-            unfiltered.max_length = None  # TRL's preparation reads `max_length` only for that filter
-            dataset = super()._prepare_dataset(dataset, processing_class, unfiltered, dataset_name)
-        else:
-            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-            dropped = num_rows - len(dataset) if num_rows is not None else 0  # the pairs TRL dropped
-            report_dropped_overlong_prompts(dropped, num_rows, dataset_name, args.max_length)
-        if isinstance(dataset, IterableDataset) and drops_overlong:
-            dataset = dataset.filter(overlong_prompt_filter(args.max_length, dataset_name))
-        needs_anchor_ids = args.triplet_gamma > 0 and args.anchor_source == "dataset"
-        if needs_anchor_ids and "anchor_ids" not in next(iter(dataset)):
-            map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
-            dataset = dataset.map(
-                tokenize_anchor,
-                with_indices=True,
-                fn_kwargs={"processing_class": processing_class, "implicit_prompt": implicit_prompt},
-                **map_kwargs,
-            )
-        if has_spans:
-            dataset = add_span_weight_columns(
-                dataset, processing_class, args.span_default_weight, dataset_name, args.dataset_num_proc
-            )
-        if args.token_weighting == "dataset" and isinstance(dataset, Dataset):
-            validate_token_weight_columns(dataset, dataset_name)
-        return dataset
-
-    def _record_span_sources(self, dataset, processing_class, args, implicit_prompt: bool, dataset_name: str):
-        """Check the span columns (map-style: every row now) and keep what mapping them needs after TRL's
-        preparation (`record_span_source`)."""
-        check_offsets_support(processing_class)
-        validate_span_rows(dataset, dataset_name)
-        map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
-        return dataset.map(
-            record_span_source,
-            with_indices=True,
-            fn_kwargs={"dataset_name": dataset_name, "implicit_prompt": implicit_prompt},
-            **map_kwargs,
-        )
+        return prepare_dataset(dataset, processing_class, args, dataset_name, tokenize=super()._prepare_dataset)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        for column in ("anchor_ids", *WEIGHT_COLUMNS, PAIR_WEIGHT_COLUMN, *REF_LOGP_COLUMNS, ANCHOR_REF_LOGP_COLUMN):
+        for column in TIDPO_BATCH_COLUMNS:
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 
@@ -341,74 +265,33 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
     def _reference_model(self):
         return self.ref_model if self.ref_model is not None else self.model
 
-    def _peft_policy(self):
-        """
-        The PEFT model under the policy's wrapping (`accelerator.unwrap_model(self.model)`), or None without PEFT.
-        Resolved once per `self.model` object, not at each reference forward: accelerate's unwrapping re-reads
-        installed packages' metadata on every call.
-        """
-        cached = getattr(self, "_peft_policy_cache", None)
-        if cached is None or cached[0]() is not self.model:
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            self._peft_policy_cache = (weakref.ref(self.model), unwrapped if is_peft_model(unwrapped) else None)
-        return self._peft_policy_cache[1]
-
-    def _reference_context(self):
-        """Under PEFT without a `ref_model`: disabled adapters (new adapter) or the frozen "ref" copy (re-trained)."""
-        unwrapped = self._peft_policy() if self.ref_model is None else None
-        if unwrapped is not None:
-            return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def _reference_mode(self):
-        """How every reference forward runs: no grad, no checkpointing, and the reference adapter state under PEFT."""
-        with torch.no_grad(), self._without_checkpointing(), self._reference_context():
-            yield
-
-    def _without_checkpointing(self):
-        return disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
-
-    @contextlib.contextmanager
-    def _reference_attribution_context(self):
-        """The reference's own attribution forward: the reference adapter state, no checkpointing."""
-        with self._reference_context(), self._without_checkpointing():
-            yield
+    @property
+    def _contexts(self) -> ModelContexts:
+        """The states the forwards run the models in (built at first use: TRL's init already runs the reference)."""
+        if "_model_contexts" not in self.__dict__:
+            trainer = weakref.proxy(self)
+            self._model_contexts = ModelContexts(
+                self.accelerator,
+                self.args,
+                policy=lambda: trainer.model,
+                ref_model=lambda: trainer.ref_model,
+                deepspeed=self.is_deepspeed_enabled,
+            )
+        return self._model_contexts
 
     def _policy_attribution_mode(self, model) -> str | None:
         """Where the policy's attribution runs: "fused" into the loss's forward, in its "own_forward" (see
-        `_separate_attribution_reason`), or nowhere (None)."""
+        `separate_attribution_reason`), or nowhere (None)."""
         if self._attribution_source() != "policy":
             return None
-        reason = self._separate_attribution_reason(model)
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        reason = separate_attribution_reason(model, zero3)
         if reason is None:
             return "fused"
         if not self._warned_separate_attribution_pass:
             logger.warning(reason)
             self._warned_separate_attribution_pass = True
         return "own_forward"
-
-    def _separate_attribution_reason(self, model) -> str | None:
-        """
-        Why the policy's attribution cannot share the loss's forward, or None when it can:
-
-        - under DeepSpeed ZeRO-3, the attribution's backward runs ZeRO-3's backward hooks, which re-partition the
-          parameters that the loss's own backward (on the same retained graph) then needs;
-        - reentrant checkpointing cannot serve `autograd.grad` w.r.t. activations.
-        """
-        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            return (
-                "DeepSpeed ZeRO-3 re-partitions the parameters after any backward through the model, so the "
-                "attribution backward cannot share the loss's graph; token importance is computed in a separate "
-                "forward without checkpointing (exact, but one extra forward per step, with its parameter gathers)."
-            )
-        if uses_reentrant_checkpointing(model):
-            return (
-                "Reentrant gradient checkpointing is on (`use_reentrant=True`), which cannot give gradients w.r.t. "
-                "activations; token importance is computed in a separate forward without checkpointing (exact, but "
-                "one extra forward per step). Use `gradient_checkpointing_kwargs={'use_reentrant': False}` to avoid it."
-            )
-        return None
 
     def concatenated_forward(self, model, inputs: dict[str, torch.Tensor], is_ref_model: bool = False) -> PairForward:
         """
@@ -438,8 +321,8 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
                 batch,
                 attribute=self._attribution_source() == "reference",
                 keep_hidden=keep_hidden,
-                reference_mode=self._reference_mode,
-                attribution_context=self._reference_attribution_context,
+                reference_mode=self._contexts.reference_scoring,
+                attribution_context=self._contexts.reference_attribution,
             )
         return policy_pair_forward(
             model,
@@ -447,88 +330,28 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
             attribution=self._policy_attribution_mode(model),
             keep_hidden=keep_hidden,
             router_logits=self.aux_loss_enabled,
-            own_forward_context=self._without_checkpointing,
+            own_forward_context=self._contexts.policy_without_checkpointing,
         )
 
     def _anchor_batch(self, model, inputs: dict[str, torch.Tensor]) -> AnchorBatch:
         """The batch's anchor rows: sampled from the current policy, or the dataset's (tokenised by the collator)."""
-        if self._uses_policy_anchors:
-            return self._sample_policy_anchors(model, inputs)
-        if "anchor_input_ids" not in inputs:
-            raise ValueError(
-                "`anchor_source='dataset'` needs `anchor_input_ids`, `anchor_attention_mask` and "
-                "`anchor_completion_mask` in each batch; the default collator builds them from the 'anchor' column."
-            )
-        return AnchorBatch.from_inputs(inputs)
-
-    def _anchor_generation_kwargs(self) -> dict:
-        return {
-            "do_sample": True,
-            "max_new_tokens": self.args.anchor_max_new_tokens,
-            "temperature": self.args.anchor_temperature,
-            "top_k": self.args.anchor_top_k,  # 0 disables top-k
-            "top_p": self.args.anchor_top_p,
-        }
+        return self._sample_policy_anchors(model, inputs) if self._uses_policy_anchors else dataset_anchor_batch(inputs)
 
     def _sample_policy_anchors(self, model, inputs: dict) -> AnchorBatch:
-        """Sample an anchor per prompt from the current policy (no grad, KV cache)."""
-        if "prompt_input_ids" not in inputs:
-            raise ValueError(
-                "`anchor_source='policy'` needs `prompt_input_ids` and `prompt_attention_mask` in each batch. The "
-                "default collator provides them; a custom `data_collator` must too (see `DataCollatorForTIDPO`)."
-            )
-        with self._unwrapped_for_generation(model) as unwrapped:
-            anchors = sample_policy_anchors(
+        """Sample an anchor per prompt from the current policy (no grad, KV cache; see `policy_anchor_batch`)."""
+        with self._contexts.unwrapped_for_generation(model) as unwrapped:
+            return policy_anchor_batch(
                 unwrapped,
-                inputs["prompt_input_ids"],
-                inputs["prompt_attention_mask"],
-                self._anchor_generation_kwargs(),
-                eos_token_id=anchor_eos_token_ids(
-                    causal_lm_of(unwrapped).generation_config, self._tokenizer.eos_token_id
-                ),
-                pad_token_id=self._tokenizer.pad_token_id,
-                max_length=self.args.max_length,
-                truncation_mode=self.args.truncation_mode,
+                inputs,
+                self.args.anchor_generation_kwargs(),
+                self._tokenizer,
+                self.args.max_length,
+                self.args.truncation_mode,
                 max_completion_tokens=self._longest_completion(inputs),
             )
-        return AnchorBatch.from_inputs(anchors)
-
-    @contextlib.contextmanager
-    def _unwrapped_for_generation(self, model):
-        """
-        TRL's `unwrap_model_for_generation` (the unwrapped model, gradient checkpointing off for the block), with the
-        unwrapped model resolved once per wrapper object instead of twice per step (accelerate's unwrapping re-reads
-        package metadata on every call). Under DeepSpeed, TRL's own, which gathers ZeRO-3's parameters.
-        """
-        kwargs = self.args.gradient_checkpointing_kwargs
-        if self.is_deepspeed_enabled:
-            with unwrap_model_for_generation(model, self.accelerator, gradient_checkpointing_kwargs=kwargs) as unwrapped:
-                yield unwrapped
-            return
-        cache = self.__dict__.setdefault("_unwrapped_cache", weakref.WeakKeyDictionary())
-        cached = cache.get(model)
-        unwrapped = cached() if cached is not None else None
-        if unwrapped is None:
-            unwrapped = self.accelerator.unwrap_model(model)
-            cache[model] = weakref.ref(unwrapped)
-        checkpointing = unwrapped.is_gradient_checkpointing
-        if checkpointing:
-            unwrapped.gradient_checkpointing_disable()
-        try:
-            yield unwrapped
-        finally:
-            if checkpointing:
-                unwrapped.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def _longest_completion(self, inputs: dict) -> int:
-        """
-        The batch's longest chosen/rejected completion, in tokens (the most the triplet distances read of an anchor),
-        over all processes, so that every process generates the same number of steps, as it did uncapped.
-        """
-        longest = inputs["completion_mask"].sum(dim=-1).max()
-        if self.accelerator.num_processes > 1:
-            longest = self.accelerator.gather(longest.reshape(1)).max()
-        return int(longest)
+        return longest_completion(inputs["completion_mask"], self.accelerator)
 
     def _forwards(self, model, batch: dict) -> tuple[PairForward, PairForward, AnchorForward | None, AnchorForward | None]:
         """The policy's and the reference's forwards of the pair rows, and of the anchor rows when the triplet loss is
@@ -546,7 +369,7 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
             if precomputed is not None:
                 ref_anchor = precomputed_anchor_forward(anchors, precomputed)
             else:
-                ref_anchor = anchor_forward(self._reference_model(), anchors, self._reference_mode)
+                ref_anchor = anchor_forward(self._reference_model(), anchors, self._contexts.reference_scoring)
         return policy, ref, anchor, ref_anchor
 
     def _stacked_policy_forward(self, model, batch: dict, anchors: AnchorBatch) -> tuple[PairForward, AnchorForward]:
@@ -558,7 +381,7 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
             attribution=self._policy_attribution_mode(model),
             keep_hidden=self.args.tdpo_alpha > 0,
             router_logits=self.aux_loss_enabled,
-            own_forward_context=self._without_checkpointing,
+            own_forward_context=self._contexts.policy_without_checkpointing,
             attributed_rows=pairs.input_ids.size(0),
         )
         return split_anchor_rows(stacked, pairs, anchors)
@@ -579,7 +402,7 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         forward = precomputed_reference_forward(PairBatch.from_inputs(batch), batch["ref_token_logps"])
         if self._attribution_source() == "reference":
             forward.raw_importance = attribute_rows(
-                self._reference_model(), batch["input_ids"], batch["attention_mask"], self._reference_attribution_context
+                self._reference_model(), batch["input_ids"], batch["attention_mask"], self._contexts.reference_attribution
             )
         return forward
 
@@ -633,15 +456,11 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         """`token_weighting="difference"`: the pair's shared tokens and differing tokens, weighted and normalised."""
         if input_ids is None:
             raise ValueError("`token_weighting='difference'` compares the pair's tokens: pass `input_ids`.")
-        unshifted = torch.nn.functional.pad(completion_mask, (1, 0), value=0)
-        alignment = align_pair_completions(input_ids, unshifted)
-        return difference_token_weights(
-            alignment.shared,
-            completion_mask,
-            self.args.difference_shared_weight,
-            self.args.difference_differing_weight,
-            self.args.weight_normalization,
-        )
+        args = self.args
+        return pair_difference_weights(
+            input_ids, completion_mask, args.difference_shared_weight, args.difference_differing_weight,
+            args.weight_normalization,
+        )  # fmt: skip
 
     def _triplet_terms(
         self,
@@ -711,8 +530,9 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
                 `"ipo"` and `"sigmoid_norm"` (`weight_sums`; TRL's token counts with uniform weights).
             sft_logps, sft_weight_sum (`torch.Tensor`, *optional*): `[B]` the chosen rows' weighted sums (without
                 LD-DPO) and scored weight sums, for `"sft"`.
-            pair_weights (`torch.Tensor`, *optional*): `[B]` per-pair factors of the loss: WPO's weights
-                (`use_weighting=True`), the dataset's `pair_weight` column, or their product when both are given.
+            pair_weights (`torch.Tensor`, *optional*): `[B]` per-pair factors of the DPO loss: WPO's weights
+                (`use_weighting=True`) times the dataset's `pair_weight` column (`dataset_pair_weights`), or whichever
+                of the two is given.
             kl_chosen, kl_rejected (`torch.Tensor`, *optional*): `[B]` sequential KL (when `tdpo_alpha > 0`).
 
         Returns:
@@ -775,12 +595,7 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         if "sft" in self.loss_types:
             sft_logps = weighted_sequence_logps(policy.per_token_logps, w, mask).chunk(2)[0]
             sft_weight_sum = weight_sums(w, unshifted_mask, scored_only=True).chunk(2)[0]
-        pair_weights = None
-        if self.use_weighting:  # WPO: from the policy's own unweighted token probabilities, as TRL
-            pair_weights = wpo_pair_weights(policy.per_token_logps, policy.log_sum_sq_probs, mask)
         dataset_pair_weights = batch.get(PAIR_WEIGHT_COLUMN)  # `[B]`, the dataset's `pair_weight` column
-        if dataset_pair_weights is not None:
-            pair_weights = dataset_pair_weights if pair_weights is None else pair_weights * dataset_pair_weights
         kl_chosen = kl_rejected = None
         if self.args.tdpo_alpha > 0:
             kl_chosen, kl_rejected = self._sequential_kl(model, policy, ref).chunk(2)
@@ -796,7 +611,7 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
             rejected_weight_sum=rejected_weight_sum,
             sft_logps=sft_logps,
             sft_weight_sum=sft_weight_sum,
-            pair_weights=pair_weights,
+            pair_weights=self._dpo_pair_weights(policy, dataset_pair_weights),
             kl_chosen=kl_chosen,
             kl_rejected=kl_rejected,
         )
@@ -804,18 +619,28 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         if self.ld_alpha is not None:
             policy_logps = length_desensitized_logps(policy.per_token_logps, mask, mask, self.ld_alpha).detach()
         parts = LossParts(
-            dpo_losses,
-            policy_logps,
-            chosen_rewards,
-            rejected_rewards,
-            weights,
-            mask,
-            triplet,
-            kl_chosen,
-            kl_rejected,
-            dataset_pair_weights,
+            dpo_losses=dpo_losses,
+            policy_logps=policy_logps,
+            chosen_rewards=chosen_rewards,
+            rejected_rewards=rejected_rewards,
+            weights=weights,
+            completion_mask=mask,
+            triplet=triplet,
+            kl_chosen=kl_chosen,
+            kl_rejected=kl_rejected,
+            dataset_pair_weights=dataset_pair_weights,
         )
         return policy, parts
+
+    def _dpo_pair_weights(self, policy: PairForward, dataset_pair_weights: torch.Tensor | None) -> torch.Tensor | None:
+        """`[B]` factors of each pair's DPO loss (`dpo_loss`'s `pair_weights`): WPO's weights (`use_weighting=True`,
+        from the policy's own unweighted token probabilities, as TRL) times the dataset's `pair_weight` column."""
+        wpo = None
+        if self.use_weighting:
+            wpo = wpo_pair_weights(policy.per_token_logps, policy.log_sum_sq_probs, policy.completion_mask)
+        if dataset_pair_weights is None:
+            return wpo
+        return dataset_pair_weights if wpo is None else wpo * dataset_pair_weights
 
     def get_batch_loss_metrics(self, model, batch: dict, train_eval: str = "train") -> tuple[torch.Tensor, dict]:
         """
@@ -829,8 +654,8 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         losses = parts.dpo_losses  # already scaled by the pair weights (`dpo_loss`)
         if parts.triplet is not None:
             triplet = parts.triplet.loss
-            if parts.pair_weights is not None:  # `pair_weight` scales the pair's whole loss; WPO's only the DPO term
-                triplet = triplet * parts.pair_weights
+            if parts.dataset_pair_weights is not None:  # it scales the pair's whole loss; WPO's only the DPO term
+                triplet = triplet * parts.dataset_pair_weights
             losses = losses + self.args.triplet_gamma * triplet
         loss = losses.mean()
         if self.aux_loss_enabled:
@@ -843,25 +668,6 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
             metrics["aux_loss"] = self._gather.mean(policy.aux_loss)
         self._warn_about_fallback_rows(int(metrics["token_weights/fallback_rows"]), train_eval)
         return loss, metrics
-
-    def _warn_about_fallback_rows(self, fallback_rows: int, mode: str) -> None:
-        if not fallback_rows:
-            return
-        self._fallback_rows_seen += fallback_rows
-        if self.args.token_weighting == "difference":
-            what = (
-                "had only tokens shared with the other completion, which `difference_shared_weight=0` weighs 0, and "
-                "used uniform weights"
-            )
-        else:
-            what = (
-                "had a token attribution that sums to 0 or is not finite (e.g. an fp16 overflow) and used the "
-                "Gaussian prior alone"
-            )
-        logger.warning(
-            f"{fallback_rows} row(s) in this {mode} batch {what} ({self._fallback_rows_seen} so far); see the "
-            "`token_weights/fallback_rows` metric."
-        )
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
@@ -888,17 +694,15 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """
-        [`~transformers.Trainer.train`], resuming only from a complete checkpoint: `resume_from_checkpoint=True` takes
-        the newest *complete* one in `output_dir` (transformers takes the newest folder, even one a kill or a full
-        disk cut short), and a damaged checkpoint folder is refused, naming the file and the complete one before it
-        (`trl_tidpo.trainer.checkpoints`).
+        [`~transformers.Trainer.train`], resuming only from a complete checkpoint (`resolve_resume`: `True` or `"last"`
+        takes the newest *complete* one in `output_dir`; a damaged folder is refused, naming the file and the complete
+        one before it), and saying which checkpoint and step it resumes from.
         """
-        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
-            require_optimizer = not self.args.save_only_model
-            if resume_from_checkpoint is True:
-                resume_from_checkpoint = str(last_complete_checkpoint(self.args.output_dir, require_optimizer))
-            elif os.path.isdir(resume_from_checkpoint):
-                check_checkpoint(resume_from_checkpoint, require_optimizer)
+        resume_from_checkpoint = resolve_resume(
+            resume_from_checkpoint, self.args.output_dir, require_optimizer=not self.args.save_only_model
+        )
+        if resume_from_checkpoint is not None:
+            logger.warning(f"Resuming from {resume_from_checkpoint} (step {checkpoint_step(resume_from_checkpoint)}).")
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     # ------------------------------------------------------------------ saving
