@@ -83,3 +83,13 @@ def test_markdown_table_escapes_and_bolds_the_top_weights():
     row = TokenRow(["a|b", "<i>", "c", "d", "e"], [0.5, 3.0, 0.5, 0.5, 0.5])
     text = markdown_table([PairView(prompt="p", chosen=row, rejected=row, title="t")])
     assert "**&lt;i&gt; (3.00)**" in text and "a&#124;b (0.50)" in text and "<i>" not in text
+
+
+def test_pages_leave_special_tokens_out_of_the_colour_scale(model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    callback = TokenImportanceCallback([{"prompt": "hello", "chosen": " world", "rejected": " bad"}])
+    pair = callback._pair_view(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, 0, callback.examples[0], {})
+    # Plain text: EOS is appended, and it is the only special token of each completion
+    assert pair.chosen.special[-1] and pair.rejected.special[-1]
+    assert not any(pair.chosen.special[:-1]) and not any(pair.rejected.special[:-1])

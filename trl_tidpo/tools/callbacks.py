@@ -93,10 +93,12 @@ class TokenImportanceCallback(TrainerCallback):
     @staticmethod
     def _pair_view(model, tokenizer, index: int, example: dict, options: dict) -> PairView:
         rows = {}
+        special_ids = set(tokenizer.all_special_ids)
         for side in ("chosen", "rejected"):
             tw = token_weights(model, tokenizer, example["prompt"], example[side], **options)
             tokens = [tokenizer.decode([token_id]) for token_id in tw.token_ids]
-            rows[side] = TokenRow(tokens, tw.weights, importance=tw.importance, prior=tw.prior)
+            special = [token_id in special_ids for token_id in tw.token_ids]  # left out of the colour scale
+            rows[side] = TokenRow(tokens, tw.weights, importance=tw.importance, prior=tw.prior, special=special)
         prompt = example["prompt"] if isinstance(example["prompt"], str) else str(example["prompt"])
         return PairView(prompt=prompt, chosen=rows["chosen"], rejected=rows["rejected"], title=f"Pair {index + 1}")
 

@@ -152,10 +152,12 @@ def _row_block(row: TokenRow, heading: str, css_class: str, center: float, sprea
 
 
 def _legend(center: float, spread: float, with_critical: bool, with_special: bool) -> str:
-    critical = '<span><span class="tok critical">token</span> critical token (ground truth)</span>' if with_critical else ""
+    # The samples' class starts with "sample" so that `<span class="tok` counts a page's own tokens only
+    critical = '<span><span class="sample tok critical">token</span> critical token (ground truth)</span>'
+    critical = critical if with_critical else ""
     special = (
-        '<span><span class="tok special">&lt;eos&gt;<small>4.20</small></span> special token (end of sequence, chat '
-        "markers): left out of the colour scale, its weight written beside it</span>"
+        '<span><span class="sample tok special">&lt;eos&gt;<small>4.20</small></span> special token (end of sequence, '
+        "chat markers): left out of the colour scale, its weight written beside it</span>"
         if with_special
         else ""
     )
