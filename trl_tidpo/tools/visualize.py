@@ -156,7 +156,7 @@ def _legend(center: float, spread: float, with_critical: bool, with_special: boo
     critical = '<span><span class="sample tok critical">token</span> critical token (ground truth)</span>'
     critical = critical if with_critical else ""
     special = (
-        '<span><span class="sample tok special">&lt;eos&gt;<small>4.20</small></span> special token (end of sequence, '
+        '<span><span class="sample tok special">&lt;eos&gt;<small>w</small></span> special token (end of sequence, '
         "chat markers): left out of the colour scale, its weight written beside it</span>"
         if with_special
         else ""
