@@ -73,7 +73,7 @@ from trl import DPOConfig, DPOTrainer
 
 from trl_tidpo import TIDPOConfig, TIDPOTrainer
 from trl_tidpo.tools.demo.tiny_models import build_word_tokenizer
-from trl_tidpo.trainer.tidpo_trainer import reference_needed_at_each_step
+from trl_tidpo.trainer.precompute import reference_needed_at_each_step
 
 # name -> (TIDPOConfig overrides, description); "dpo" is TRL's DPOTrainer itself
 MODES = {

@@ -15,19 +15,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from transformers import TrainerControl, TrainerState
 from test_train_script import ROWS, cpu_argv, write_jsonl
 
 from trl_tidpo.tools.train_script import main
 from trl_tidpo.trainer.checkpoints import (
+    SaveOnSignalCallback,
     check_checkpoint,
     check_output_dir,
     checkpoint_problem,
     last_complete_checkpoint,
     list_checkpoints,
+    resolve_resume,
 )
 
 
@@ -189,6 +193,7 @@ def test_script_resumes_last_complete_and_overwrite_starts_afresh(trained_run, m
                         "--save_strategy", "steps", "--save_steps", "10")  # fmt: skip
         assert main(argv) == 0
     assert "skipping incomplete checkpoint(s) checkpoint-4 (no trainer_state.json)" in caplog.text
+    assert f"Resuming from {out / 'checkpoint-2'} (step 2)." in caplog.text
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3  # one step after checkpoint-2's two
 
@@ -232,6 +237,31 @@ def test_every_rank_saves_and_stops_when_one_received_the_signal():
     assert decided == {0: (signal.SIGTERM, True, True), 1: (signal.SIGTERM, True, True)}
 
 
+def test_signal_message_names_the_checkpoint_it_saved(tmp_path, caplog):
+    """After a signal, the save that follows is named (folder and step); a save without a signal says nothing."""
+    args, state, control = SimpleNamespace(world_size=1, output_dir=str(tmp_path)), TrainerState(), TrainerControl()
+    callback = SaveOnSignalCallback()
+    state.global_step = 6
+    with caplog.at_level(logging.WARNING):
+        callback.on_save(args, state, control)  # a scheduled save: no signal
+        assert callback.saved_checkpoint is None and "saved checkpoint" not in caplog.text
+        state.global_step = 7
+        callback._pending = signal.SIGINT
+        callback.on_step_end(args, state, control)
+        assert control.should_save and control.should_training_stop
+        callback.on_save(args, state, control)
+    assert callback.saved_checkpoint == tmp_path / "checkpoint-7"
+    assert f"SIGINT: saved checkpoint {tmp_path / 'checkpoint-7'} (step 7); stopping." in caplog.text
+
+
+def test_resume_from_a_missing_folder_names_it(tmp_path):
+    """`resolve_resume`, what the trainer and the script both call: a missing folder is named; None/False resume
+    nothing."""
+    with pytest.raises(FileNotFoundError, match=r"nowhere/checkpoint-5`: no such checkpoint folder"):
+        resolve_resume("nowhere/checkpoint-5", tmp_path)
+    assert resolve_resume(None, tmp_path) is None and resolve_resume(False, tmp_path) is None
+
+
 def _losses(state_file: Path) -> list[tuple[int, float]]:
     history = json.loads(state_file.read_text())["log_history"]
     return [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
@@ -262,6 +292,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_onto_the_same_losses(model_dir,
     assert 1 <= cut_step < int(steps)
     assert checkpoint_problem(saved) is None
     assert f"Stopped by SIGTERM at step {cut_step}: checkpoint saved in {tmp_path / 'cut'}" in output
+    assert f"SIGTERM: saved checkpoint {saved} (step {cut_step}); stopping." in output
     assert not (tmp_path / "cut" / "model.safetensors").exists()  # no final model from a cut run
 
     assert main(cpu_argv(model_dir, data, tmp_path / "cut", *run, "--resume_from_checkpoint", "last")) == 0
@@ -290,6 +321,7 @@ def test_api_resume_true_takes_the_newest_complete_checkpoint(trained_run, model
     with caplog.at_level(logging.WARNING):
         trainer.train(resume_from_checkpoint=True)
     assert "skipping incomplete checkpoint(s) checkpoint-4 (no trainer_state.json)" in caplog.text
+    assert f"Resuming from {out / 'checkpoint-2'} (step 2)." in caplog.text
     assert trainer.state.global_step == 3
     with pytest.raises(ValueError, match=r"checkpoint-4` is damaged: no trainer_state.json\. The newest complete"):
         trainer.train(resume_from_checkpoint=str(out / "checkpoint-4"))

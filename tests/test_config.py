@@ -265,3 +265,25 @@ def test_zero_weight_on_one_loss_is_accepted(tmp_path):
 def test_unknown_dpo_choice_raises(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
         _config(tmp_path, **{field: value})
+
+
+@pytest.mark.parametrize("max_steps", [0, -5, -2, 2.5, True])
+def test_max_steps_other_than_minus_one_or_positive_raises(tmp_path, max_steps):
+    """transformers trains `num_train_epochs` for any `max_steps <= 0` without a word; the config refuses it."""
+    with pytest.raises(ValueError) as excinfo:
+        _config(tmp_path, max_steps=max_steps)
+    message = str(excinfo.value)
+    assert message.startswith("`max_steps` must be -1 (train for `num_train_epochs`) or an integer >= 1")
+    assert f"got {max_steps!r}" in message and "Set `max_steps` to a positive number of steps" in message
+
+
+@pytest.mark.parametrize("max_steps", [-1, 1, 40])
+def test_max_steps_minus_one_or_positive_is_accepted(tmp_path, max_steps):
+    assert _config(tmp_path, max_steps=max_steps).max_steps == max_steps
+
+
+def test_anchor_generation_kwargs_are_the_anchor_fields(tmp_path):
+    config = _config(tmp_path, anchor_max_new_tokens=7, anchor_temperature=0.5, anchor_top_k=0, anchor_top_p=0.9)
+    assert config.anchor_generation_kwargs() == {
+        "do_sample": True, "max_new_tokens": 7, "temperature": 0.5, "top_k": 0, "top_p": 0.9,
+    }  # fmt: skip

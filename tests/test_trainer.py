@@ -5,6 +5,9 @@ computations (tests/helpers_trainer.py), parity with TRL's `DPOTrainer`, trainin
 
 import logging
 import math
+import os
+import traceback
+import warnings
 
 import pytest
 import torch
@@ -28,7 +31,9 @@ from helpers_trainer import (
 from peft import LoraConfig
 from trl import DPOConfig
 
+import trl_tidpo
 import trl_tidpo.modeling.attribution as attribution_module
+import trl_tidpo.modeling.checkpointing as checkpointing_module
 import trl_tidpo.trainer.tidpo_trainer as tidpo_trainer_module
 from trl_tidpo import TIDPOConfig, TIDPOTrainer
 
@@ -656,6 +661,65 @@ def test_gradient_checkpointing_gives_same_weights(
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
     warnings = [r for r in caplog.records if "use_reentrant" in r.getMessage()]
     assert len(warnings) == (1 if use_reentrant else 0)  # two steps, one warning
+
+
+def _future_warnings_of_our_calls(run) -> list[str]:
+    """
+    The `FutureWarning`s raised while `run()` runs whose warning site, or the frame that called it, is in `trl_tidpo`
+    (a deprecated transformers API warns from its own frame, so its caller is ours when we called it). pyproject's
+    `filterwarnings` ignores FutureWarnings globally: here every one is shown, and its stack read.
+    """
+    package = os.path.dirname(os.path.abspath(trl_tidpo.__file__))
+    ours = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        stack = traceback.extract_stack()
+        sites = [i for i, frame in enumerate(stack) if (frame.filename, frame.lineno) == (filename, lineno)]
+        site = max(sites, default=0)
+        frames = [os.path.abspath(frame.filename) for frame in stack[max(site - 1, 0) : site + 1]]
+        if issubclass(category, FutureWarning) and any(path.startswith(package) for path in frames):
+            ours.append(f"{message} ({stack[max(site - 1, 0)].filename}:{stack[max(site - 1, 0)].lineno})")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        run()
+    return ours
+
+
+def test_training_with_checkpointing_and_policy_anchors_raises_no_future_warning_of_ours(
+    tmp_path, model_dir, tokenizer, standard_dataset
+):
+    """
+    Gradient checkpointing toggled around the reference, the attribution and anchor sampling, and a checkpoint save:
+    no deprecated transformers API called from our code (transformers 5.23 renamed `gradient_checkpointing_*` and
+    `is_gradient_checkpointing` to `activation_checkpointing_*`; the old names warn at every call).
+    """
+    args = tidpo_args(
+        tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}, max_steps=2,
+        triplet_gamma=0.1, anchor_source="policy", anchor_max_new_tokens=3, save_strategy="steps", save_steps=1,
+    )  # fmt: skip
+
+    def run():
+        TIDPOTrainer(model=model_dir, args=args, train_dataset=standard_dataset, processing_class=tokenizer).train()
+
+    assert _future_warnings_of_our_calls(run) == []
+    assert (tmp_path / "checkpoint-2").is_dir()
+
+
+def test_the_future_warning_probe_sees_a_deprecated_call_of_ours(model_dir, monkeypatch):
+    """The probe above is not blind: our calls through the names transformers < 5.23 uses warn, and are reported."""
+    model = load(model_dir)
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    probe = lambda: attribution_module.uses_reentrant_checkpointing(model)  # noqa: E731
+    assert _future_warnings_of_our_calls(probe) == []
+    monkeypatch.setattr(checkpointing_module, "RENAMED_IN_5_23", False)
+    found = _future_warnings_of_our_calls(probe)
+    assert len(found) == 1 and "`is_gradient_checkpointing` is deprecated" in found[0]
+    assert "trl_tidpo/modeling/checkpointing.py" in found[0]
 
 
 def test_policy_anchors_keep_their_completion_under_keep_end(model_dir, tokenizer):

@@ -21,7 +21,7 @@ def is_checkpointing(model: nn.Module) -> bool:
 
 
 def enable_checkpointing(model: nn.Module, checkpointing_kwargs: dict | None) -> None:
-    """Turn activation checkpointing on, with `checkpointing_kwargs` for `torch.utils.checkpoint` (e.g. `use_reentrant`)."""
+    """Turn activation checkpointing on; `checkpointing_kwargs` go to `torch.utils.checkpoint` (`use_reentrant`)."""
     if RENAMED_IN_5_23:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
     else:

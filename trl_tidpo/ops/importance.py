@@ -51,15 +51,18 @@ def normalize_importance(raw_importance: torch.Tensor, span_mask: torch.Tensor) 
 @dataclass
 class HybridWeights:
     """
-    What `hybrid_token_weights` computed, every tensor `[R, T]` float32 and detached unless said otherwise.
+    Token weights of `R` rows: what `hybrid_token_weights` computed (TI-DPO), or the trainer's other weightings in
+    the same form. Every tensor `[R, T]` float32 and detached unless said otherwise.
 
     Attributes:
-        weights: the hybrid weights `w` (Eq. 8, scaled per the normalisation), 0 outside the span.
+        weights: the token weights `w` (TI-DPO: Eq. 8, scaled per the normalisation), 0 outside the span.
         importance: the normalised attribution `Î` (Eq. 7), 0 outside the span and on fallback rows (None for
-            weights that are not TI-DPO's: uniform, dataset, TIS-DPO).
+            weights that are not TI-DPO's: uniform, dataset, TIS-DPO, difference).
         prior: the normalised Gaussian prior `P̂` (None likewise).
-        fallback: `[R]` bool, rows whose attribution over a non-empty span summed to 0 or was not finite (e.g. an
-            fp16 overflow); their weights are the prior alone.
+        fallback: `[R]` bool, rows whose weights fell back. TI-DPO (`hybrid_token_weights`): the attribution over a
+            non-empty span summed to 0 or was not finite (e.g. an fp16 overflow), so the row's weights are the prior
+            alone. Difference weights (`difference_token_weights`): every token of the row weighed 0 (only shared
+            tokens, with `difference_shared_weight=0`), so its weights are uniform.
         empty: `[R]` bool, rows with an empty span (no token to weigh; e.g. a completion truncated away). Not
             fallbacks: there is nothing to attribute.
     """

@@ -90,13 +90,13 @@ class ModelContexts:
     def unwrapped_for_generation(self, model: nn.Module) -> Iterator[nn.Module]:
         """
         TRL's `unwrap_model_for_generation` (the unwrapped model, activation checkpointing off for the block), with
-        the unwrapped model resolved once per wrapper object instead of twice per step (accelerate's unwrapping re-reads
-        package metadata on every call). Under DeepSpeed, TRL's own, which gathers ZeRO-3's parameters.
+        the unwrapped model resolved once per wrapper object instead of twice per step (accelerate's unwrapping
+        re-reads package metadata on every call). Under DeepSpeed, TRL's own, which gathers ZeRO-3's parameters.
         """
         kwargs = self.args.gradient_checkpointing_kwargs
         if self.deepspeed:
-            with unwrap_model_for_generation(model, self.accelerator, gradient_checkpointing_kwargs=kwargs) as unwrapped:
-                yield unwrapped
+            with unwrap_model_for_generation(model, self.accelerator, gradient_checkpointing_kwargs=kwargs) as inner:
+                yield inner
             return
         cached = self._unwrapped_cache.get(model)
         unwrapped = cached() if cached is not None else None

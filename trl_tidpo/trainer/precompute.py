@@ -32,8 +32,46 @@ from ..modeling.weight_cache import (
     reference_weight_lists,
     require_map_style,
 )
+from .tidpo_config import TIDPOConfig
 
 logger = get_logger(__name__)
+
+
+def reference_needed_at_each_step(args: TIDPOConfig) -> list[str]:
+    """
+    What runs the reference model at every step even with `precompute_ref_log_probs=True` (which then keeps it in
+    memory): policy anchors (the reference scores each sampled anchor) and `importance_model="reference"` without
+    `precompute_token_weights` (its attribution). Dataset anchors are precomputed with the pairs; `tdpo_alpha > 0`
+    is refused by the config.
+    """
+    needs = []
+    if args.triplet_gamma > 0 and args.anchor_source == "policy":
+        needs.append("policy anchors (`anchor_source='policy'`)")
+    if args.token_weighting == "ti_dpo" and args.importance_model == "reference" and not args.precompute_token_weights:
+        needs.append("`importance_model='reference'` with `precompute_token_weights=False`")
+    return needs
+
+
+def defer_reference_precompute(args: TIDPOConfig) -> list[str]:
+    """
+    `precompute_ref_log_probs=True` where some part of the step still runs the reference
+    (`reference_needed_at_each_step`): TRL drops the reference of a full fine-tuning, so it is asked to build it as
+    without precomputation (the flag is off until `_precompute_with_kept_reference` turns it back on and precomputes
+    with the kept reference).
+
+    Returns:
+        `list[str]`: what keeps the reference; empty when nothing is deferred.
+    """
+    kept_for = reference_needed_at_each_step(args) if args.precompute_ref_log_probs else []
+    if kept_for:
+        if args.sync_ref_model:  # TRL's own check, which the switch below would skip
+            raise ValueError(
+                "You cannot use `sync_ref_model=True` together with `precompute_ref_log_probs=True`: the "
+                "precomputed reference log-probs would go stale as the reference is updated. Set "
+                "`precompute_ref_log_probs=False` or disable `sync_ref_model`."
+            )
+        args.precompute_ref_log_probs = False
+    return kept_for
 
 
 class PrecomputeMixin:
@@ -246,7 +284,9 @@ class PrecomputeMixin:
         )
 
     def _precompute_with_kept_reference(self, kept_for: list[str]) -> None:
-        """`precompute_ref_log_probs=True` where some part of the step still runs the reference (kept in memory)."""
+        """`precompute_ref_log_probs=True` where some part of the step still runs the reference (kept in memory; see
+        `defer_reference_precompute`)."""
+        self.args.precompute_ref_log_probs = True
         logger.warning(
             f"`precompute_ref_log_probs=True`: the reference's per-token log-probs of the completions are precomputed, "
             f"but {' and '.join(kept_for)} run the reference at every step, so it stays in memory during training."

@@ -1,3 +1,4 @@
+import functools
 import os
 import shutil
 import textwrap
@@ -51,25 +52,11 @@ from .dataset_preparation import TIDPO_BATCH_COLUMNS, check_model_positions, pre
 from .loss_parts import LossParts, TripletTerms
 from .metrics import FallbackRowsWarning, Gather, dpo_metrics, token_weight_metrics, triplet_and_kl_metrics
 from .model_contexts import ModelContexts
-from .precompute import PrecomputeMixin
+from .precompute import PrecomputeMixin, defer_reference_precompute
 from .tidpo_config import TIDPOConfig
 from .triplet_terms import triplet_terms
 
 logger = get_logger(__name__)
-
-def reference_needed_at_each_step(args: TIDPOConfig) -> list[str]:
-    """
-    What runs the reference model at every step even with `precompute_ref_log_probs=True` (which then keeps it in
-    memory): policy anchors (the reference scores each sampled anchor) and `importance_model="reference"` without
-    `precompute_token_weights` (its attribution). Dataset anchors are precomputed with the pairs; `tdpo_alpha > 0`
-    is refused by the config.
-    """
-    needs = []
-    if args.triplet_gamma > 0 and args.anchor_source == "policy":
-        needs.append("policy anchors (`anchor_source='policy'`)")
-    if args.token_weighting == "ti_dpo" and args.importance_model == "reference" and not args.precompute_token_weights:
-        needs.append("`importance_model='reference'` with `precompute_token_weights=False`")
-    return needs
 
 
 class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
@@ -88,8 +75,8 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
 
     - `concatenated_forward(model, inputs, is_ref_model=False) -> PairForward`: one forward over the chosen and
       rejected rows; per-token log-probs, masks and, for the policy, the raw token importance from the same forward.
-    - `compute_token_weights(raw_importance, completion_mask, attention_mask, batch_weights=None) -> HybridWeights`:
-      the token weights of the pair rows, detached.
+    - `compute_token_weights(raw_importance, completion_mask, attention_mask, batch_weights=None, *, input_ids=None)
+      -> HybridWeights`: the token weights of the pair rows, detached (`input_ids`: `token_weighting="difference"`).
     - `dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type=None, ...)
       -> (losses, chosen_rewards, rejected_rewards)`: the token-weighted DPO loss of each pair.
     - `get_batch_loss_metrics(model, batch, train_eval="train") -> (loss, metrics)`: runs one step's parts in order.
@@ -164,17 +151,7 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
                 "fixed TIS models (`tis_positive_model` and `tis_negative_model`) or set `sync_ref_model=False`."
             )
 
-        # `precompute_ref_log_probs`: TRL drops the reference of a full fine-tuning, but these parts still run it at
-        # every step, so TRL is asked to build it as without precomputation, and the precompute runs after, on it
-        kept_for = reference_needed_at_each_step(args) if args.precompute_ref_log_probs else []
-        if kept_for:
-            if args.sync_ref_model:  # TRL's own check, which the switch below would skip
-                raise ValueError(
-                    "You cannot use `sync_ref_model=True` together with `precompute_ref_log_probs=True`: the "
-                    "precomputed reference log-probs would go stale as the reference is updated. Set "
-                    "`precompute_ref_log_probs=False` or disable `sync_ref_model`."
-                )
-            args.precompute_ref_log_probs = False
+        kept_for = defer_reference_precompute(args)  # what runs the reference at every step despite precomputation
         super().__init__(
             model=model,
             ref_model=ref_model,
@@ -191,20 +168,19 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         )
         check_model_positions(self.model, self.train_dataset, self.eval_dataset, args.max_length)
         if kept_for:
-            args.precompute_ref_log_probs = True
             self._precompute_with_kept_reference(kept_for)
         if self._is_vision_dataset:
             raise ValueError("TIDPOTrainer supports text-only preference data; this dataset has images.")
         # TRL 1.16 settles the checkpointing kwargs (`use_reentrant=True` for PEFT + ZeRO-3, else False) on a new
         # `gradient_checkpointing_kwargs` dict when none was given, but transformers 5 enables checkpointing from
         # `activation_checkpointing_kwargs` (its new name, still None): the first step would run with transformers'
-        # default and every step after a `disable_gradient_checkpointing` block with TRL's. Under PEFT + ZeRO-3 that
-        # first non-reentrant step fails in ZeRO-3's gradient reduction. Both names point at TRL's settings here.
+        # default and every step after a `checkpointing_off` block with TRL's. Under PEFT + ZeRO-3 that first
+        # non-reentrant step fails in ZeRO-3's gradient reduction. Both names point at TRL's settings here.
         args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs
         if data_collator is None:
             self.data_collator = self._collator(return_prompts=self._uses_policy_anchors)
         self._gather = Gather(self.accelerator)
-        self._warn_about_fallback_rows = FallbackRowsWarning(args.token_weighting)
+        self._fallback_warning = FallbackRowsWarning(args.token_weighting)
         self._warned_separate_attribution_pass = False
         self._precompute_engines = []  # DeepSpeed inference engines built for the passes below
         if self._precomputes_reference_weights:
@@ -252,6 +228,7 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
     # ------------------------------------------------------------------ dataset preparation (TRL hooks)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """TRL's hook: `prepare_dataset` (spans, anchors, over-long prompts) around TRL's own tokenisation."""
         return prepare_dataset(dataset, processing_class, args, dataset_name, tokenize=super()._prepare_dataset)
 
     def _set_signature_columns_if_needed(self):
@@ -265,19 +242,12 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
     def _reference_model(self):
         return self.ref_model if self.ref_model is not None else self.model
 
-    @property
+    @functools.cached_property
     def _contexts(self) -> ModelContexts:
         """The states the forwards run the models in (built at first use: TRL's init already runs the reference)."""
-        if "_model_contexts" not in self.__dict__:
-            trainer = weakref.proxy(self)
-            self._model_contexts = ModelContexts(
-                self.accelerator,
-                self.args,
-                policy=lambda: trainer.model,
-                ref_model=lambda: trainer.ref_model,
-                deepspeed=self.is_deepspeed_enabled,
-            )
-        return self._model_contexts
+        trainer = weakref.proxy(self)  # the models are read at each use: Trainer may replace them
+        policy, ref_model = (lambda: trainer.model), (lambda: trainer.ref_model)
+        return ModelContexts(self.accelerator, self.args, policy, ref_model, deepspeed=self.is_deepspeed_enabled)
 
     def _policy_attribution_mode(self, model) -> str | None:
         """Where the policy's attribution runs: "fused" into the loss's forward, in its "own_forward" (see
@@ -335,7 +305,9 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
 
     def _anchor_batch(self, model, inputs: dict[str, torch.Tensor]) -> AnchorBatch:
         """The batch's anchor rows: sampled from the current policy, or the dataset's (tokenised by the collator)."""
-        return self._sample_policy_anchors(model, inputs) if self._uses_policy_anchors else dataset_anchor_batch(inputs)
+        if self._uses_policy_anchors:
+            return self._sample_policy_anchors(model, inputs)
+        return dataset_anchor_batch(inputs)
 
     def _sample_policy_anchors(self, model, inputs: dict) -> AnchorBatch:
         """Sample an anchor per prompt from the current policy (no grad, KV cache; see `policy_anchor_batch`)."""
@@ -401,9 +373,8 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
             )
         forward = precomputed_reference_forward(PairBatch.from_inputs(batch), batch["ref_token_logps"])
         if self._attribution_source() == "reference":
-            forward.raw_importance = attribute_rows(
-                self._reference_model(), batch["input_ids"], batch["attention_mask"], self._contexts.reference_attribution
-            )
+            reference, context = self._reference_model(), self._contexts.reference_attribution
+            forward.raw_importance = attribute_rows(reference, batch["input_ids"], batch["attention_mask"], context)
         return forward
 
     # ------------------------------------------------------------------ weights, triplet, KL
@@ -666,7 +637,7 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         metrics.update(triplet_and_kl_metrics(self._gather, parts))
         if self.aux_loss_enabled:
             metrics["aux_loss"] = self._gather.mean(policy.aux_loss)
-        self._warn_about_fallback_rows(int(metrics["token_weights/fallback_rows"]), train_eval)
+        self._fallback_warning(int(metrics["token_weights/fallback_rows"]), train_eval)
         return loss, metrics
 
     def _compute_loss(self, model, inputs, return_outputs):
