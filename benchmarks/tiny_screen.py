@@ -69,6 +69,25 @@ def run_one(name: str, learning_rate: float, seed: int, args) -> dict:
     }
 
 
+def prepared_start(args) -> dict:
+    """`tiny_arithmetic.prepare` for the seed, cached in `--out-dir` (the SFT start costs most of a process's CPU)."""
+    name = f"start-seed{args.seed}-sft{args.sft_steps}-pairs{args.pair_prompts}-heldout{args.heldout}-dev{args.dev}.pt"
+    path = Path(args.out_dir) / name
+    if path.exists():
+        cached = torch.load(path, weights_only=False)
+        model = tiny_task.build_model(tiny_task.build_tokenizer(), tiny_arithmetic.SFT["hidden_size"],
+                                      tiny_arithmetic.SFT["num_layers"], seed=args.seed)  # fmt: skip
+        model.load_state_dict(cached.pop("model_state"))
+        return {**cached, "model": model, "tokenizer": tiny_task.build_tokenizer(),
+                "dataset": datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")}
+                                                        for p in cached["pairs"]])}  # fmt: skip
+    state = tiny_arithmetic.prepare(args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keep = {k: v for k, v in state.items() if k not in ("model", "tokenizer", "dataset")}
+    torch.save({**keep, "model_state": state["model"].state_dict()}, path)
+    return state
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, required=True, help="the run's seed, also its start's data seed")
@@ -86,6 +105,7 @@ def parse_args(argv):
     parser.add_argument("--sft-steps", type=int, default=tiny_arithmetic.SFT["steps"])
     parser.add_argument("--probe-every", type=int, default=10, help="gradient-conflict probe and log interval (steps)")
     parser.add_argument("--out-dir", default="tiny-screen-runs")
+    parser.add_argument("--tag", default="", help="added to the output file's name (e.g. 'ext' for a grid extension)")
     return parser.parse_args(argv)
 
 
@@ -96,7 +116,7 @@ def main(argv: list[str] | None = None) -> Path:
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     cpu0 = time.process_time()
-    state = tiny_arithmetic.prepare(args)
+    state = prepared_start(args)
     tiny_arithmetic._STATE.update(state)
     chosen = json.loads(Path(args.chosen).read_text()) if args.chosen else None
     jobs = [(n, chosen[n]) for n in args.variants] if chosen else [(n, lr) for n in args.variants for lr in args.learning_rates]
@@ -104,7 +124,8 @@ def main(argv: list[str] | None = None) -> Path:
     for name, learning_rate in jobs:
         runs.append(run_one(name, learning_rate, args.seed, args))
         print(f"seed {args.seed} {name} lr {learning_rate:g}: held-out {statistics.mean(runs[-1]['heldout']['correct']):.3f}", flush=True)
-    out = Path(args.out_dir) / f"seed{args.seed}{'-final' if chosen else '-grid'}.json"
+    tag = f"-{args.tag}" if args.tag else ""
+    out = Path(args.out_dir) / f"seed{args.seed}{'-final' if chosen else '-grid'}{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     start = state["start"]
     out.write_text(json.dumps({
