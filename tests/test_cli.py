@@ -228,7 +228,7 @@ def test_train_bugs_keep_their_traceback(tmp_path, model_dir, monkeypatch):
 
 
 def test_one_line_joins_a_multiline_message():
-    from trl_tidpo.tools.cli import one_line
+    from trl_tidpo.tools.errors import one_line
 
     assert one_line(ValueError("first\n  second\n\nthird")) == "first second third"
     assert one_line(ValueError()) == "ValueError"
