@@ -244,3 +244,18 @@ def test_top_level_help_imports_neither_torch_nor_trl():
     assert result.returncode == 0, result.stderr
     assert "usage: trl-tidpo" in result.stdout and result.stdout.strip().splitlines()[-1] == "[]"
 
+
+
+def test_explain_defaults_and_choices_are_tidpo_configs():
+    """`explain`'s weight options offer `TIDPOConfig`'s defaults and choices (read without importing TRL)."""
+    from trl_tidpo import TIDPOConfig
+    from trl_tidpo.tools.cli import build_parser
+
+    args = build_parser().parse_args(["explain", "--model", "m", "--dataset", "d.jsonl"])
+    fields = TIDPOConfig.__dataclass_fields__
+    names = ["importance_lambda", "prior_sigma_ratio", "weight_span", "weight_normalization", "span_default_weight",
+             "difference_shared_weight", "difference_differing_weight"]  # fmt: skip
+    assert {name: getattr(args, name) for name in names} == {name: fields[name].default for name in names}
+    actions = {action.dest: action for action in build_parser()._subparsers._group_actions[0].choices["explain"]._actions}
+    for name in ("weight_span", "weight_normalization"):
+        assert list(actions[name].choices) == fields[name].metadata["choices"]

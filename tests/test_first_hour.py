@@ -183,7 +183,7 @@ def test_train_help_opens_with_tidpo_options(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("usage: trl-tidpo train [--config RECIPE.yaml] --model_name_or_path")
     heading = next(i for i, line in enumerate(lines) if line.startswith("TI-DPO options"))
-    assert heading < 10
+    assert heading < 10 and lines[heading + 1].startswith("  --token_weighting")  # in TIDPOConfig's order
     # The section runs until the next heading (a line that does not start with a space)
     end = next(i for i in range(heading + 1, len(lines)) if lines[i] and not lines[i].startswith(" "))
     section = "\n".join(lines[heading:end])

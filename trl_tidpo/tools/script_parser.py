@@ -29,13 +29,13 @@ class ScriptParser(TrlParser):
 
     def __init__(self, dataclass_types, first: type, **kwargs):
         super().__init__(dataclass_types, usage=USAGE, **kwargs)
-        own_fields = set(inspect.get_annotations(first))
+        order = {name: i for i, name in enumerate(inspect.get_annotations(first))}  # as `first` declares them
         group = self.add_argument_group(TIDPO_GROUP_TITLE)
         # argparse has no public way to move an argument between groups, nor to order the groups of `--help`
-        for action in list(self._optionals._group_actions):
-            if action.dest in own_fields:
-                self._optionals._group_actions.remove(action)
-                group._group_actions.append(action)
+        own = [action for action in self._optionals._group_actions if action.dest in order]
+        for action in sorted(own, key=lambda action: order[action.dest]):
+            self._optionals._group_actions.remove(action)
+            group._group_actions.append(action)
         self._action_groups.remove(group)
         self._action_groups.insert(0, group)
 
