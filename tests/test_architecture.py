@@ -143,10 +143,12 @@ def test_module_length(name):
 
 
 def test_top_level_help_imports_no_torch():
-    """`trl-tidpo --help` (the console entry point's `main`), in a fresh interpreter."""
+    """`trl-tidpo --help` (the console entry point's `main`), in a fresh interpreter, answers at once: no torch, and
+    none of the libraries that import it."""
     code = (
         "import sys\nfrom trl_tidpo.tools.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n"
-        "    assert e.code == 0, e.code\nprint(sorted(m for m in ('torch', 'trl', 'transformers') if m in sys.modules))"
+        "    assert e.code == 0, e.code\n"
+        "print(sorted(m for m in ('torch', 'trl', 'transformers', 'datasets') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -234,18 +234,6 @@ def test_one_line_joins_a_multiline_message():
     assert one_line(ValueError()) == "ValueError"
 
 
-def test_top_level_help_imports_neither_torch_nor_trl():
-    """`trl-tidpo --help` must answer at once: the package's public names are imported lazily."""
-    code = (
-        "import sys\nfrom trl_tidpo.tools.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-        "print(sorted(m for m in ('torch', 'trl', 'transformers', 'datasets') if m in sys.modules))"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert "usage: trl-tidpo" in result.stdout and result.stdout.strip().splitlines()[-1] == "[]"
-
-
-
 def test_explain_defaults_and_choices_are_tidpo_configs():
     """`explain`'s weight options offer `TIDPOConfig`'s defaults and choices (read without importing TRL)."""
     from trl_tidpo import TIDPOConfig

@@ -35,6 +35,9 @@ MALFORMED = {
     "jsonl-line-not-an-object": ("pairs.jsonl", f'{LINE}\n["hi", " yes", " no"]\n', ["line 2 is a JSON list, not an object"]),
     "csv-long-row": ("pairs.csv", "prompt,chosen,rejected\nhi,yes,no\nhi,yes, no,extra\n", ["line 3 has 4 field(s), the header has 3"]),
     "csv-short-row": ("pairs.csv", "prompt,chosen,rejected\nhi,yes,no\n\nhi,yes\n", ["line 4 has 2 field(s), the header has 3"]),
+    "json-empty-list": ("pairs.json", "[]\n", ["holds no rows"]),
+    "jsonl-blank-lines-only": ("pairs.jsonl", "\n\n", ["holds no rows"]),
+    "csv-header-only": ("pairs.csv", "prompt,chosen,rejected\n", ["holds no rows"]),
     "csv-unclosed-quote": ("pairs.csv", 'prompt,chosen,rejected\nhi,yes,no\n"hi,yes,no\n', ["is not valid CSV from line 3"]),
 }  # fmt: skip
 
@@ -99,6 +102,22 @@ def test_malformed_file_in_a_data_folder(tmp_path, model_dir, capsys, no_model_l
     (tmp_path / "data" / "test.jsonl").write_text(f"{LINE}\n{LINE},\n")
     assert _train(model_dir, tmp_path / "data", tmp_path) == 2
     _one_line(capsys, f"{tmp_path / 'data' / 'test.jsonl'} line 2 is not valid JSON")
+
+
+def test_malformed_file_fails_before_a_launcher_starts(tmp_path, model_dir, capsys, no_model_loads, monkeypatch):
+    monkeypatch.setattr(train_script, "launch", lambda *args: pytest.fail("launched with a malformed file"))
+    path = _write(tmp_path, "jsonl-bad-line")
+    assert _train(model_dir, path, tmp_path, "--accelerate_config", "single_gpu") == 2
+    _one_line(capsys, f"{path} line 3 is not valid JSON")
+
+
+def test_a_file_datasets_cannot_read_is_named(tmp_path):
+    """What the checks do not parse (a damaged parquet file) still names the file, in one line."""
+    path = tmp_path / "pairs.parquet"
+    path.write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match=f"`--dataset_name {path}`: `datasets` could not read {path}: ") as error:
+        train_script.load_preference_dataset(str(path))
+    assert "\n" not in str(error.value)
 
 
 def test_explain_reads_a_malformed_file_without_torch_or_trl(tmp_path):

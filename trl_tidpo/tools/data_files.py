@@ -80,7 +80,7 @@ def check_json(path: Path, option: str) -> None:
     is taken as JSON Lines, and its first bad line is reported; otherwise the whole document is parsed.
     """
     with path.open(encoding="utf-8-sig") as file:
-        first = True
+        first = True  # until a line holds an object
         for number, text in enumerate(file, start=1):
             if not text.strip():
                 continue
@@ -103,7 +103,9 @@ def check_json(path: Path, option: str) -> None:
                 )
             first = False
         else:
-            return  # JSON Lines, every line an object (or an empty file, which the loader refuses)
+            if first:
+                raise ValueError(f"`{option}`: {path} holds no rows: TI-DPO needs at least one preference pair.")
+            return  # JSON Lines, every line an object
     try:
         document = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as error:
@@ -112,6 +114,8 @@ def check_json(path: Path, option: str) -> None:
             f"`{option}`: {path} is not valid JSON: line {line}, column {column}: {fault}. Fix the file (or write it "
             "as JSON Lines, one object per line)."
         ) from None
+    if not document:
+        raise ValueError(f"`{option}`: {path} holds no rows: TI-DPO needs at least one preference pair.")
     if isinstance(document, list):
         for index, row in enumerate(document):
             if not isinstance(row, dict):
@@ -132,7 +136,7 @@ def check_csv(path: Path, option: str) -> None:
     pandas does."""
     with path.open(encoding="utf-8-sig", newline="") as file:
         reader = csv.reader(file, strict=True)
-        header, start = None, 1
+        header, start, rows = None, 1, 0
         try:
             for row in reader:
                 if row:
@@ -143,9 +147,13 @@ def check_csv(path: Path, option: str) -> None:
                             f"`{option}`: {path} line {start} has {len(row)} field(s), the header has {len(header)} "
                             f"({', '.join(header)}). Quote fields that contain commas (\"a, b\"), or fix the row."
                         )
+                    else:
+                        rows += 1
                 start = reader.line_num + 1
         except csv.Error as error:
             raise ValueError(
                 f"`{option}`: {path} is not valid CSV from line {start}: {error}. Close the quoted field, or double "
                 'the quotes inside it ("").'
             ) from None
+    if rows == 0:
+        raise ValueError(f"`{option}`: {path} holds no rows: TI-DPO needs at least one preference pair.")

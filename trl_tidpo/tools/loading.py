@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .data_files import DATA_FILE_BUILDERS, check_data_file
-from .errors import CLIError
+from .errors import CLIError, one_line
 
 
 if TYPE_CHECKING:
@@ -141,11 +141,16 @@ def load_preference_dataset(
     """
     check_local_data(name, option)
     from datasets import Dataset, DatasetDict, IterableDatasetDict, load_dataset, load_from_disk
+    from datasets.exceptions import DatasetGenerationError
 
     path = Path(name).expanduser()
     if path.is_file():
         builder = DATA_FILE_BUILDERS[path.suffix.lower()]
-        return load_dataset(builder, data_files={train_split: str(path)}, streaming=streaming)
+        try:
+            return load_dataset(builder, data_files={train_split: str(path)}, streaming=streaming)
+        except (DatasetGenerationError, ValueError) as error:  # what the checks miss (e.g. a damaged parquet file)
+            reason = one_line(error.__cause__ or error)
+            raise ValueError(f"`{option} {name}`: `datasets` could not read {path}: {reason}") from error
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         dataset = load_from_disk(str(path))
         if isinstance(dataset, Dataset):
