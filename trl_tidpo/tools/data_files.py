@@ -17,7 +17,8 @@ DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", 
 def check_data_file(path: Path, option: str) -> None:
     """
     Refuse a JSON, JSON Lines or CSV file that `datasets` could not read (or would read wrongly): not UTF-8, not valid
-    JSON / JSON Lines, or a CSV row whose number of fields differs from the header's. Parquet files are not checked.
+    JSON / JSON Lines, a CSV row whose number of fields differs from the header's, or no row at all. Parquet files are
+    not checked.
 
     Args:
         path (`Path`): the file.
