@@ -98,7 +98,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 # -------------------------------------------------------------------------------------------- the graph reader itself
 
 
-def test_graph_reader_sees_relative_absolute_and_function_level_imports(tmp_path, monkeypatch):
+def test_graph_reader_sees_relative_absolute_and_function_level_imports(tmp_path):
     source = tmp_path / "reader.py"
     source.write_text(
         "import os\nfrom .errors import CLIError\nfrom . import loading\nimport trl_tidpo.ops.prior\n"
