@@ -6,7 +6,7 @@ python examples/tidpo.py --config examples/recipes/llama31_8b_qlora_ultrafeedbac
 accelerate launch --config_file trl_tidpo/accelerate_configs/multi_gpu.yaml examples/tidpo.py --config recipe.yaml
 ```
 
-Run `python examples/tidpo.py --help` for every flag; see `trl_tidpo/train_script.py` for more commands.
+Run `python examples/tidpo.py --help` for every flag; see `trl_tidpo/tools/train_script.py` for more commands.
 """
 
 import sys

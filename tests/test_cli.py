@@ -228,19 +228,22 @@ def test_train_bugs_keep_their_traceback(tmp_path, model_dir, monkeypatch):
 
 
 def test_one_line_joins_a_multiline_message():
-    from trl_tidpo.tools.cli import one_line
+    from trl_tidpo.tools.errors import one_line
 
     assert one_line(ValueError("first\n  second\n\nthird")) == "first second third"
     assert one_line(ValueError()) == "ValueError"
 
 
-def test_top_level_help_imports_neither_torch_nor_trl():
-    """`trl-tidpo --help` must answer at once: the package's public names are imported lazily."""
-    code = (
-        "import sys\nfrom trl_tidpo.tools.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-        "print(sorted(m for m in ('torch', 'trl', 'transformers', 'datasets') if m in sys.modules))"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert "usage: trl-tidpo" in result.stdout and result.stdout.strip().splitlines()[-1] == "[]"
+def test_explain_defaults_and_choices_are_tidpo_configs():
+    """`explain`'s weight options offer `TIDPOConfig`'s defaults and choices (read without importing TRL)."""
+    from trl_tidpo import TIDPOConfig
+    from trl_tidpo.tools.cli import build_parser
 
+    args = build_parser().parse_args(["explain", "--model", "m", "--dataset", "d.jsonl"])
+    fields = TIDPOConfig.__dataclass_fields__
+    names = ["importance_lambda", "prior_sigma_ratio", "weight_span", "weight_normalization", "span_default_weight",
+             "difference_shared_weight", "difference_differing_weight"]  # fmt: skip
+    assert {name: getattr(args, name) for name in names} == {name: fields[name].default for name in names}
+    actions = {action.dest: action for action in build_parser()._subparsers._group_actions[0].choices["explain"]._actions}
+    for name in ("weight_span", "weight_normalization"):
+        assert list(actions[name].choices) == fields[name].metadata["choices"]

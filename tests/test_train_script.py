@@ -229,7 +229,8 @@ def test_single_file_becomes_the_requested_train_split(tmp_path):
 
 def test_hub_id_goes_to_load_dataset(monkeypatch):
     calls = []
-    monkeypatch.setattr(train_script, "load_dataset", lambda *args, **kwargs: calls.append((args, kwargs)) or "ds")
+    # `load_preference_dataset` imports `datasets.load_dataset` when called (so that `--help` stays light)
+    monkeypatch.setattr("datasets.load_dataset", lambda *args, **kwargs: calls.append((args, kwargs)) or "ds")
     assert load_preference_dataset("trl-lib/ultrafeedback_binarized", "default") == "ds"
     assert calls == [(("trl-lib/ultrafeedback_binarized",), {"name": "default", "streaming": False})]
 

@@ -12,23 +12,15 @@ code 2. `trl-tidpo train --debug` (or `TRL_TIDPO_DEBUG=1`) shows the traceback o
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
+from ..trainer.tidpo_defaults import CHOICES, DEFAULTS, WEIGHT_OPTIONS
+from .errors import EXIT_USAGE, CLIError, run_script
+from .loading import load_adapter, load_model
+
 
 DEFAULT_DEMO_DIR = "tidpo-demo"
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
-DEBUG_ENV = "TRL_TIDPO_DEBUG"
-DEBUG_FLAG = "--debug"
-# What bad flags, files or data raise, in our checks and in the libraries (transformers' argument checks, a missing
-# file, a hub id that does not exist, a package to install). Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, TypeError, ImportError, OSError)
-
-
-class CLIError(Exception):
-    """A user error: printed as one line, no traceback."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,31 +46,30 @@ def _unit_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def _add_weight_options(parser: argparse.ArgumentParser) -> None:
-    """The four weight options of `TIDPOConfig`; left unset here, they take the config's defaults (read in `_explain`,
-    so that `--help` does not import TRL)."""
-    parser.add_argument("--importance-lambda", type=_unit_float, help="λ of Eq. 8 (default: TIDPOConfig's, 0.7)")
-    parser.add_argument("--prior-sigma-ratio", type=float, help="ρ of the Gaussian prior (default: TIDPOConfig's, 0.25)")
-    parser.add_argument("--weight-span", help="'completion' or 'sequence' (default: TIDPOConfig's, 'completion')")
-    parser.add_argument("--weight-normalization", help="'mean' or 'sum' (default: TIDPOConfig's, 'mean')")
+    """The four weight options of `TIDPOConfig`, with its defaults and choices (read from `tidpo_defaults`, so that
+    `--help` imports neither TRL nor torch)."""
+    parser.add_argument("--importance-lambda", type=_unit_float, default=DEFAULTS["importance_lambda"],
+                        help="λ of Eq. 8 (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--prior-sigma-ratio", type=_positive_float, default=DEFAULTS["prior_sigma_ratio"],
+                        help="ρ of the Gaussian prior (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--weight-span", choices=CHOICES["weight_span"], default=DEFAULTS["weight_span"],
+                        help="tokens the weights are normalised over (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--weight-normalization", choices=CHOICES["weight_normalization"],
+                        default=DEFAULTS["weight_normalization"], help="'mean' (weights average 1) or 'sum' "
+                        "(weights sum to 1) (default: %(default)s)")  # fmt: skip
 
 
 def _weight_options(args: argparse.Namespace) -> dict:
-    """The weight options given on the command line over `TIDPOConfig`'s defaults, checked against its choices."""
-    from ..trainer.tidpo_config import WEIGHT_OPTIONS, TIDPOConfig, weight_option_defaults
-
-    options = weight_option_defaults()
-    for name in WEIGHT_OPTIONS:
-        value = getattr(args, name)
-        if value is None:
-            continue
-        choices = TIDPOConfig.__dataclass_fields__[name].metadata.get("choices")
-        if choices is not None and value not in choices:
-            raise CLIError(f"--{name.replace('_', '-')} must be one of {choices}, got {value!r}")
-        options[name] = value
-    if options["prior_sigma_ratio"] <= 0:
-        raise CLIError(f"--prior-sigma-ratio must be > 0, got {options['prior_sigma_ratio']}")
-    return options
+    """The weight options of `token_weights`, from the command line (defaults: `TIDPOConfig`'s)."""
+    return {name: getattr(args, name) for name in WEIGHT_OPTIONS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,50 +162,6 @@ def _demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- explain
 
 
-def load_model(name: str):
-    """
-    A causal LM and its tokenizer from a folder, or SmolLM2 by name.
-
-    Raises:
-        CLIError: one-line reasons: no such folder, not a causal LM, the named model's package is missing.
-    """
-    from .demo.smollm2 import SMOLLM2_NAME, ModelNotInstalledError, is_smollm2, load_smollm2
-
-    if is_smollm2(name):
-        try:
-            return load_smollm2(name)
-        except ModelNotInstalledError as error:
-            raise CLIError(str(error)) from None
-    if not Path(name).exists():
-        raise CLIError(f"--model: {name!r} does not exist; give the folder of a saved causal LM, or {SMOLLM2_NAME!r}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name)
-    except (OSError, ValueError, KeyError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CLIError(f"--model: {name!r} is not a causal LM that transformers can load ({reason})") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError, KeyError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CLIError(f"--model: no tokenizer could be loaded from {name!r} ({reason})") from None
-    return model.eval(), tokenizer
-
-
-def load_adapter(model, path: str):
-    """`model` with the PEFT adapter saved in `path` applied (eval mode). Raises `CLIError` when it cannot be."""
-    if not (Path(path) / "adapter_config.json").is_file():
-        raise CLIError(f"--adapter: {path!r} has no adapter_config.json (not a saved PEFT adapter)")
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(model, path).eval()
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CLIError(f"--adapter: {path!r} does not fit this model ({reason})") from None
-
-
 def format_inputs(tokenizer, prompt: str, completion: str, chat_template: str):
     """(prompt, completion) as messages for a chat model, or as text joined by one space for a plain-text one."""
     if chat_template == "on" and tokenizer.chat_template is None:
@@ -299,23 +246,10 @@ def _explain(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- train
 
 
-def one_line(error: BaseException) -> str:
-    """`error`'s message on one line (library messages often span several), or its type name when it has none."""
-    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    return text or type(error).__name__
+def _train_main(argv: list[str]) -> int | None:
+    from .train_script import main as train_main  # TRL, transformers and torch: only for `train`
 
-
-def is_user_error(error: BaseException) -> bool:
-    """Whether `error` reports bad input (printed as one line) rather than a bug (traceback kept)."""
-    if isinstance(error, USER_ERRORS):
-        return True
-    # Our own checks raise RuntimeError for a setup that cannot work (e.g. no bitsandbytes backend for the device)
-    frames = error.__traceback__
-    while frames is not None and frames.tb_next is not None:
-        frames = frames.tb_next
-    package = str(Path(__file__).resolve().parents[1])
-    raised_here = frames is not None and frames.tb_frame.f_code.co_filename.startswith(package)
-    return isinstance(error, RuntimeError) and raised_here
+    return train_main(argv)
 
 
 def train_command(argv: list[str]) -> int:
@@ -326,25 +260,7 @@ def train_command(argv: list[str]) -> int:
     Returns:
         `int`: the script's exit status; 2 on a user error, 130 on Ctrl-C before training started.
     """
-    if DEBUG_FLAG in argv:
-        argv = [arg for arg in argv if arg != DEBUG_FLAG]
-        os.environ[DEBUG_ENV] = "1"
-    debug = os.environ.get(DEBUG_ENV, "0") not in ("", "0")
-    try:
-        from .train_script import main as train_main
-
-        result = train_main(argv)
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print("trl-tidpo train: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as error:
-        if debug or not is_user_error(error):
-            raise
-        print(f"trl-tidpo train: error: {one_line(error)} (`--debug` shows the traceback)", file=sys.stderr)
-        return EXIT_USAGE
-    return result if isinstance(result, int) else 0
+    return run_script("trl-tidpo train", _train_main, argv)
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -367,7 +283,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m trl_tidpo.tools.cli`: run the package's module, whose `CLIError` is the one its helpers raise
-    from trl_tidpo.tools.cli import main as package_main
-
-    sys.exit(package_main())
+    sys.exit(main())

@@ -9,7 +9,13 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import CLIError, load_adapter, load_model
+from ..trainer.tidpo_defaults import DEFAULTS
+from .errors import CLIError
+from .loading import load_adapter, load_model, load_preference_dataset, load_tokenizer
+
+
+# Where `--token-weighting` takes the weights from: TIDPOConfig's sources a row can show, and "auto"
+TOKEN_WEIGHTING_CHOICES = ("auto", "dataset", "ti_dpo", "difference")
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,26 +25,23 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
                        "script's --dataset_name")  # fmt: skip
     group.add_argument("--row", type=int, default=0, help="the row to show (default: 0)")
     group.add_argument("--split", default="train", help="the split of a save_to_disk folder (default: train)")
-    group.add_argument("--token-weighting", choices=["auto", "dataset", "ti_dpo", "difference"], default="auto",
+    group.add_argument("--token-weighting", choices=TOKEN_WEIGHTING_CHOICES, default="auto",
                        help="where the weights come from (auto: the row's span or weight columns if it has them, "
                        "else TI-DPO's from --model; difference: the pair's shared vs differing tokens)")  # fmt: skip
-    group.add_argument("--difference-shared-weight", type=float, default=None,
-                       help="'difference': weight of the tokens both completions share (default: TIDPOConfig's)")
-    group.add_argument("--difference-differing-weight", type=float, default=None,
-                       help="'difference': weight of the differing tokens (default: TIDPOConfig's)")  # fmt: skip
-    group.add_argument("--span-default-weight", type=float, default=None,
-                       help="weight of tokens outside every span (default: TIDPOConfig's, 1.0)")  # fmt: skip
+    group.add_argument("--difference-shared-weight", type=float, default=DEFAULTS["difference_shared_weight"],
+                       help="'difference': weight of the tokens both completions share (default: %(default)s)")
+    group.add_argument("--difference-differing-weight", type=float, default=DEFAULTS["difference_differing_weight"],
+                       help="'difference': weight of the differing tokens (default: %(default)s)")  # fmt: skip
+    group.add_argument("--span-default-weight", type=float, default=DEFAULTS["span_default_weight"],
+                       help="weight of tokens outside every span (default: %(default)s)")  # fmt: skip
 
 
 def load_row(name: str, split: str, row: int) -> dict:
     """Row `row` of split `split` of the dataset file or folder `name`. Raises `CLIError` with the reason."""
-    from .train_script import load_preference_dataset
-
     try:
-        splits = load_preference_dataset(name)  # a single file or Dataset becomes the "train" split
-    except (ValueError, FileNotFoundError, OSError) as error:
-        reason = str(error).strip().splitlines()[0].replace("`--dataset_name ", "`")
-        raise CLIError(f"--dataset: {reason}") from None
+        splits = load_preference_dataset(name, option="--dataset")  # a single file or Dataset: the "train" split
+    except (ValueError, OSError) as error:
+        raise CLIError(str(error).strip().splitlines()[0]) from None
     if split not in splits:
         raise CLIError(f"--split: the dataset has no split {split!r}; it has {list(splits)}")
     dataset = splits[split]
@@ -47,38 +50,11 @@ def load_row(name: str, split: str, row: int) -> dict:
     return dataset[row]
 
 
-def load_tokenizer(name: str):
-    """The tokenizer of `--model` (a folder or SmolLM2 by name), without loading the model."""
-    from .demo.smollm2 import ModelNotInstalledError, is_smollm2
-    from .demo.smollm2 import load_tokenizer as load_smollm2_tokenizer
-
-    if is_smollm2(name):
-        try:
-            return load_smollm2_tokenizer(name)
-        except ModelNotInstalledError as error:
-            raise CLIError(str(error)) from None
-    if not Path(name).exists():
-        raise CLIError(f"--model: {name!r} does not exist; give the folder of a saved model and its tokenizer")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError, KeyError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CLIError(f"--model: no tokenizer could be loaded from {name!r} ({reason})") from None
-
-
 def explain_dataset(args: argparse.Namespace, options: dict) -> int:
     """Print (and with `--html`, write) the weights of `--row` of `--dataset`. Returns the exit code."""
-    from ..modeling.weight_columns import WEIGHT_COLUMNS
-    from ..modeling.weight_spans import span_columns_of
-    from ..trainer.tidpo_config import TIDPOConfig
-    from .explain import dataset_row_weights
-
     values = {}
     for name in ("span_default_weight", "difference_shared_weight", "difference_differing_weight"):
-        value = getattr(args, name)
-        values[name] = TIDPOConfig.__dataclass_fields__[name].default if value is None else value
+        values[name] = getattr(args, name)
         if not values[name] >= 0 or values[name] == float("inf"):
             raise CLIError(f"--{name.replace('_', '-')} must be finite and >= 0, got {values[name]}")
     default = values["span_default_weight"]
@@ -86,7 +62,11 @@ def explain_dataset(args: argparse.Namespace, options: dict) -> int:
     import datasets
 
     datasets.disable_progress_bars()  # one row: the preparation's progress bars would only clutter the view
-    example = load_row(args.dataset, args.split, args.row)
+    example = load_row(args.dataset, args.split, args.row)  # a malformed file fails here, before torch or a model
+    from ..modeling.weight_columns import WEIGHT_COLUMNS
+    from ..modeling.weight_spans import span_columns_of
+    from .explain import dataset_row_weights
+
     has_columns = bool(span_columns_of(example)) or any(column in example for column in WEIGHT_COLUMNS)
     needs_model = args.token_weighting == "ti_dpo" or (args.token_weighting == "auto" and not has_columns)
     model = None

@@ -36,7 +36,6 @@ weights are known only at the step) and, for full fine-tuning, frees the referen
 reference attribution still need it; it is refused with `--tdpo_alpha > 0`.
 """
 
-import codecs
 import gc
 import os
 import shutil
@@ -50,7 +49,6 @@ import transformers
 from accelerate import PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType
-from datasets import Dataset, DatasetDict, IterableDatasetDict, load_dataset, load_from_disk
 from packaging.version import Version
 from transformers.utils import is_bitsandbytes_available
 from trl import (
@@ -68,11 +66,11 @@ from ..trainer.dataset_checks import check_dataset_columns
 from ..trainer.tidpo_config import TIDPOConfig
 from ..trainer.tidpo_trainer import TIDPOTrainer
 from .launcher import ACCELERATE_CONFIG_NAMES, LAUNCHED_ENV, inside_launcher, launch  # noqa: F401
+from .loading import check_local_data, load_preference_dataset, looks_like_path
+from .script_parser import ScriptParser
 
 
 logger = get_logger(__name__)
-
-DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 @dataclass
@@ -107,8 +105,9 @@ class TIDPOScriptArguments(ScriptArguments):
 
 
 def make_parser(prog: str | None = "trl-tidpo train") -> TrlParser:
-    """The script's parser: `TrlParser` over the script, training, model and dataset-mixture arguments."""
-    return TrlParser((TIDPOScriptArguments, TIDPOConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
+    """The script's parser: a `TrlParser` over the script, training, model and dataset-mixture arguments, with one-line
+    argument errors and TI-DPO's own options first in `--help` (see `ScriptParser`)."""
+    return ScriptParser((TIDPOScriptArguments, TIDPOConfig, ModelConfig, DatasetMixtureConfig), TIDPOConfig, prog=prog)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     launch_args = config_remaining + cli_remaining
     if script_args.accelerate_config is not None or launch_args:
         check_arguments(training_args, model_args, script_args)  # here too: fail before any process starts
+        if script_args.dataset_name and not dataset_args.datasets:
+            check_local_data(script_args.dataset_name)
         return launch(argv, script_args.accelerate_config, launch_args, cli_remaining)
     return train(script_args, training_args, model_args, dataset_args)
 
@@ -187,7 +188,7 @@ def check_model_path(name: str) -> None:
     """A `--model_name_or_path` written as a local path (`./m`, `/m`, `~/m`, `a/b/c`) must exist: checked before the
     hub is tried, which would answer with a repo-id error."""
     path = Path(name).expanduser()
-    if _looks_like_path(name) and not path.exists():
+    if looks_like_path(name) and not path.exists():
         raise FileNotFoundError(
             f"`--model_name_or_path {name}`: no such folder. Pass the folder of a saved model (with its "
             "config.json), or a hub model id such as `Qwen/Qwen2-0.5B-Instruct`."
@@ -237,84 +238,6 @@ def check_resume(training_args: TIDPOConfig) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- data and model
-
-
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).suffix in DATA_FILE_BUILDERS or name.count("/") > 1
-
-
-def check_utf8(path: Path, option: str, chunk_bytes: int = 1 << 24) -> None:
-    """Raise a `ValueError` naming `path`, the line and the byte when the text file `path` is not valid UTF-8 (pyarrow
-    only says `UnicodeDecodeError`). Reads the file once, in chunks."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    line, offset = 1, 0
-    with path.open("rb") as file:
-        while True:
-            chunk = file.read(chunk_bytes)
-            try:
-                decoder.decode(chunk, final=not chunk)
-            except UnicodeDecodeError as error:
-                # The bad byte is in this chunk, or in the few bytes of an unfinished character carried over
-                position = max(error.start - len(error.object) + len(chunk), 0)
-                line += chunk.count(b"\n", 0, position)
-                byte = error.object[error.start]
-                raise ValueError(
-                    f"`{option}`: {path} is not UTF-8 text: line {line} has the byte 0x{byte:02x} "
-                    f"(file offset {offset + position}). Re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
-                ) from None
-            if not chunk:
-                return
-            line += chunk.count(b"\n")
-            offset += len(chunk)
-
-
-def load_preference_dataset(
-    name: str, config: str | None = None, train_split: str = "train", streaming: bool = False
-) -> DatasetDict | IterableDatasetDict:
-    """
-    Load `--dataset_name`: a hub id, or a local file / folder.
-
-    A JSON, JSONL, parquet or CSV file becomes the `train_split` split; a folder written by `save_to_disk` is loaded
-    with `load_from_disk` (a single `Dataset` becomes `train_split`); any other folder goes to `load_dataset`, which
-    reads split names from its file names (`train.jsonl`, `test.jsonl`, ...).
-
-    Returns:
-        `DatasetDict` (`IterableDatasetDict` when `streaming`).
-    """
-    path = Path(name).expanduser()
-    if path.is_file():
-        builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise ValueError(
-                f"`--dataset_name {name}`: unsupported file type {path.suffix!r}. Use one of "
-                f"{sorted(DATA_FILE_BUILDERS)}, a folder written by `save_to_disk`, or a hub dataset id."
-            )
-        if path.stat().st_size == 0:  # `datasets` fails on it with a bare StopIteration
-            raise ValueError(
-                f"`--dataset_name {name}` is an empty file: TI-DPO needs at least one preference pair (`prompt`, "
-                "`chosen`, `rejected`)."
-            )
-        if builder in ("json", "csv"):
-            check_utf8(path, f"--dataset_name {name}")
-        return load_dataset(builder, data_files={train_split: str(path)}, streaming=streaming)
-    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-        dataset = load_from_disk(str(path))
-        if isinstance(dataset, Dataset):
-            dataset = DatasetDict({train_split: dataset})
-        if streaming:
-            dataset = IterableDatasetDict({split: ds.to_iterable_dataset() for split, ds in dataset.items()})
-        return dataset
-    if path.is_dir():
-        for data_file in sorted(path.rglob("*")):
-            if data_file.suffix.lower() in (".json", ".jsonl", ".csv") and data_file.is_file():
-                check_utf8(data_file, f"--dataset_name {name}")
-        return load_dataset(str(path), name=config, streaming=streaming)
-    if _looks_like_path(name):
-        raise FileNotFoundError(
-            f"`--dataset_name {name}`: no such file or folder. Pass a JSON/JSONL/parquet/CSV file, a folder written "
-            "by `save_to_disk`, or a hub dataset id."
-        )
-    return load_dataset(name, name=config, streaming=streaming)
 
 
 def load_splits(script_args: TIDPOScriptArguments, training_args: TIDPOConfig, dataset_args: DatasetMixtureConfig):
@@ -489,6 +412,6 @@ def delete_old_checkpoints(output_dir: str) -> None:
 
 if __name__ == "__main__":
     # Processes started by `accelerate launch` run this module: same one-line errors as `trl-tidpo train`
-    from trl_tidpo.tools.cli import train_command
+    from trl_tidpo.tools.errors import run_script
 
-    sys.exit(train_command(sys.argv[1:]))
+    sys.exit(run_script("trl-tidpo train", main, sys.argv[1:]))

@@ -6,11 +6,11 @@ from trl import DPOConfig
 from ..modeling.tis_dpo import check_tis_sources
 from ..modeling.weight_columns import is_weight
 from ..ops.weighted_losses import F_DIVERGENCE_TYPES, KL_LOSS_TYPES, LOSS_TYPES
+from .tidpo_defaults import CHOICES, DEFAULTS, WEIGHT_OPTIONS
 
 
-# The options of the hybrid weights (Eq. 7-8). Their defaults are those of the fields below: read them with
-# `weight_option_defaults()`, never repeat them.
-WEIGHT_OPTIONS = ("importance_lambda", "prior_sigma_ratio", "weight_span", "weight_normalization")
+# The defaults the CLI offers too live in `tidpo_defaults.py` (read there without TRL or torch), the others below; read
+# the hybrid weights' option defaults with `weight_option_defaults()`, never repeat them.
 # Fields whose `choices` metadata `__post_init__` enforces (DPOConfig's own are TRL's to check).
 TIDPO_CHOICE_FIELDS = (
     "token_weighting", "importance_model", "weight_span", "weight_normalization", "tis_transform", "anchor_source",
@@ -154,7 +154,7 @@ class TIDPOConfig(DPOConfig):
     """
 
     token_weighting: str = field(
-        default="ti_dpo",
+        default=DEFAULTS["token_weighting"],
         metadata={
             "help": "'ti_dpo': hybrid weights from gradient attribution and a Gaussian prior. 'uniform': every "
             "completion token weighs 1 (TRL's DPO). 'dataset': read the 'chosen_token_weights' and "
@@ -162,11 +162,11 @@ class TIDPOConfig(DPOConfig):
             "'tis_dpo': TIS-DPO weights from two contrastive models (tis_* options), computed once before training. "
             "'difference': the pair's common prefix/suffix tokens weigh difference_shared_weight, the differing "
             "middle difference_differing_weight (no attribution).",
-            "choices": ["ti_dpo", "uniform", "dataset", "tis_dpo", "difference"],
+            "choices": list(CHOICES["token_weighting"]),
         },
     )
     span_default_weight: float = field(
-        default=1.0,
+        default=DEFAULTS["span_default_weight"],
         metadata={
             "help": "Weight (finite, >= 0) of the tokens outside every span of the 'chosen_weight_spans' / "
             "'rejected_weight_spans' columns (token_weighting='dataset')."
@@ -188,36 +188,36 @@ class TIDPOConfig(DPOConfig):
         },
     )
     importance_lambda: float = field(
-        default=0.7,
+        default=DEFAULTS["importance_lambda"],
         metadata={"help": "λ in [0, 1]: share of normalised gradient attribution in the weights (1 - λ: prior)."},
     )
     prior_sigma_ratio: float = field(
-        default=0.25,
+        default=DEFAULTS["prior_sigma_ratio"],
         metadata={"help": "ρ > 0: the Gaussian prior's sigma is max(1, ρ·n) for a span of n tokens."},
     )
     weight_span: str = field(
-        default="completion",
+        default=DEFAULTS["weight_span"],
         metadata={
             "help": "Tokens the weights are normalised over: 'completion', or 'sequence' (prompt + completion).",
-            "choices": ["completion", "sequence"],
+            "choices": list(CHOICES["weight_span"]),
         },
     )
     weight_normalization: str = field(
-        default="mean",
+        default=DEFAULTS["weight_normalization"],
         metadata={
             "help": "'mean': weights average 1 over the span (official code). 'sum': weights sum to 1 (paper text).",
-            "choices": ["mean", "sum"],
+            "choices": list(CHOICES["weight_normalization"]),
         },
     )
     difference_shared_weight: float = field(
-        default=0.5,
+        default=DEFAULTS["difference_shared_weight"],
         metadata={
             "help": "token_weighting='difference': raw weight (>= 0) of the tokens chosen and rejected share (aligned "
             "common prefix and suffix)."
         },
     )
     difference_differing_weight: float = field(
-        default=1.0,
+        default=DEFAULTS["difference_differing_weight"],
         metadata={"help": "token_weighting='difference': raw weight (>= 0) of the tokens where the two differ."},
     )
     tis_positive_model: str | None = field(
