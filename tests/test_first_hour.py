@@ -179,6 +179,13 @@ def test_config_value_out_of_range_is_one_line(tmp_path, model_dir, capsys, no_m
     _one_line(capsys, "trl-tidpo train: error: `beta` must be a finite number > 0", "got -1.0")
 
 
+@pytest.mark.parametrize("steps", ["-5", "0"])
+def test_bad_max_steps_is_one_line(tmp_path, model_dir, capsys, no_model_loads, steps):
+    """`--max_steps` other than -1 or >= 1 is refused before any model loads (it used to train three epochs)."""
+    assert _train(model_dir, _write_pairs(tmp_path), tmp_path, "--max_steps", steps) == 2
+    _one_line(capsys, "trl-tidpo train: error:", "`max_steps`")
+
+
 def test_explain_invalid_choice_is_one_line(model_dir, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["explain", "--model", model_dir, "--prompt", "a", "--completion", "b", "--weight-span", "all"])
