@@ -55,9 +55,10 @@ def check_dataset_columns(args: TIDPOConfig, train_dataset, eval_dataset) -> Non
         _check_span_columns(args, name, columns, spans)
         if args.token_weighting == "dataset" and not spans:
             required.extend(WEIGHT_COLUMNS)
-        if args.token_weighting == "tis_dpo" and set(WEIGHT_COLUMNS) & set(columns):
+        if args.token_weighting in ("tis_dpo", "cdpo") and set(WEIGHT_COLUMNS) & set(columns):
             raise ValueError(
-                f"`{name}` already has token weight columns, which `token_weighting='tis_dpo'` computes itself. "
+                f"`{name}` already has token weight columns, which `token_weighting={args.token_weighting!r}` computes "
+                "itself. "
                 "Use `token_weighting='dataset'` to train on them, or remove them to recompute."
             )
         missing = [column for column in required if column not in columns]
