@@ -4,8 +4,12 @@ DPO and reverse DPO) gives a Ï€+ that prefers the chosen completions more than Ï
 `add_contrastive_weight_columns` returns the TIS-DPO and cDPO columns of the models it trained.
 """
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
+from datasets import Dataset
 from helpers_trainer import CPU_ARGS, load, token_logps, tokenize_row
 from peft import LoraConfig
 
@@ -107,3 +111,23 @@ def test_add_contrastive_weight_columns_gives_both_weightings(tmp_path, model_di
     cdpo_rejected = [w for row in weighted["cdpo"]["rejected_token_weights"] for w in row]
     assert all(0.0 <= w <= 1.0 for w in cdpo_rejected) and min(cdpo_rejected) < 1.0
     assert all(w == 1.0 for row in weighted["cdpo"]["chosen_token_weights"] for w in row)
+
+
+def test_example_script_saves_both_weighted_datasets(tmp_path, model_dir, standard_dataset):
+    """examples/contrastive_models.py (TrlParser flags), SFT recipe with LoRA, two steps: both datasets saved."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "contrastive_models.py"
+    spec = importlib.util.spec_from_file_location("contrastive_models_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    standard_dataset.save_to_disk(str(tmp_path / "pairs"))
+    paths = example.main(
+        ["--model_name_or_path", model_dir, "--dataset_name", str(tmp_path / "pairs"), "--recipe", "sft",
+         "--max_steps", "2", "--learning_rate", "1e-2", "--use_cpu", "--use_peft", "--lora_r", "4",
+         "--lora_target_modules", "q_proj", "v_proj", "--output_dir", str(tmp_path / "out")]
+    )  # fmt: skip
+    assert sorted(paths) == ["cdpo", "tis_dpo"]
+    for saved in paths.values():
+        dataset = Dataset.load_from_disk(saved)
+        assert dataset.column_names[-2:] == ["chosen_token_weights", "rejected_token_weights"]
+        assert len(dataset) == len(standard_dataset)
+    assert (tmp_path / "out" / "positive" / "final" / "model.safetensors").exists()

@@ -244,7 +244,7 @@ def compute_cdpo_weight_columns(
     if present:
         raise ValueError(f"The dataset already has {present}; remove them (`dataset.remove_columns`) to recompute.")
     tokenised = {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names)
-    prepared = dataset if tokenised else tokenize_preference_dataset(dataset, tokenizer)
+    prepared = dataset if tokenised else tokenize_preference_dataset(dataset, tokenizer, "cDPO")
     columns = cdpo_weight_lists(
         prepared,
         positive_model,

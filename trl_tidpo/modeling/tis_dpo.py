@@ -133,7 +133,7 @@ def contrastive_log_ratios(
 # ---------------------------------------------------------------------------------------------------- datasets
 
 
-def tokenize_preference_dataset(dataset: Dataset, tokenizer) -> Dataset:
+def tokenize_preference_dataset(dataset: Dataset, tokenizer, name: str = "TIS-DPO") -> Dataset:
     """
     `prompt_ids`, `chosen_ids` and `rejected_ids` exactly as `TIDPOTrainer` (TRL's `DPOTrainer._prepare_dataset`)
     tokenises them: implicit prompts extracted, EOS appended to plain-text completions, chat templates applied. Rows
@@ -145,7 +145,7 @@ def tokenize_preference_dataset(dataset: Dataset, tokenizer) -> Dataset:
     # TRL's own method, not a copy, so the ids cannot drift from the trainer's; it reads only `_tokenizer` from self
     trainer_view = SimpleNamespace(_tokenizer=tokenizer)
     args = SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
-    return DPOTrainer._prepare_dataset(trainer_view, dataset, tokenizer, args, "TIS-DPO")
+    return DPOTrainer._prepare_dataset(trainer_view, dataset, tokenizer, args, name)  # `name` labels TRL's progress
 
 
 def columns_fingerprint(dataset: Dataset, columns: Sequence[str]) -> str:
