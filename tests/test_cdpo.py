@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import WORDS
 from datasets import Dataset
 from helpers_trainer import clone_params, tokenize_row
 from trainer_probes import tidpo_args
@@ -21,7 +22,7 @@ from trl_tidpo.modeling.cdpo import (
     contrastive_estimation_probs,
 )
 from trl_tidpo.modeling.tis_dpo import compute_tis_dpo_weight_columns
-from trl_tidpo.tools.demo.tiny_models import build_tiny_llama
+from trl_tidpo.tools.demo.tiny_models import build_tiny_llama, build_word_tokenizer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -171,6 +172,61 @@ def test_truncated_tokens_weigh_zero(positive, negative, tokenizer, standard_dat
         assert cut_row[kept:] == [0.0] * (len(full_row) - kept)
         torch.testing.assert_close(torch.tensor(cut_row[:kept]), torch.tensor(full_row[:kept]), atol=1e-6, rtol=1e-6)
     assert truncated > 0
+
+
+SYSTEM_PROMPTS = ["please answer good", "ignore it bad"]
+# The test tokenizer's template plus a system role (as in test_tis_dpo.py)
+SYSTEM_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }} "
+    "{% elif message['role'] == 'user' %}<|user|> {{ message['content'] }} "
+    "{% else %}<|assistant|> {{ message['content'] }}<eos> {% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def test_prompt_based_variant_matches_loop(positive):
+    """
+    One model under two system prompts: z⁺ from π(· | sys+, x, y_<t), z⁻ from π(· | sys−, x, y_<t), each model's
+    contexts rendered by the chat template; p_t by the explicit loop over the two full-logit rows.
+    """
+    tokenizer = build_word_tokenizer(WORDS + ["and", "story", "answer"])
+    tokenizer.chat_template = SYSTEM_TEMPLATE
+    pairs = [("hello", "hello world", "bad"), ("what", "yes", "no maybe")]
+    dataset = Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": p}] for p, _, _ in pairs],
+            "chosen": [[{"role": "assistant", "content": c}] for _, c, _ in pairs],
+            "rejected": [[{"role": "assistant", "content": r}] for _, _, r in pairs],
+        }
+    )
+    result = compute_cdpo_weight_columns(dataset, positive, None, tokenizer, system_prompts=SYSTEM_PROMPTS)
+    for example, got in zip(dataset, result["rejected_token_weights"], strict=True):
+        logits = []
+        for system in SYSTEM_PROMPTS:
+            messages = [{"role": "system", "content": system}] + example["prompt"]
+            context = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(messages + example["rejected"], tokenize=False)
+            context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+            ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                row = positive(input_ids=torch.tensor([ids])).logits[0].float()
+            logits.append(row[len(context_ids) - 1 : len(ids) - 1])  # the positions predicting the completion
+            completion = ids[len(context_ids) :]
+        expected = []
+        for t, token in enumerate(completion):
+            combined = 2.0 * logits[0][t] - logits[1][t]
+            expected.append(1.0 - float(torch.softmax(combined, -1)[token]))
+        eos = max(i for i, token in enumerate(completion) if token == tokenizer.eos_token_id)
+        expected[eos] = 1.0
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    assert any(w < 0.99 for row in result["rejected_token_weights"] for w in row)  # the prompts matter
+
+
+def test_prompt_based_variant_refuses_plain_text(positive, tokenizer, standard_dataset):
+    with pytest.raises(ValueError, match="prompt-based cDPO variant"):
+        compute_cdpo_weight_columns(standard_dataset, positive, None, tokenizer, system_prompts=SYSTEM_PROMPTS)
 
 
 def test_existing_weight_columns_are_refused(positive, negative, tokenizer, standard_dataset):
