@@ -355,3 +355,9 @@ def test_cdpo_refuses_existing_weight_columns(tmp_path, model_dir, tokenizer, st
             tis_positive_model=positive,
             tis_negative_model=negative,
         )
+
+
+def test_models_with_different_vocabularies_are_refused(positive, tokenizer, standard_dataset):
+    wider = build_tiny_llama(len(tokenizer) + 8, seed=3).eval()
+    with pytest.raises(ValueError, match="must share one vocabulary"):
+        compute_cdpo_weight_columns(standard_dataset, positive, wider, tokenizer)

@@ -95,14 +95,16 @@ def contrastive_estimation_probs(
     """
     `p_t` of every completion token (dropout off in both models). Both models' final hidden states at the scored
     positions are kept (`[n, H]` each, per batch of rows); their logits are built `chunk_size` positions at a time, so
-    memory grows as `2 × chunk_size × vocab` floats, never `[rows, T, vocab]`.
+    memory peaks at about four `[chunk_size, vocab]` float32 tensors (two models' logits, their combination, its
+    log-softmax), never `[rows, T, vocab]`.
 
     Returns:
         `list[torch.Tensor]`: one float32 CPU tensor `[len(completion)]` per row; NaN where a token cannot be scored
         (the first token of a completion with an empty context).
 
     Raises:
-        ValueError: when a probability is not finite (a model overflowed).
+        ValueError: when the two models' vocabularies differ, when they score different tokens (one context empty), or
+            when a probability is not finite (a model overflowed).
     """
     results = [torch.full((len(completion),), float("nan")) for completion in completions]
     with eval_mode(positive_model, negative_model):
@@ -124,6 +126,12 @@ def contrastive_estimation_probs(
                 chunk = slice(k, k + chunk_size)
                 positive_logits = project_to_logits(positive[chunk], positive_head, positive_lm.config)
                 negative_logits = project_to_logits(negative[chunk], negative_head, negative_lm.config)
+                if positive_logits.size(-1) != negative_logits.size(-1):
+                    raise ValueError(
+                        f"π+ has {positive_logits.size(-1)} output logits and π− {negative_logits.size(-1)}: cDPO "
+                        "combines them token by token, so both must share one vocabulary (the same tokenizer and "
+                        "embedding size)."
+                    )
                 device = positive_logits.device
                 logps.append(
                     contrastive_estimation_logps(
