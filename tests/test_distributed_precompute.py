@@ -3,7 +3,9 @@ The precomputes are sharded across ranks as TRL's `precompute_ref_log_probs` is:
 launch`, gloo) each score their share of the batches, and the gathered columns equal a one-process run, in dataset
 order, for the reference weights (`importance_model="reference"`), the reference's per-token log-probs
 (`precompute_ref_log_probs=True`) and the TIS-DPO and cDPO weights. 8 pairs in batches of 3 leave the last batch short, which
-accelerate pads with repeated rows that the gather drops.
+accelerate pads with repeated rows that the gather drops. The TIS-DPO and cDPO trainers share one reference, so the
+second finds the reference log-probs cached by the main process only: every rank must still take the same branch
+(reading a cache only one rank holds deadlocked the run once).
 """
 
 import json
