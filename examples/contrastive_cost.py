@@ -8,6 +8,7 @@ OMP_NUM_THREADS=1 python examples/contrastive_cost.py --steps 20 --output-dir co
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import time
@@ -38,10 +39,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output-dir", default="contrastive_cost")
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
-    spec = __import__("importlib.util").util.spec_from_file_location(
+    spec = importlib.util.spec_from_file_location(
         "tis_dpo_example", os.path.join(os.path.dirname(os.path.abspath(__file__)), "tis_dpo.py")
     )
-    tis_example = __import__("importlib.util").util.module_from_spec(spec)
+    tis_example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tis_example)
     dataset = tis_example.build_pairs(0)  # 36 pairs that differ in a phrase
     words = {w for row in dataset for text in row.values() for w in text.split()}
