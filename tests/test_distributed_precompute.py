@@ -2,8 +2,10 @@
 The precomputes are sharded across ranks as TRL's `precompute_ref_log_probs` is: two CPU processes (`accelerate
 launch`, gloo) each score their share of the batches, and the gathered columns equal a one-process run, in dataset
 order, for the reference weights (`importance_model="reference"`), the reference's per-token log-probs
-(`precompute_ref_log_probs=True`) and the TIS-DPO weights. 8 pairs in batches of 3 leave the last batch short, which
-accelerate pads with repeated rows that the gather drops.
+(`precompute_ref_log_probs=True`) and the TIS-DPO and cDPO weights. 8 pairs in batches of 3 leave the last batch short, which
+accelerate pads with repeated rows that the gather drops. The TIS-DPO and cDPO trainers share one reference, so the
+second finds the reference log-probs cached by the main process only: every rank must still take the same branch
+(reading a cache only one rank holds deadlocked the run once).
 """
 
 import json
@@ -25,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 COLUMNS = {
     "reference": ["chosen_token_weights", "rejected_token_weights", "chosen_ref_token_logps", "rejected_ref_token_logps"],
     "tis_dpo": ["chosen_token_weights", "rejected_token_weights", "chosen_ref_token_logps", "rejected_ref_token_logps"],
+    "cdpo": ["chosen_token_weights", "rejected_token_weights"],
 }
 PRECOMPUTE_BATCH = 3
 
@@ -34,7 +37,7 @@ def trainer_options(name: str, model_dir: str, ref_model_dir: str) -> dict:
     common = {"triplet_gamma": 0.0, "precompute_ref_log_probs": True, "precompute_ref_batch_size": PRECOMPUTE_BATCH}
     if name == "reference":
         return {**common, "importance_model": "reference"}
-    return {**common, "token_weighting": "tis_dpo", "tis_positive_model": model_dir, "tis_negative_model": ref_model_dir}
+    return {**common, "token_weighting": name, "tis_positive_model": model_dir, "tis_negative_model": ref_model_dir}
 
 
 SCRIPT = textwrap.dedent(
@@ -118,7 +121,7 @@ def test_each_rank_scores_its_own_share(two_rank_precompute, tokenizer):
     assert rank0["world_size"] == rank1["world_size"] == 2
     prompts = {tuple(tokenizer(p, add_special_tokens=False)["input_ids"]) for p, _, _ in PAIRS}
     assert set(rank0["shares"]) == set(rank1["shares"])
-    assert len(rank0["shares"]) == 4  # reference weights, TIS-DPO weights, and each trainer's reference log-probs
+    assert len(rank0["shares"]) == 6  # reference, TIS-DPO and cDPO weights, and each trainer's reference log-probs
     for desc, share0 in rank0["shares"].items():
         share1 = rank1["shares"][desc]
         assert len(share0) < len(PAIRS) and len(share1) < len(PAIRS), desc  # neither rank scored everything

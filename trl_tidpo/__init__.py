@@ -14,8 +14,11 @@ _LAZY_NAMES = {
     "TIDPOTrainer": ".trainer.tidpo_trainer",
     "TokenImportanceCallback": ".tools.callbacks",
     "TokenWeights": ".tools.explain",
+    "add_contrastive_weight_columns": ".modeling.contrastive_models",
+    "compute_cdpo_weight_columns": ".modeling.cdpo",
     "compute_tis_dpo_weight_columns": ".modeling.tis_dpo",
     "token_weights": ".tools.explain",
+    "train_contrastive_models": ".modeling.contrastive_models",
 }
 __all__ = [
     "DataCollatorForTIDPO",
@@ -23,12 +26,17 @@ __all__ = [
     "TIDPOTrainer",
     "TokenImportanceCallback",
     "TokenWeights",
+    "add_contrastive_weight_columns",
+    "compute_cdpo_weight_columns",
     "compute_tis_dpo_weight_columns",
     "token_weights",
+    "train_contrastive_models",
 ]
 
 if TYPE_CHECKING:
     from .modeling.collator import DataCollatorForTIDPO
+    from .modeling.cdpo import compute_cdpo_weight_columns
+    from .modeling.contrastive_models import add_contrastive_weight_columns, train_contrastive_models
     from .modeling.tis_dpo import compute_tis_dpo_weight_columns
     from .tools.callbacks import TokenImportanceCallback
     from .tools.explain import TokenWeights, token_weights

@@ -13,29 +13,27 @@ system prompts (the prompt-based variant, conversational data only). The weights
 `token_weighting="dataset"` trains; `token_weighting="tis_dpo"` computes and caches them inside the trainer.
 """
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from types import SimpleNamespace
 
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 import xxhash
 from datasets import Dataset, concatenate_datasets
 from torch import nn
 from trl import DPOTrainer
 from trl.trainer.utils import create_model_from_path
-from trl.data_utils import is_conversational
 
-from .attribution import causal_lm_of, project_to_logits
-from .tokenization import tokenize_completion
+from .contrastive_scoring import contrastive_negative, contrastive_rows, eval_mode, per_token_completion_logps
 from .weight_columns import WEIGHT_COLUMNS
 
 
 TIS_TRANSFORMS = ("exp_clamp", "rank")
 DEFAULT_CLAMP = (-0.5, 1.5)  # (L, U) of TIS-DPO Eq. 19
 RANK_RANGE = (0.7, 1.3)  # the official code's rank-based range
+# The `token_weighting` values whose weights come from π+ and π− (the `tis_*_model` / `tis_system_prompts` options)
+CONTRASTIVE_WEIGHTINGS = ("tis_dpo", "cdpo")
 
 
 # ---------------------------------------------------------------------------------------------------- transforms
@@ -101,79 +99,6 @@ def rank_weights(
 # ---------------------------------------------------------------------------------------------------- log-ratios
 
 
-@contextlib.contextmanager
-def _eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Dropout off for the duration; each model's training flag is restored after."""
-    flags = [model.training for model in models]
-    try:
-        for model in models:
-            model.eval()
-        yield
-    finally:
-        for model, flag in zip(models, flags, strict=True):
-            model.train(flag)
-
-
-@torch.no_grad()
-def per_token_completion_logps(
-    model: nn.Module,
-    contexts: list[list[int]],
-    completions: list[list[int]],
-    pad_token_id: int,
-    batch_size: int = 8,
-    chunk_size: int = 1024,
-) -> list[torch.Tensor]:
-    """
-    `log π(y_t | context, y_<t)` of every completion token, row by row.
-
-    Rows are right-padded in batches of `batch_size`; only the hidden states that predict completion tokens go through
-    the output embedding, `chunk_size` positions at a time, so no `[rows, T, vocab]` tensor is built. The first token
-    of a completion with an empty context cannot be scored (the trainer never scores it either) and gets 0.
-
-    Args:
-        model: a causal LM (plain, PEFT or wrapped), used on its own device.
-        contexts (`list[list[int]]`): token ids before each completion.
-        completions (`list[list[int]]`): completion token ids.
-        pad_token_id (`int`): id used for padding.
-
-    Returns:
-        `list[torch.Tensor]`: one float32 CPU tensor `[len(completion)]` per row.
-    """
-    lm = causal_lm_of(model)
-    device = lm.get_input_embeddings().weight.device
-    results = [torch.zeros(len(completion)) for completion in completions]
-    todo = [i for i, (c, y) in enumerate(zip(contexts, completions, strict=True)) if len(c) + len(y) > 1 and y]
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        rows = [contexts[i] + completions[i] for i in batch]
-        input_ids = torch.full((len(rows), max(map(len, rows))), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        row_index, position, target = [], [], []
-        for r, (i, row) in enumerate(zip(batch, rows)):
-            input_ids[r, : len(row)] = torch.tensor(row)
-            attention_mask[r, : len(row)] = 1
-            for j in range(max(len(contexts[i]), 1), len(row)):  # hidden state j-1 predicts token j
-                row_index.append(r)
-                position.append(j - 1)
-                target.append(row[j])
-        hidden = lm.base_model(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
-        ).last_hidden_state  # [b, T, H]
-        scored = hidden[torch.tensor(row_index, device=hidden.device), torch.tensor(position, device=hidden.device)]
-        targets = torch.tensor(target, device=hidden.device)[:, None]
-        logps = []
-        for k in range(0, len(target), chunk_size):  # [chunk, vocab] logits at a time
-            logits = project_to_logits(scored[k : k + chunk_size], lm.get_output_embeddings(), lm.config)
-            logps.append(F.log_softmax(logits, dim=-1).gather(-1, targets[k : k + chunk_size]).squeeze(-1))
-        flat = torch.cat(logps).cpu()
-        offset = 0
-        for i in batch:
-            n = len(contexts[i]) + len(completions[i]) - max(len(contexts[i]), 1)
-            results[i][len(completions[i]) - n :] = flat[offset : offset + n]
-            offset += n
-    return results
-
-
 def contrastive_log_ratios(
     positive_model: nn.Module,
     negative_model: nn.Module,
@@ -192,7 +117,7 @@ def contrastive_log_ratios(
     Raises:
         ValueError: when a log-ratio is not finite (a model gave a token zero probability, or overflowed).
     """
-    with _eval_mode(positive_model, negative_model):
+    with eval_mode(positive_model, negative_model):
         positive = per_token_completion_logps(positive_model, positive_contexts, completions, pad_token_id, batch_size)
         negative = per_token_completion_logps(negative_model, negative_contexts, completions, pad_token_id, batch_size)
     ratios = [p - n for p, n in zip(positive, negative, strict=True)]
@@ -208,7 +133,7 @@ def contrastive_log_ratios(
 # ---------------------------------------------------------------------------------------------------- datasets
 
 
-def tokenize_preference_dataset(dataset: Dataset, tokenizer) -> Dataset:
+def tokenize_preference_dataset(dataset: Dataset, tokenizer, name: str = "TIS-DPO") -> Dataset:
     """
     `prompt_ids`, `chosen_ids` and `rejected_ids` exactly as `TIDPOTrainer` (TRL's `DPOTrainer._prepare_dataset`)
     tokenises them: implicit prompts extracted, EOS appended to plain-text completions, chat templates applied. Rows
@@ -220,7 +145,7 @@ def tokenize_preference_dataset(dataset: Dataset, tokenizer) -> Dataset:
     # TRL's own method, not a copy, so the ids cannot drift from the trainer's; it reads only `_tokenizer` from self
     trainer_view = SimpleNamespace(_tokenizer=tokenizer)
     args = SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
-    return DPOTrainer._prepare_dataset(trainer_view, dataset, tokenizer, args, "TIS-DPO")
+    return DPOTrainer._prepare_dataset(trainer_view, dataset, tokenizer, args, name)  # `name` labels TRL's progress
 
 
 def columns_fingerprint(dataset: Dataset, columns: Sequence[str]) -> str:
@@ -239,47 +164,6 @@ def columns_fingerprint(dataset: Dataset, columns: Sequence[str]) -> str:
             writer.write_table(table)
         hasher.update(sink.getvalue().to_pybytes())
     return hasher.hexdigest()
-
-
-def kept_completion_length(
-    prompt_length: int, completion_length: int, max_length: int | None, truncation_mode: str
-) -> int:
-    """
-    How many completion tokens to score so that every token the collator keeps is covered: with `keep_start` the row
-    `prompt + completion` is cut to its first `max_length` tokens; with `keep_end` the kept tail needs the whole
-    completion as context, so all of it is scored.
-    """
-    if max_length is None or truncation_mode == "keep_end":
-        return completion_length
-    return max(0, min(completion_length, max_length - prompt_length))
-
-
-def _system_contexts(
-    dataset: Dataset, system_prompt: str, tokenizer, side: str, completion_ids: list[list[int]]
-) -> list[list[int]]:
-    """Token ids before each `side` completion once `system_prompt` leads the conversation (prompt-based variant)."""
-    contexts = []
-    tools = dataset["tools"] if "tools" in dataset.column_names else [None] * len(dataset)
-    template_kwargs = (
-        dataset["chat_template_kwargs"] if "chat_template_kwargs" in dataset.column_names else [None] * len(dataset)
-    )
-    for index, (prompt, completion, expected, row_tools, row_kwargs) in enumerate(
-        zip(dataset["prompt"], dataset[side], completion_ids, tools, template_kwargs, strict=True)
-    ):
-        if prompt and prompt[0]["role"] == "system":  # merge with the data's own system message
-            messages = [{"role": "system", "content": f"{system_prompt}\n\n{prompt[0]['content']}"}] + prompt[1:]
-        else:
-            messages = [{"role": "system", "content": system_prompt}] + prompt
-        context, ids = tokenize_completion(tokenizer, messages, completion, row_tools, row_kwargs)
-        if ids != expected:
-            raise ValueError(
-                f"Row {index}: with the system prompt {system_prompt!r}, the {side} completion tokenises to "
-                f"{len(ids)} tokens {ids[:8]}… instead of the trainer's {len(expected)} tokens {expected[:8]}…; the "
-                "chat template renders the completion differently after a system message, so the weights could not "
-                "be aligned."
-            )
-        contexts.append(context)
-    return contexts
 
 
 def tis_dpo_weight_lists(
@@ -306,35 +190,16 @@ def tis_dpo_weight_lists(
     """
     if transform not in TIS_TRANSFORMS:
         raise ValueError(f"`transform` must be one of {TIS_TRANSFORMS}, got {transform!r}.")
-    if negative_model is None:
-        if system_prompts is None:
-            raise ValueError(
-                "TIS-DPO needs two contrastive distributions: a `negative_model`, or `system_prompts` (one model "
-                "under a positive and a negative system prompt)."
-            )
-        negative_model = positive_model
-    conversational = "prompt" in dataset.column_names and is_conversational({"prompt": dataset[0]["prompt"]})
-    if system_prompts is not None and not conversational:
-        raise ValueError(
-            "`system_prompts` (the prompt-based TIS-DPO variant) need conversational data: a 'prompt' column of "
-            "messages. This dataset's prompts are plain text (or absent); give two models instead."
-        )
-    prompt_ids = dataset["prompt_ids"]
+    negative_model = contrastive_negative(dataset, positive_model, negative_model, system_prompts, "TIS-DPO")
     columns = {}
     for side, sign in (("chosen", 1.0), ("rejected", -1.0)):  # μ of Eq. 19
-        ids = dataset[f"{side}_ids"]
-        kept = [kept_completion_length(len(p), len(c), max_length, truncation_mode) for p, c in zip(prompt_ids, ids)]
-        completions = [c[:n] for c, n in zip(ids, kept)]
-        if system_prompts is None:
-            contexts = (prompt_ids, prompt_ids)
-        else:
-            contexts = tuple(_system_contexts(dataset, text, tokenizer, side, ids) for text in system_prompts)
+        rows = contrastive_rows(dataset, tokenizer, side, system_prompts, max_length, truncation_mode)
         ratios = contrastive_log_ratios(
-            positive_model, negative_model, *contexts, completions, tokenizer.pad_token_id, batch_size
+            positive_model, negative_model, *rows.contexts, rows.completions, tokenizer.pad_token_id, batch_size
         )
         columns[f"{side}_token_weights"] = [
-            _transform_row(ratio, sign, clamp, transform) + [0.0] * (len(c) - n)
-            for ratio, c, n in zip(ratios, ids, kept)
+            _transform_row(ratio, sign, clamp, transform) + [0.0] * (len(c) - len(kept))
+            for ratio, c, kept in zip(ratios, rows.ids, rows.completions)
         ]
     return columns
 
@@ -414,23 +279,23 @@ def compute_tis_dpo_weight_columns(
 
 def check_tis_sources(token_weighting: str, positive, negative, system_prompts) -> None:
     """
-    Fail before any model loads when the TIS-DPO sources cannot give two different distributions. `positive` and
-    `negative` are paths or loaded models (None when unset); the config checks its paths, the trainer the resolved
-    sources.
+    Fail before any model loads when the sources of π+ and π− (TIS-DPO's, or cDPO's: `CONTRASTIVE_WEIGHTINGS`) cannot
+    give two different distributions. `positive` and `negative` are paths or loaded models (None when unset); the
+    config checks its paths, the trainer the resolved sources.
     """
-    if token_weighting != "tis_dpo":
+    if token_weighting not in CONTRASTIVE_WEIGHTINGS:
         given = [name for name, value in (("tis_positive_model", positive), ("tis_negative_model", negative)) if value is not None]
         if system_prompts is not None:
             given.append("tis_system_prompts")
         if given:
             raise ValueError(
-                f"{given} only apply to `token_weighting='tis_dpo'`, but `token_weighting` is {token_weighting!r}. Set "
-                "`token_weighting='tis_dpo'` or leave them unset."
+                f"{given} only apply to `token_weighting='tis_dpo'` or `'cdpo'`, but `token_weighting` is "
+                f"{token_weighting!r}. Set `token_weighting='tis_dpo'` or `'cdpo'`, or leave them unset."
             )
         return
     if system_prompts is None and (positive is None or negative is None):
         raise ValueError(
-            "`token_weighting='tis_dpo'` needs two contrastive models: set `tis_positive_model` and "
+            f"`token_weighting={token_weighting!r}` needs two contrastive models: set `tis_positive_model` and "
             "`tis_negative_model` (paths in TIDPOConfig, or loaded models as TIDPOTrainer arguments), or "
             "`tis_system_prompts` for the prompt-based variant (one model under two system prompts)."
         )

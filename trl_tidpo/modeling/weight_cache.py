@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, tqdm
+from accelerate.utils import broadcast_object_list, gather_object, tqdm
 from datasets import Dataset, IterableDataset, concatenate_datasets
 from datasets.fingerprint import Hasher, get_temporary_cache_files_directory, is_caching_enabled
 from torch import nn
@@ -74,8 +74,10 @@ def cached_columns(
         else get_temporary_cache_files_directory()
     )
     cache_file = os.path.join(directory, f"cache-{fingerprint[0]}.arrow")
-    accelerator.wait_for_everyone()  # every rank takes the same branch below
-    if os.path.exists(cache_file):
+    accelerator.wait_for_everyone()
+    # Every rank must take the same branch (the compute is collective), but an in-memory dataset's cache sits in a
+    # per-process temporary folder where only the main process wrote it: read it only where every rank has it
+    if all(gather_object([os.path.exists(cache_file)])):
         computed = Dataset.from_file(cache_file)
     else:
         computed = Dataset.from_dict(compute())

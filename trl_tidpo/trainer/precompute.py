@@ -1,6 +1,6 @@
 """
 What `TIDPOTrainer` computes over whole datasets before training, kept out of the step's code: the reference's TI-DPO
-weights (`importance_model="reference"`), TIS-DPO's weights, and the reference's per-token log-probs
+weights (`importance_model="reference"`), TIS-DPO's and cDPO's weights, and the reference's per-token log-probs
 (`precompute_ref_log_probs=True`). Each is computed once, split across processes, and cached as dataset columns
 (`modeling/weight_cache.py`). Under DeepSpeed the models run inside inference engines released before training.
 """
@@ -21,6 +21,7 @@ from ..modeling.forwards import (
     attribute_rows,
     reference_pair_forward,
 )
+from ..modeling.cdpo import cdpo_weight_lists
 from ..modeling.tis_dpo import columns_fingerprint, load_contrastive_model, tis_dpo_weight_lists
 from ..modeling.weight_cache import (
     TOKENIZED_COLUMNS,
@@ -122,8 +123,9 @@ class PrecomputeMixin:
 
     def _add_tis_dpo_weight_columns(self, positive, negative) -> None:
         """
-        TIS-DPO (SPEC §7): add the weight columns to the train and eval datasets (one pass of π+ and π− over each,
-        cached), then drop the contrastive models so that training runs exactly like `token_weighting="dataset"`.
+        TIS-DPO (SPEC §7) or cDPO (SPEC §8), per `token_weighting`: add the weight columns to the train and eval
+        datasets (one pass of π+ and π− over each, cached), then drop the contrastive models so that training runs
+        exactly like `token_weighting="dataset"`.
         """
         args = self.args
         uses_reference = positive is None  # prompt-based variant on the frozen reference
@@ -148,22 +150,40 @@ class PrecomputeMixin:
         columns = list(TOKENIZED_COLUMNS)
         if args.tis_system_prompts is not None:  # the contexts are re-rendered from the messages
             columns += ["prompt", "chosen", "rejected"]
+        cdpo = args.token_weighting == "cdpo"
+        method = "cDPO" if cdpo else "TIS-DPO"
+        options = (args.cdpo_beta, args.cdpo_only_negative) if cdpo else (list(args.tis_clamp), args.tis_transform)
         settings = (
-            args.tis_system_prompts, list(args.tis_clamp), args.tis_transform, args.max_length, args.truncation_mode,
-            self._tokenizer.eos_token_id, self._tokenizer.chat_template,
+            args.tis_system_prompts, *options, args.max_length, args.truncation_mode, self._tokenizer.eos_token_id,
+            self._tokenizer.chat_template,
         )  # fmt: skip
 
         def add_columns(dataset: Dataset, name: str) -> Dataset:
             require_map_style(
                 dataset,
                 name,
-                "`token_weighting='tis_dpo'` computes the weights over the whole dataset before training and",
-                "compute the columns with `trl_tidpo.compute_tis_dpo_weight_columns` and train with "
+                f"`token_weighting={args.token_weighting!r}` computes the weights over the whole dataset before "
+                "training and",
+                f"compute the columns with `trl_tidpo.compute_{args.token_weighting}_weight_columns` and train with "
                 "`token_weighting='dataset'`.",
             )
-            key = (columns_fingerprint(dataset, columns), model_hash, settings, "tis-dpo-weights")
+            tag = "cdpo-weights" if cdpo else "tis-dpo-weights"
+            key = (columns_fingerprint(dataset, columns), model_hash, settings, tag)
 
             def weigh(rows: Dataset) -> dict:
+                if cdpo:
+                    return cdpo_weight_lists(
+                        rows,
+                        models["positive"],
+                        models["negative"],
+                        self._tokenizer,
+                        system_prompts=args.tis_system_prompts,
+                        beta=args.cdpo_beta,
+                        only_negative=args.cdpo_only_negative,
+                        max_length=args.max_length,
+                        truncation_mode=args.truncation_mode,
+                        batch_size=len(rows),
+                    )
                 return tis_dpo_weight_lists(
                     rows,
                     models["positive"],
@@ -184,7 +204,7 @@ class PrecomputeMixin:
                         dataset,
                         batch_size=args.precompute_ref_batch_size or args.per_device_train_batch_size,
                         compute=weigh,
-                        desc=f"Computing TIS-DPO token weights for {name} dataset",
+                        desc=f"Computing {method} token weights for {name} dataset",
                     )
 
             return cached_columns(self.accelerator, dataset, name, key, compute)

@@ -3,7 +3,8 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
-from ..modeling.tis_dpo import check_tis_sources
+from ..modeling.cdpo import DEFAULT_CDPO_BETA
+from ..modeling.tis_dpo import CONTRASTIVE_WEIGHTINGS, check_tis_sources
 from ..modeling.weight_columns import is_weight
 from ..ops.weighted_losses import F_DIVERGENCE_TYPES, KL_LOSS_TYPES, LOSS_TYPES
 from .tidpo_defaults import CHOICES, DEFAULTS, WEIGHT_OPTIONS
@@ -39,7 +40,8 @@ class TIDPOConfig(DPOConfig):
             completion token weighs 1, which is TRL's DPO. `"dataset"`: weights read from the `chosen_token_weights`
             and `rejected_token_weights` columns (one non-negative float per tokenised completion token). `"tis_dpo"`:
             TIS-DPO's weights from two contrastive models (see the `tis_*` parameters), computed once before training,
-            cached as those columns, then used like `"dataset"`. `"difference"`: weights from the pair itself, tokens
+            cached as those columns, then used like `"dataset"`. `"cdpo"`: cDPO's contrastive-estimation weights from the
+            same two models (see `cdpo_beta`), computed and cached the same way. `"difference"`: weights from the pair itself, tokens
             of the aligned common prefix and suffix of chosen and rejected weigh `difference_shared_weight`, the
             differing middle `difference_differing_weight` (then normalised per `weight_normalization`); no extra
             forward, no attribution: the baseline that TI-DPO's attribution has to beat. Cost of `"ti_dpo"` with
@@ -76,7 +78,7 @@ class TIDPOConfig(DPOConfig):
         difference_differing_weight (`float`, *optional*, defaults to `1.0`):
             With `token_weighting="difference"`: raw weight (≥ 0) of the tokens where the two completions differ.
 
-        > Parameters that control the TIS-DPO weights (`token_weighting="tis_dpo"`)
+        > Parameters that control the contrastive-model weights (`token_weighting="tis_dpo"` or `"cdpo"`)
 
         tis_positive_model (`str`, *optional*):
             Path or hub id of π+ (e.g. a DPO model). A loaded model can be passed instead as the trainer's
@@ -93,6 +95,14 @@ class TIDPOConfig(DPOConfig):
             `"exp_clamp"` (paper Eq. 19) or `"rank"` (official code: each response's ranks of μ·r̂ mapped linearly onto
             [0.7, 1.3], last token weight 0: each response's last kept token, the EOS of plain text). Cost: one
             forward of π+ and one of π− over each dataset, once (cached).
+        cdpo_beta (`float`, *optional*, defaults to `1.0`):
+            With `token_weighting="cdpo"`: β_ce ≥ 0 of cDPO's contrastive estimation `p_t = softmax((1+β_ce)·z⁺_t −
+            β_ce·z⁻_t)[y_t]` (`z^±` π±'s logits); a rejected token weighs `1 − p_t` (its response's last EOS 1). `0`
+            uses π+ alone. Cost: one forward of π+ and one of π− over the rejected completions of each dataset, once
+            (cached); their logits are built in chunks of positions.
+        cdpo_only_negative (`bool`, *optional*, defaults to `True`):
+            With `token_weighting="cdpo"`: chosen tokens weigh 1 (the cDPO authors' `only_neg`). `False`: they weigh
+            `p_t`, which costs the same two forwards over the chosen completions.
 
         > Parameters that control the triplet loss
 
@@ -160,6 +170,7 @@ class TIDPOConfig(DPOConfig):
             "completion token weighs 1 (TRL's DPO). 'dataset': read the 'chosen_token_weights' and "
             "'rejected_token_weights' columns (or character spans: 'chosen_weight_spans' / 'rejected_weight_spans'). "
             "'tis_dpo': TIS-DPO weights from two contrastive models (tis_* options), computed once before training. "
+            "'cdpo': cDPO's contrastive-estimation weights from the same two models (cdpo_* options), likewise. "
             "'difference': the pair's common prefix/suffix tokens weigh difference_shared_weight, the differing "
             "middle difference_differing_weight (no attribution).",
             "choices": list(CHOICES["token_weighting"]),
@@ -250,6 +261,19 @@ class TIDPOConfig(DPOConfig):
             "help": "'exp_clamp' (TIS-DPO paper, Eq. 19) or 'rank' (official code: ranks mapped onto [0.7, 1.3], "
             "last token weight 0).",
             "choices": ["exp_clamp", "rank"],
+        },
+    )
+    cdpo_beta: float = field(
+        default=DEFAULT_CDPO_BETA,
+        metadata={
+            "help": "token_weighting='cdpo': β_ce >= 0 of cDPO's p = softmax((1+β_ce)·z+ − β_ce·z-)[y]; a rejected "
+            "token weighs 1 − p (its last EOS 1). 0 uses π+ alone."
+        },
+    )
+    cdpo_only_negative: bool = field(
+        default=True,
+        metadata={
+            "help": "token_weighting='cdpo': chosen tokens weigh 1 (the cDPO authors' only_neg); False: they weigh p."
         },
     )
     triplet_gamma: float = field(
@@ -463,10 +487,32 @@ class TIDPOConfig(DPOConfig):
                 )
             if prompts[0] == prompts[1]:
                 raise ValueError("`tis_system_prompts` are identical, so π+ and π− would agree and every weight be 1.")
+        self._validate_cdpo_fields()
         both_paths = self.tis_positive_model is not None and self.tis_negative_model is not None
-        if self.token_weighting != "tis_dpo" or both_paths:
+        if self.token_weighting not in CONTRASTIVE_WEIGHTINGS or both_paths:
             # the trainer checks again, once loaded models may stand in for the paths
             check_tis_sources(self.token_weighting, self.tis_positive_model, self.tis_negative_model, prompts)
+
+    def _validate_cdpo_fields(self):
+        """cDPO's options in range, and no option of one contrastive weighting set under another (it would be
+        ignored)."""
+        if not is_weight(self.cdpo_beta):
+            raise ValueError(f"`cdpo_beta` must be a finite number >= 0, got {self.cdpo_beta!r}.")
+        fields = self.__dataclass_fields__
+        cdpo_set = [name for name in ("cdpo_beta", "cdpo_only_negative") if getattr(self, name) != fields[name].default]
+        if cdpo_set and self.token_weighting != "cdpo":
+            raise ValueError(
+                f"{cdpo_set} only apply to `token_weighting='cdpo'`, but `token_weighting` is "
+                f"{self.token_weighting!r}. Set `token_weighting='cdpo'` or leave them at their defaults."
+            )
+        tis_set = ["tis_transform"] if self.tis_transform != fields["tis_transform"].default else []
+        if list(self.tis_clamp) != list(fields["tis_clamp"].default_factory()):
+            tis_set.append("tis_clamp")
+        if tis_set and self.token_weighting == "cdpo":
+            raise ValueError(
+                f"{tis_set} shape TIS-DPO's weights, which `token_weighting='cdpo'` does not compute. Leave them at "
+                "their defaults, or set `token_weighting='tis_dpo'`."
+            )
 
     def _refuse_unsupported_dpo_options(self):
         """Refuse what has no meaning with token weights, before TRL checks the DPO options themselves."""

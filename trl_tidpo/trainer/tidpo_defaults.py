@@ -19,7 +19,7 @@ DEFAULTS = {
 }
 
 CHOICES = {
-    "token_weighting": ("ti_dpo", "uniform", "dataset", "tis_dpo", "difference"),
+    "token_weighting": ("ti_dpo", "uniform", "dataset", "tis_dpo", "cdpo", "difference"),
     "weight_span": ("completion", "sequence"),
     "weight_normalization": ("mean", "sum"),
 }

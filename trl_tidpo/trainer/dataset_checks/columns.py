@@ -36,7 +36,7 @@ def check_token_weight_columns(token_weighting: str, columns, where: str) -> lis
     """
     The column rule of the token weights. `token_weighting="dataset"` reads them one way: the span columns
     (`*_weight_spans`, on an untokenised dataset) or both `*_token_weights` columns. Every other `token_weighting`
-    refuses both kinds (`"tis_dpo"` computes the weight columns itself; the others would ignore them).
+    refuses both kinds (`"tis_dpo"` and `"cdpo"` compute the weight columns themselves; the others would ignore them).
 
     Args:
         token_weighting (`str`): `TIDPOConfig.token_weighting`.
@@ -57,9 +57,10 @@ def check_token_weight_columns(token_weighting: str, columns, where: str) -> lis
                 f"{where} has the span column(s) {spans}, which only `token_weighting='dataset'` reads, but "
                 f"`token_weighting` is {token_weighting!r}. Set `token_weighting='dataset'` or remove the columns."
             )
-        if lists and token_weighting == "tis_dpo":
+        if lists and token_weighting in ("tis_dpo", "cdpo"):
             raise ValueError(
-                f"{where} already has token weight columns, which `token_weighting='tis_dpo'` computes itself. "
+                f"{where} already has token weight columns, which `token_weighting={token_weighting!r}` computes "
+                "itself. "
                 "Use `token_weighting='dataset'` to train on them, or remove them to recompute."
             )
         if lists:
