@@ -15,6 +15,7 @@ DPO term's and the γ-scaled triplet term's gradients, and every run keeps the l
 """
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -35,12 +36,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_arithmetic
 import tiny_task
 from triplet_probe import probed
+
+from trl_tidpo import add_contrastive_weight_columns
 from variants import VARIANTS, Variant
 
 TRIPLET_METRICS = ("triplet/anchor_equals_chosen", "triplet/anchor_equals_rejected", "triplet/skipped_rows")
 
 
-def run_one(name: str, learning_rate: float, seed: int, args) -> dict:
+# π+/π− of the contrastive variants, trained from the seed's start on its training pairs (fixed, never tuned on results)
+CONTRASTIVE_TRAINING = {"sft": {"max_steps": 60, "learning_rate": 1e-3}, "dpo": {"max_steps": 30, "learning_rate": 1e-4}}
+
+
+def contrastive_datasets(args) -> dict[tuple[str, str], datasets.Dataset]:
+    """The training pairs with TIS-DPO's and cDPO's weight columns, per π± recipe the chosen variants need."""
+    state = tiny_arithmetic._STATE
+    recipes = sorted({VARIANTS[n].contrastive[0] for n in args.variants if VARIANTS[n].contrastive})
+    out = {}
+    for recipe in recipes:
+        c0 = time.process_time()
+        training_args = {"per_device_train_batch_size": args.batch_size, "bf16": False, "use_cpu": True,
+                         "seed": args.seed, "report_to": [], "disable_tqdm": True, "save_strategy": "no"}  # fmt: skip
+        if recipe == "dpo":
+            training_args["beta"] = args.beta
+        with tempfile.TemporaryDirectory() as output_dir:
+            weighted = add_contrastive_weight_columns(
+                state["model"], state["tokenizer"], state["dataset"], recipe, output_dir=output_dir,
+                training_args=training_args, max_length=16, **CONTRASTIVE_TRAINING[recipe],
+            )  # fmt: skip
+        for weighting, dataset in weighted.items():
+            out[(recipe, weighting)] = dataset
+        print(f"seed {args.seed}: π± by '{recipe}' and their weights in {time.process_time() - c0:.0f} CPU s", flush=True)
+        args.contrastive_cpu_seconds[recipe] = time.process_time() - c0
+    return out
+
+
+def run_one(name: str, learning_rate: float, seed: int, args, weighted: dict | None = None) -> dict:
     """Train one variant from the seed's start at one rate; per-prompt dev and held-out results and the probes."""
     variant = VARIANTS[name]
     has_triplet = variant.config_overrides is not None and variant.config_overrides.get("triplet_gamma", 0.1) > 0
@@ -50,7 +80,14 @@ def run_one(name: str, learning_rate: float, seed: int, args) -> dict:
     with tempfile.TemporaryDirectory() as output_dir:
         config = tiny_arithmetic.training_config(variant, args, learning_rate=learning_rate, seed=seed, output_dir=output_dir)
         config.logging_steps = args.probe_every  # the anchor shares over training, not only their mean
-        trainer = tiny_arithmetic.build_trainer(variant, config)
+        if variant.contrastive:
+            start = tiny_arithmetic._STATE["model"]
+            trainer = variant.trainer_cls(
+                model=copy.deepcopy(start), ref_model=copy.deepcopy(start), args=config,
+                train_dataset=weighted[variant.contrastive], processing_class=tiny_arithmetic._STATE["tokenizer"],
+            )  # fmt: skip
+        else:
+            trainer = tiny_arithmetic.build_trainer(variant, config)
         trainer.train()
         train_cpu = time.process_time() - c0
         state = tiny_arithmetic._STATE
@@ -120,9 +157,11 @@ def main(argv: list[str] | None = None) -> Path:
     tiny_arithmetic._STATE.update(state)
     chosen = json.loads(Path(args.chosen).read_text()) if args.chosen else None
     jobs = [(n, chosen[n]) for n in args.variants] if chosen else [(n, lr) for n in args.variants for lr in args.learning_rates]
+    args.contrastive_cpu_seconds = {}
+    weighted = contrastive_datasets(args)
     runs = []
     for name, learning_rate in jobs:
-        runs.append(run_one(name, learning_rate, args.seed, args))
+        runs.append(run_one(name, learning_rate, args.seed, args, weighted))
         print(f"seed {args.seed} {name} lr {learning_rate:g}: held-out {statistics.mean(runs[-1]['heldout']['correct']):.3f}", flush=True)
     tag = f"-{args.tag}" if args.tag else ""
     out = Path(args.out_dir) / f"seed{args.seed}{'-final' if chosen else '-grid'}{tag}.json"

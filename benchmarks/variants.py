@@ -47,6 +47,9 @@ class Variant:
     trainer_cls: type = TIDPOTrainer
     config_overrides: dict[str, Any] | None = field(default_factory=dict)
     note: str = ""
+    # (recipe, weighting): train on the pairs with the weight columns `add_contrastive_weight_columns` computes from
+    # π+/π− built by that recipe from the start and the training pairs (`token_weighting="dataset"`)
+    contrastive: tuple[str, str] | None = None
 
     def config(self, **common) -> DPOConfig:
         if self.config_overrides is None:
@@ -75,6 +78,15 @@ VARIANTS: dict[str, Variant] = {
         config_overrides={"triplet_skip_copy_anchors": True, "triplet_gradient": "anchor"},
         note="both triplet fixes",
     ),
+    **{
+        f"{label} ({recipe.upper()} π±)": Variant(
+            config_overrides={**NO_TRIPLET, "token_weighting": "dataset"},
+            note=f"{label}'s weights from π+/π− built by the '{recipe}' recipe (trl_tidpo.add_contrastive_weight_columns)",
+            contrastive=(recipe, weighting),
+        )
+        for label, weighting in (("TIS-DPO", "tis_dpo"), ("cDPO", "cdpo"))
+        for recipe in ("sft", "dpo")
+    },
     "difference": Variant(
         config_overrides={**NO_TRIPLET, "token_weighting": "difference"},
         note="shared prefix/suffix 0.5, differing tokens 1, mean 1; no attribution, no triplet",
