@@ -151,3 +151,24 @@ def test_gate_uses_the_seed_level_interval_and_flags_a_missing_dpo():
     assert missing["passed"] is None and "DPO is not among the variants" in missing["message"]
     one_seed = bench_stats.gate(["DPO"], bench_stats.compare(strong[:1], start, reps=100))
     assert one_seed["basis"] == "prompt-level (one seed)"
+
+
+def test_summary_rows_pair_seeds_with_dpo():
+    import summarize
+
+    head = {
+        "benchmark": "toy", "title": "Toy", "doc": "docs/toy.md", "metric": "held-out accuracy", "start": 0.2,
+        "variants": {
+            "X": {"seeds": [2, 0, 1], "per_seed": [0.7, 0.5, 0.6], "cpu_s_per_step": 3.0, "prompt_ci": [0.0, 0.3]},
+            "DPO": {"seeds": [0, 1, 2], "per_seed": [0.4, 0.4, 0.5], "cpu_s_per_step": 1.5, "prompt_ci": None},
+        },
+    }  # fmt: skip
+    entry, rows = summarize.summarize_benchmark(head)
+    assert entry["seeds"] == 3 and entry["dpo"] == pytest.approx(13 / 30) and entry["start"] == 0.2
+    assert [r["variant"] for r in rows] == ["DPO", "X"]
+    x = rows[1]
+    # per seed (by seed id): 0.5 − 0.4, 0.6 − 0.4, 0.7 − 0.5 = 0.1, 0.2, 0.2: mean 1/6, sd 0.057735, SE 0.033333
+    assert x["delta"] == pytest.approx(1 / 6)
+    half = 4.3027 * (0.0577350 / math.sqrt(3))
+    assert x["ci"] == pytest.approx([1 / 6 - half, 1 / 6 + half], abs=1e-5)
+    assert x["prompt_ci"] == [0.0, 0.3] and x["cpu_ratio_vs_dpo"] == pytest.approx(2.0) and x["seeds"] == 3
