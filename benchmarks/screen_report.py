@@ -21,23 +21,21 @@ def load_runs(paths: list[str]) -> list[dict]:
     return [json.loads(Path(p).read_text()) for p in paths]
 
 
-def choose_rates(grid_files: list[dict]) -> tuple[dict[str, float], dict[str, dict[float, float]]]:
-    """
-    Per variant, the rate with the best mean dev accuracy over the grid seeds (ties: the best mean dev gold log-prob),
-    and every rate's mean dev accuracy.
-    """
-    scores: dict[str, dict[float, list[tuple[float, float]]]] = {}
+def dev_scores_of(grid_files: list[dict]) -> dict[str, dict[float, list[tuple[float, float]]]]:
+    """Per variant and rate, one `(dev accuracy, dev gold log-prob)` per grid seed."""
+    scores: dict[str, dict[float, list]] = {}
     for f in grid_files:
         for run in f["runs"]:
             scores.setdefault(run["variant"], {}).setdefault(run["learning_rate"], []).append(
                 (statistics.mean(run["dev"]["correct"]), statistics.mean(run["dev"]["gold_logp"]))
             )
-    chosen, dev = {}, {}
-    for name, by_rate in scores.items():
-        means = {lr: tuple(statistics.mean(s[i] for s in runs) for i in (0, 1)) for lr, runs in by_rate.items()}
-        chosen[name] = max(means, key=means.get)
-        dev[name] = {lr: m[0] for lr, m in sorted(means.items())}
-    return chosen, dev
+    return scores
+
+
+def choose_rates(grid_files: list[dict]) -> dict[str, dict]:
+    """Per variant, `bench_stats.select_learning_rate` over the rates its grid seeds ran (best mean dev accuracy;
+    ties: the best dev gold log-prob), with the grid-edge flag."""
+    return {name: select_learning_rate(by_rate, sorted(by_rate)) for name, by_rate in dev_scores_of(grid_files).items()}
 
 
 def final_runs(files: list[dict], chosen: dict[str, float]) -> dict[str, list[dict]]:
@@ -70,14 +68,9 @@ def triplet_diagnostics(runs: list[dict]) -> dict | None:
 def report(files: list[dict], grid_seeds: list[int]) -> dict:
     """Every variant at its dev-chosen rate against DPO, seed-level first; the start per seed; the triplet probes."""
     grid_files = [f for f in files if f["seed"] in grid_seeds and "-grid" in f.get("kind", "-grid")]
-    dev_scores: dict[str, dict[float, list]] = {}
+    dev_scores = dev_scores_of(grid_files)
     rates = sorted({r["learning_rate"] for f in grid_files for r in f["runs"]})
-    for f in grid_files:
-        for run in f["runs"]:
-            dev_scores.setdefault(run["variant"], {}).setdefault(run["learning_rate"], []).append(
-                (statistics.mean(run["dev"]["correct"]), statistics.mean(run["dev"]["gold_logp"]))
-            )
-    selection = {name: select_learning_rate(scores, rates) for name, scores in dev_scores.items()}
+    selection = choose_rates(grid_files)
     chosen = {name: sel["learning_rate"] for name, sel in selection.items()}
     runs = final_runs(files, chosen)
     starts = {f["seed"]: f["start"]["heldout"] for f in files}
@@ -184,12 +177,11 @@ def main(argv=None) -> None:
         print(summary["gate"]["message"])
         print(markdown(summary))
         return
-    chosen, dev = choose_rates(load_runs(args.files))
-    for name, by_rate in dev.items():
-        rates = sorted(by_rate)
-        edge = " (at the grid's edge)" if chosen[name] in (rates[0], rates[-1]) else ""
-        print(f"{name}: {chosen[name]:g}{edge}; dev " + ", ".join(f"{lr:g}: {acc:.3f}" for lr, acc in by_rate.items()))
-    Path(args.output).write_text(json.dumps(chosen, indent=2))
+    selection = choose_rates(load_runs(args.files))
+    for name, sel in selection.items():
+        edge = f" (at the grid's {sel['edge']} edge: try {sel['beyond']:g})" if sel["edge"] else ""
+        print(f"{name}: {sel['learning_rate']:g}{edge}")
+    Path(args.output).write_text(json.dumps({name: sel["learning_rate"] for name, sel in selection.items()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ DPO term's and the γ-scaled triplet term's gradients, and every run keeps the l
 """
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -49,7 +48,7 @@ CONTRASTIVE_TRAINING = {"sft": {"max_steps": 60, "learning_rate": 1e-3}, "dpo": 
 
 def contrastive_datasets(args) -> dict[tuple[str, str], datasets.Dataset]:
     """The training pairs with TIS-DPO's and cDPO's weight columns, per π± recipe the chosen variants need."""
-    state = tiny_arithmetic._STATE
+    state = {**tiny_arithmetic._STATE["starts"][args.seed], "tokenizer": tiny_arithmetic._STATE["tokenizer"]}
     recipes = sorted({VARIANTS[n].contrastive[0] for n in args.variants if VARIANTS[n].contrastive})
     out = {}
     for recipe in recipes:
@@ -80,14 +79,10 @@ def run_one(name: str, learning_rate: float, seed: int, args, weighted: dict | N
     with tempfile.TemporaryDirectory() as output_dir:
         config = tiny_arithmetic.training_config(variant, args, learning_rate=learning_rate, seed=seed, output_dir=output_dir)
         config.logging_steps = args.probe_every  # the anchor shares over training, not only their mean
+        start = tiny_arithmetic._STATE["starts"][seed]
         if variant.contrastive:
-            start = tiny_arithmetic._STATE["model"]
-            trainer = variant.trainer_cls(
-                model=copy.deepcopy(start), ref_model=copy.deepcopy(start), args=config,
-                train_dataset=weighted[variant.contrastive], processing_class=tiny_arithmetic._STATE["tokenizer"],
-            )  # fmt: skip
-        else:
-            trainer = tiny_arithmetic.build_trainer(variant, config)
+            start = {**start, "dataset": weighted[variant.contrastive]}
+        trainer = tiny_arithmetic.build_trainer(variant, config, start)
         trainer.train()
         train_cpu = time.process_time() - c0
         state = tiny_arithmetic._STATE
@@ -107,22 +102,26 @@ def run_one(name: str, learning_rate: float, seed: int, args, weighted: dict | N
 
 
 def prepared_start(args) -> dict:
-    """`tiny_arithmetic.prepare` for the seed, cached in `--out-dir` (the SFT start costs most of a process's CPU)."""
-    name = f"start-seed{args.seed}-sft{args.sft_steps}-pairs{args.pair_prompts}-heldout{args.heldout}-dev{args.dev}.pt"
+    """
+    The seed's start (`tiny_arithmetic.prepare_start` with `data_seed = seed`: its own SFT start, pairs and splits),
+    cached in `--out-dir` (the SFT costs most of a process's CPU), and registered in `tiny_arithmetic._STATE`.
+    """
+    name = f"start2-seed{args.seed}-sft{args.sft_steps}-pairs{args.pair_prompts}-heldout{args.heldout}-dev{args.dev}.pt"
     path = Path(args.out_dir) / name
     if path.exists():
-        cached = torch.load(path, weights_only=False)
-        model = tiny_task.build_model(tiny_task.build_tokenizer(), tiny_arithmetic.SFT["hidden_size"],
-                                      tiny_arithmetic.SFT["num_layers"], seed=args.seed)  # fmt: skip
-        model.load_state_dict(cached.pop("model_state"))
-        return {**cached, "model": model, "tokenizer": tiny_task.build_tokenizer(),
-                "dataset": datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")}
-                                                        for p in cached["pairs"]])}  # fmt: skip
-    state = tiny_arithmetic.prepare(args)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    keep = {k: v for k, v in state.items() if k not in ("model", "tokenizer", "dataset")}
-    torch.save({**keep, "model_state": state["model"].state_dict()}, path)
-    return state
+        start = torch.load(path, weights_only=False)
+    else:
+        start = tiny_arithmetic.prepare_start((args.seed, args))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(start, path)
+    tokenizer = tiny_task.build_tokenizer()
+    sft = tiny_arithmetic.SFT
+    model = tiny_task.build_model(tokenizer, sft["hidden_size"], sft["num_layers"], seed=args.seed)
+    model.load_state_dict(start["state_dict"])
+    rows = {key: [p[key] for p in start["pairs"]] for key in ("prompt", "chosen", "rejected")}
+    start = {**start, "model": model.eval(), "dataset": datasets.Dataset.from_dict(rows)}
+    tiny_arithmetic._STATE.update(tokenizer=tokenizer, splits=tiny_arithmetic.splits_of(args), starts={args.seed: start})
+    return start
 
 
 def parse_args(argv):
@@ -153,8 +152,7 @@ def main(argv: list[str] | None = None) -> Path:
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     cpu0 = time.process_time()
-    state = prepared_start(args)
-    tiny_arithmetic._STATE.update(state)
+    start = prepared_start(args)
     chosen = json.loads(Path(args.chosen).read_text()) if args.chosen else None
     jobs = [(n, chosen[n]) for n in args.variants] if chosen else [(n, lr) for n in args.variants for lr in args.learning_rates]
     args.contrastive_cpu_seconds = {}
@@ -166,13 +164,12 @@ def main(argv: list[str] | None = None) -> Path:
     tag = f"-{args.tag}" if args.tag else ""
     out = Path(args.out_dir) / f"seed{args.seed}{'-final' if chosen else '-grid'}{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    start = state["start"]
     out.write_text(json.dumps({
         "seed": args.seed,
         "args": vars(args),
-        "start": {s: {k: start[s][k] for k in ("correct", "gold_logp")} for s in ("dev", "heldout")},
-        "pairs": len(state["pairs"]),
-        "sft_cpu_seconds": state["sft_cpu_seconds"],
+        "start": {s: {k: start["eval"][s][k] for k in ("correct", "gold_logp")} for s in ("dev", "heldout")},
+        "pairs": len(start["pairs"]),
+        "sft_cpu_seconds": start["sft_cpu_seconds"],
         "cpu_seconds": time.process_time() - cpu0,
         "runs": runs,
     }))  # fmt: skip
