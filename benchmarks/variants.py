@@ -17,6 +17,7 @@ from trl import DPOConfig, DPOTrainer
 from trl_tidpo import TIDPOConfig, TIDPOTrainer
 from trl_tidpo.ops.importance import HybridWeights
 from trl_tidpo.ops.pair_alignment import align_pair_completions, tie_shared_prefix
+from trl_tidpo.trainer.triplet_terms import triplet_terms
 
 
 class PrefixTiedTIDPOTrainer(TIDPOTrainer):
@@ -38,6 +39,20 @@ class PrefixTiedTIDPOTrainer(TIDPOTrainer):
         return HybridWeights(
             tie_shared_prefix(weights.weights, prefix), weights.importance, weights.prior, weights.fallback, weights.empty
         )
+
+
+class AnchorGradientTIDPOTrainer(TIDPOTrainer):
+    """
+    TI-DPO whose triplet moves only the anchor: the chosen and rejected log-ratios are detached inside it
+    (`triplet_terms(..., gradient="anchor")`), so the triplet never pulls the pair together directly. A copy anchor
+    *is* the copied sequence, so it still moves the pair through it; combine with `triplet_skip_copy_anchors`.
+    """
+
+    def _triplet_terms(self, policy, ref, anchor, ref_anchor, pair_token_ids):
+        return triplet_terms(
+            policy, ref, anchor, ref_anchor, pair_token_ids, margin=self.args.triplet_margin,
+            skip_copy_anchors=self.args.triplet_skip_copy_anchors, gradient="anchor",
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -71,11 +86,13 @@ VARIANTS: dict[str, Variant] = {
         note="paper defaults; anchors token-identical to the chosen or rejected completion left out of the triplet",
     ),
     "TI-DPO anchor gradient": Variant(
-        config_overrides={"triplet_gradient": "anchor"},
+        AnchorGradientTIDPOTrainer,
+        config_overrides={},
         note="paper defaults; chosen/rejected log-ratios detached inside the triplet",
     ),
     "TI-DPO skip copies + anchor gradient": Variant(
-        config_overrides={"triplet_skip_copy_anchors": True, "triplet_gradient": "anchor"},
+        AnchorGradientTIDPOTrainer,
+        config_overrides={"triplet_skip_copy_anchors": True},
         note="both triplet fixes",
     ),
     **{

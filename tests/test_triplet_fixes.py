@@ -1,6 +1,7 @@
 """
 The triplet's behaviour on on-policy pairs (SPEC §4): which anchors copy a completion (`ops.triplet.completion_copies`,
-`triplet/anchor_equals_*`), and the opt-in fixes `triplet_skip_copy_anchors` and `triplet_gradient="anchor"`.
+`triplet/anchor_equals_*`), the opt-in fix `triplet_skip_copy_anchors`, and the anchor-only gradient the benchmarks
+test (`triplet_terms(..., gradient="anchor")`).
 """
 
 import pytest
@@ -83,15 +84,15 @@ def test_anchor_gradient_leaves_the_pair_alone():
     torch.testing.assert_close(anchor_inputs[2].per_token_logps.grad, full_inputs[2].per_token_logps.grad)
 
 
-def test_unknown_triplet_gradient_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="`triplet_gradient` must be one of"):
-        TIDPOConfig(output_dir=str(tmp_path), triplet_gradient="pair", use_cpu=True)
+def test_unknown_triplet_gradient_is_refused():
+    policy, ref, anchor, ref_anchor, ids = toy_forwards(torch.tensor([[1, 5, 5, 5, 5], [1, 6, 6, 6, 6]]))
+    with pytest.raises(ValueError, match="`gradient` must be one of"):
+        triplet_terms(policy, ref, anchor, ref_anchor, ids, margin=0.01, gradient="pair")
 
 
-@pytest.mark.parametrize("option", [{"triplet_skip_copy_anchors": True}, {"triplet_gradient": "anchor"}])
-def test_triplet_fix_without_triplet_is_refused(tmp_path, option):
-    with pytest.raises(ValueError, match=f"`{next(iter(option))}` changes the triplet loss.*`triplet_gamma > 0`"):
-        TIDPOConfig(output_dir=str(tmp_path), triplet_gamma=0.0, use_cpu=True, **option)
+def test_skip_copy_anchors_without_triplet_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="`triplet_skip_copy_anchors` changes the triplet loss.*`triplet_gamma > 0`"):
+        TIDPOConfig(output_dir=str(tmp_path), triplet_gamma=0.0, use_cpu=True, triplet_skip_copy_anchors=True)
 
 
 def test_trainer_logs_copy_shares_and_skips_copies(tmp_path, model_dir, ref_model_dir, tokenizer, standard_dataset):

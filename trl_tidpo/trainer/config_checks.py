@@ -14,7 +14,6 @@ from ..ops.weighted_losses import F_DIVERGENCE_TYPES, KL_LOSS_TYPES, LOSS_TYPES
 # Fields whose `choices` metadata `__post_init__` enforces (DPOConfig's own are TRL's to check).
 TIDPO_CHOICE_FIELDS = (
     "token_weighting", "importance_model", "weight_span", "weight_normalization", "tis_transform", "anchor_source",
-    "triplet_gradient",
 )  # fmt: skip
 
 
@@ -101,12 +100,10 @@ def validate_tidpo_fields(config: DPOConfig) -> None:
     for name, ok, allowed in checks:
         if not ok:
             raise ValueError(f"`{name}` must be {allowed}, got {getattr(config, name)!r}.")
-    triplet_fixes = [name for name, on in (("triplet_skip_copy_anchors", config.triplet_skip_copy_anchors),
-                                            ("triplet_gradient", config.triplet_gradient != "full")) if on]  # fmt: skip
-    if config.triplet_gamma == 0 and triplet_fixes:
+    if config.triplet_gamma == 0 and config.triplet_skip_copy_anchors:
         raise ValueError(
-            f"`{triplet_fixes[0]}` changes the triplet loss, which `triplet_gamma=0` turns off. Set "
-            "`triplet_gamma > 0` (the paper's 0.1) or leave the triplet options at their defaults."
+            "`triplet_skip_copy_anchors` changes the triplet loss, which `triplet_gamma=0` turns off. Set "
+            "`triplet_gamma > 0` (the paper's 0.1) or leave `triplet_skip_copy_anchors=False`."
         )
     no_weight = config.difference_shared_weight == config.difference_differing_weight == 0
     if config.token_weighting == "difference" and no_weight:

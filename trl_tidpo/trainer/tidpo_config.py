@@ -107,11 +107,6 @@ class TIDPOConfig(DPOConfig):
             copies the rejected completion makes the triplet minimise `Σ (ℓ^r − ℓ^c)²`, pulling the pair's log-ratios
             together against the DPO margin (SPEC §4); `triplet/anchor_equals_chosen` and
             `triplet/anchor_equals_rejected` show how often that happens, with or without this option.
-        triplet_gradient (`str`, *optional*, defaults to `"full"`):
-            `"full"` (the paper's): the triplet's gradient reaches the anchor, chosen and rejected log-ratios.
-            `"anchor"` (opt-in, not in the paper): the chosen and rejected log-ratios are detached inside the triplet,
-            so it moves the anchor toward the chosen response and never pulls the pair together directly (a copy
-            anchor *is* the copied sequence, so combine with `triplet_skip_copy_anchors` for that case).
         anchor_source (`str`, *optional*, defaults to `"policy"`):
             `"policy"`: an anchor is sampled from the current policy for each prompt at every step (costs one
             generation of up to `anchor_max_new_tokens` tokens per step). `"dataset"`: read from an `anchor` column in
@@ -277,14 +272,6 @@ class TIDPOConfig(DPOConfig):
         metadata={
             "help": "Opt-in (not in the paper): no triplet loss for rows whose anchor completion is token-identical to "
             "the chosen or rejected one (counted in `triplet/skipped_rows`)."
-        },
-    )
-    triplet_gradient: str = field(
-        default="full",
-        metadata={
-            "help": "'full' (the paper's) or 'anchor' (opt-in: chosen and rejected log-ratios detached inside the "
-            "triplet, so it moves only the anchor's).",
-            "choices": ["full", "anchor"],
         },
     )
     anchor_source: str = field(

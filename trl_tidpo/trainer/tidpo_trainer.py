@@ -450,7 +450,6 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
             pair_token_ids,
             margin=self.args.triplet_margin,
             skip_copy_anchors=self.args.triplet_skip_copy_anchors,
-            gradient=self.args.triplet_gradient,
         )
 
     def _sequential_kl(self, model, policy: PairForward, ref: PairForward) -> torch.Tensor:

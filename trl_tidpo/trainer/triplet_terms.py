@@ -6,7 +6,9 @@ the distances, the per-pair loss, which anchors copy a completion, and the opt-i
   triplet loss. A copy of the rejected turns the loss into `Σ (ℓ^r - ℓ^c)^2`, which pulls the pair together against
   the DPO margin; a copy of the chosen helps only until `d_neg` reaches the margin.
 - `gradient="anchor"`: the chosen and rejected log-ratios are detached inside the triplet, so it moves the anchor's
-  log-ratios toward the chosen ones and away from the rejected ones, and never moves the pair's directly.
+  log-ratios toward the chosen ones and away from the rejected ones, and never moves the pair's directly. Not a
+  `TIDPOConfig` option: on the tiny benchmark it lost to the paper's form (docs/triplet.md), so only the benchmarks'
+  `AnchorGradientTIDPOTrainer` uses it.
 """
 
 import torch
@@ -44,7 +46,7 @@ def triplet_terms(
         `TripletTerms`: `[B]` tensors; `loss` is 0 on skipped rows.
     """
     if gradient not in TRIPLET_GRADIENTS:
-        raise ValueError(f"`triplet_gradient` must be one of {TRIPLET_GRADIENTS}, got {gradient!r}.")
+        raise ValueError(f"`gradient` must be one of {TRIPLET_GRADIENTS}, got {gradient!r}.")
     logratios = policy.per_token_logps - ref.per_token_logps.detach()
     if gradient == "anchor":
         logratios = logratios.detach()
