@@ -16,6 +16,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_stats import compare, gate, headline_ci, select_learning_rate
 
+from variants import VARIANTS
+
+ORDER = list(VARIANTS)  # the report lists the variants in `benchmarks/variants.py`'s order
+
 
 def load_runs(paths: list[str]) -> list[dict]:
     return [json.loads(Path(p).read_text()) for p in paths]
@@ -73,6 +77,7 @@ def report(files: list[dict], grid_seeds: list[int]) -> dict:
     selection = choose_rates(grid_files)
     chosen = {name: sel["learning_rate"] for name, sel in selection.items()}
     runs = final_runs(files, chosen)
+    runs = dict(sorted(runs.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else len(ORDER)))
     starts = {f["seed"]: f["start"]["heldout"] for f in files}
     seeds = sorted(r["seed"] for r in runs["DPO"])
     table = lambda rs, key: np.array([r["heldout"][key] for r in rs], dtype=float)  # noqa: E731  [S, P]

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_stats import seed_level_ci  # noqa: E402
 
-DEFAULT_INPUTS = ["docs/tiny_benchmark.json", "docs/real_model.json"]
+DEFAULT_INPUTS = ["docs/tiny_screen.json", "docs/real_model.json"]
 LEGACY = {
     "tiny": {"title": "Tiny arithmetic (tiny Llama from scratch)", "doc": "docs/tiny_benchmark.md"},
     "smollm2": {"title": "SmolLM2-135M-Instruct arithmetic (LoRA)", "doc": "docs/real_model.md"},
