@@ -3,7 +3,7 @@ Attribution targets beyond the paper's, on the demo's critical-token benchmark (
 and models): per seed, the demo's tiny Llama after its SFT warm-up, then trained with DPO and with TI-DPO (defaults);
 on the held-out pairs, how well each target's normalised attribution (λ=1) ranks the known critical tokens (pooled
 ROC-AUC and top-k share, with and without special tokens), beside the trainer's default weights (λ=0.7). The same
-targets are measured on SmolLM2 by `benchmarks/real_model.py`; the target code is shared (`attributions_by_target`).
+target code (`attributions_by_target`) also measured them on SmolLM2 pairs (docs/real_model.md, Part 2).
 
     python benchmarks/attribution_targets.py --seeds 0 1 2 --steps 300 --output attribution_targets.json
 """
@@ -21,7 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from real_model import TARGETS, attributions_by_target, closing_token_count, mean_std
+import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from trl_tidpo import token_weights
@@ -31,6 +32,96 @@ from trl_tidpo.tools.demo.data import critical_token_labels, load_pairs
 from trl_tidpo.tools.demo.metrics import roc_auc, top_k_share
 from trl_tidpo.tools.demo.runner import VARIANTS, DemoConfig, build_tokenizer, limit_cpu_threads, sft_warmup, train_variant
 from trl_tidpo.modeling.tokenization import tokenize_completion
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_report import mean_std  # noqa: E402
+
+
+TARGETS = ("paper", "paper, closing tokens out", "log-likelihood", "implicit reward")
+
+
+def critical_share_and_rank(weights: list[float], critical: int) -> tuple[float, int]:
+    """Share of the weight mass on the critical token, and its rank among the response's tokens (1 = the largest)."""
+    total = sum(weights)
+    share = weights[critical] / total if total > 0 else 0.0
+    return share, 1 + sum(w > weights[critical] for w in weights)
+
+
+def closing_token_count(tokenizer, comp_ids: list[int]) -> int:
+    """How many tokens at the end of a completion the chat template adds after the content (`<|im_end|>`, newline)."""
+    count = 0
+    for token_id in reversed(comp_ids):
+        if token_id in tokenizer.all_special_ids or tokenizer.decode([token_id]).strip() == "":
+            count += 1
+        else:
+            break
+    return count
+
+
+def attributions_by_target(
+    model, prompt_ids: list[int], comp_ids: list[int], closing: int, reference=None
+) -> dict[str, list[float]]:
+    """
+    Raw attribution `Σ_k |∂s/∂e_jk|` (SPEC §2 step 3) of each completion token for several targets `s`, with the
+    embedding activations perturbed by one shared zero tensor `δ` (gradients are taken w.r.t. `δ`, so policy and
+    reference see the same perturbation):
+
+    - `paper`: the largest logit at the last position (Eq. 5), over the whole completion;
+    - `paper, closing tokens out`: the same gradient, with the last `closing` tokens (the template's `<|im_end|>` and
+      newline, or the EOS) removed from the span;
+    - `log-likelihood`: `Σ_t log π(y_t | x, y_<t)` over the completion;
+    - `implicit reward`: `Σ_t log π(y_t | ...) − log π_ref(y_t | ...)`, only with a `reference`: `"adapter"` (the
+      LoRA adapter switched off) or a reference model (its own embeddings plus the same `δ`).
+
+    Returns:
+        `dict[str, list[float]]`: per target, the attribution normalised to sum to 1 over its span, one value per
+        completion token (0 outside the span).
+    """
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids + comp_ids], device=device)
+    n_prompt, n = len(prompt_ids), len(comp_ids)
+    scored = torch.tensor([[0] * n_prompt + [1] * n], device=device)[:, 1:]
+    hidden = model.get_input_embeddings().embedding_dim
+    delta = torch.zeros(1, ids.size(1), hidden, device=device, requires_grad=True)
+
+    def add_delta(module, args, output):
+        return output + delta.to(output.dtype)
+
+    models = [model] + ([reference] if isinstance(reference, torch.nn.Module) else [])
+    handles = [m.get_input_embeddings().register_forward_hook(add_delta) for m in models]
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+
+    def token_logps(m):
+        logits = m(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        return torch.gather(F.log_softmax(logits, dim=-1), 2, ids[:, 1:, None]).squeeze(-1)
+
+    try:
+        with torch.enable_grad():
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            logps = torch.gather(F.log_softmax(logits[:, :-1], dim=-1), 2, ids[:, 1:, None]).squeeze(-1)
+            targets = {"paper": logits[0, -1].max(), "log-likelihood": (logps * scored).sum()}
+            if reference == "adapter":
+                with model.disable_adapter():
+                    ref_logps = token_logps(model)
+            elif reference is not None:
+                ref_logps = token_logps(reference)
+            if reference is not None:
+                targets["implicit reward"] = ((logps - ref_logps) * scored).sum()
+            raw = {}
+            for name, target in targets.items():
+                (grad,) = torch.autograd.grad(target, delta, retain_graph=True)
+                raw[name] = grad[0, n_prompt:].float().abs().sum(-1)  # [n]
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    content = raw["paper"].clone()
+    content[n - closing :] = 0
+    raw["paper, closing tokens out"] = content
+    return {name: (v / v.sum()).tolist() if v.sum() > 0 else [0.0] * n for name, v in raw.items()}
 
 
 def measure(model, tokenizer, rows: list[dict], reference=None) -> dict[str, dict[str, float]]:

@@ -16,7 +16,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from real_model import completion_ids
+from smollm2_task import completion_ids
 
 from trl_tidpo import token_weights
 from trl_tidpo.tools.demo.metrics import average_ranks

@@ -149,13 +149,22 @@ class Setup:
 
 
 class TimedTIDPOTrainer(TIDPOTrainer):
-    """TIDPOTrainer that records how long computing the reference token weights and sampling anchors took."""
+    """
+    TIDPOTrainer that records how long computing the reference token weights and sampling anchors took, and how many
+    batches the precompute ran (0 when its columns came from the cache: the timed method also runs on a cache hit, to
+    hash the reference and read the file, so its time alone cannot tell a hit from a miss).
+    """
 
     precompute_seconds: float = 0.0
 
     def __init__(self, *args, **kwargs):
         self.anchor_seconds = []
+        self.precompute_batches = 0
         super().__init__(*args, **kwargs)
+
+    def _precompute_model(self, model):
+        self.precompute_batches += 1  # called once per batch of a precompute that computes (never on a cache hit)
+        return super()._precompute_model(model)
 
     def _add_reference_weight_columns(self, *args, **kwargs):
         start = time.perf_counter()
@@ -477,7 +486,11 @@ def memory_child(setup: Setup, setting: str, mode: str) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
         method = "ru_maxrss - RSS before models (MALLOC_MMAP_THRESHOLD_=65536)"
     precompute = getattr(trainer, "precompute_seconds", 0.0)
-    return {"peak_bytes": peak - baseline, "method": method, "precompute_s": precompute}
+    batches_computed = getattr(trainer, "precompute_batches", 0)
+    return {
+        "peak_bytes": peak - baseline, "method": method, "precompute_s": precompute,
+        "precompute_batches": batches_computed,
+    }  # fmt: skip
 
 
 def memory_subprocess(setting: str, mode: str, data_dir: str) -> dict:
@@ -504,8 +517,12 @@ def run_memory(args: argparse.Namespace, setting: str, modes: list[str], data_di
         if mode == "reference":
             first = memory_subprocess(setting, mode, data_dir)
             result[mode] = memory_subprocess(setting, mode, data_dir)
-            if result[mode]["precompute_s"] or not first["precompute_s"]:
-                raise RuntimeError("the second reference run did not read the cached weights")
+            if result[mode]["precompute_batches"] or not first["precompute_batches"]:
+                raise RuntimeError(
+                    f"the reference runs did not compute then read the cached weights: the first computed "
+                    f"{first['precompute_batches']} batch(es), the second {result[mode]['precompute_batches']} "
+                    f"(expected > 0, then 0); is `datasets` caching disabled, or {data_dir} not writable?"
+                )
             result[mode]["with_precompute_bytes"] = first["peak_bytes"]
         else:
             result[mode] = memory_subprocess(setting, mode, data_dir)

