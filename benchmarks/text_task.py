@@ -203,3 +203,100 @@ def pairs_from_samples(prompts: list[dict], samples: list[list[str]], seed: int 
         counts["by_family"][prompt["family"]] = counts["by_family"].get(prompt["family"], 0) + 1
     counts["pairs"] = len(pairs)
     return pairs, counts
+
+
+# ---------------------------------------------------------------------------------------------------- model side
+
+
+def generate(model, tokenizer, prompts: list[dict], *, samples: int, max_new_tokens: int, temperature: float | None,
+             batch_size: int, seed: int = 0) -> list[list[tuple[str, bool]]]:  # fmt: skip
+    """
+    `samples` completions of each prompt (greedy when `temperature` is None; else plain sampling at that temperature,
+    top-k and top-p off), as `(text, ended)`: the text up to the end-of-turn token (stripped), and whether the model
+    ended its turn within `max_new_tokens`.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    texts = [
+        tokenizer.apply_chat_template(chat_prompt(p), tokenize=False, add_generation_prompt=True)
+        for p in prompts
+        for _ in range(samples)
+    ]
+    kwargs = {"do_sample": False} if temperature is None else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    out: list[tuple[str, bool]] = []
+    torch.manual_seed(seed)
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(device)
+            generated = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs)
+            for row in generated[:, enc["input_ids"].size(1) :].tolist():
+                ended = tokenizer.eos_token_id in row
+                row = row[: row.index(tokenizer.eos_token_id)] if ended else row
+                out.append((tokenizer.decode(row, skip_special_tokens=True).strip(), ended))
+    tokenizer.padding_side = side
+    model.train(was_training)
+    return [out[i * samples : (i + 1) * samples] for i in range(len(prompts))]
+
+
+def completion_logps(model, tokenizer, rows: list[tuple[list[dict], str]], batch_size: int = 16) -> list[float]:
+    """
+    `log π(completion | prompt)` summed over the completion's tokens (its closing `<|im_end|>` included), each row
+    `(chat prompt, completion text)` tokenised as TRL's DPOTrainer tokenises conversational data.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    encoded = []
+    for prompt, completion in rows:
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        full = tokenizer.apply_chat_template(
+            prompt + [{"role": "assistant", "content": completion}], tokenize=True, return_dict=True
+        )["input_ids"]
+        start = 0
+        while start < min(len(prompt_ids), len(full)) and prompt_ids[start] == full[start]:
+            start += 1
+        encoded.append((full, start))
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(encoded), batch_size):
+            chunk = encoded[i : i + batch_size]
+            length = max(len(ids) for ids, _ in chunk)
+            pad = tokenizer.pad_token_id
+            ids = torch.tensor([r + [pad] * (length - len(r)) for r, _ in chunk], device=device)
+            attention = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r, _ in chunk], device=device)
+            scored = torch.tensor(
+                [[0] * s + [1] * (len(r) - s) + [0] * (length - len(r)) for r, s in chunk], device=device
+            )[:, 1:]
+            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1].float()
+            logps = torch.gather(F.log_softmax(logits, dim=-1), 2, ids[:, 1:, None]).squeeze(-1)  # [B, L-1]
+            out += (logps * scored).sum(-1).tolist()
+    model.train(was_training)
+    return out
+
+
+def evaluate(model, tokenizer, prompts: list[dict], likelihood_pairs: list[dict], args) -> dict[str, list]:
+    """
+    Per prompt, greedy `correct` (0/1: the constraint passes), `malformed` (0/1: no end of turn within
+    `args.max_new_tokens`) and `text`; per likelihood pair, `gold_logp` = the log-prob margin
+    `log π(passing sample) − log π(failing sample)` (the name the shared report reads).
+    """
+    outputs = generate(model, tokenizer, prompts, samples=1, max_new_tokens=args.max_new_tokens, temperature=None,
+                       batch_size=args.gen_batch_size)  # fmt: skip
+    texts = [o[0][0] for o in outputs]
+    result = {
+        "correct": [int(check(p, t)) for p, t in zip(prompts, texts)],
+        "malformed": [int(not o[0][1]) for o in outputs],
+        "text": texts,
+    }
+    rows = [(p["prompt"], p[side][0]["content"]) for p in likelihood_pairs for side in ("chosen", "rejected")]
+    logps = completion_logps(model, tokenizer, rows) if rows else []
+    result["gold_logp"] = [logps[2 * i] - logps[2 * i + 1] for i in range(len(likelihood_pairs))]
+    return result

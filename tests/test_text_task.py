@@ -1,0 +1,110 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import text_task  # noqa: E402
+from text_task import FAMILIES, check, make_prompts, pairs_from_samples  # noqa: E402
+
+
+# (family, parameter, passing texts, failing texts), written by hand
+CASES = [
+    ("lowercase", None, ["cats are soft, and they purr.", "yes! 42 times."], ["Cats are soft.", "cats like NASA", "123 ..."]),
+    ("end_word", "today", ["We should go today.", 'Let us start "today"', "TODAY"], ["Today we go.", "today is the day", "todays", ""]),
+    ("yes_no", None, ["Yes, they are.", "No.", '"Yes" - always', "no way"], ["Yesterday it rained.", "I think yes.", "Nope.", ""]),
+    ("max_words", 5, ["One two three four five.", "Short.", "It's a cat's toy."], ["One two three four five six.", "", "..."]),
+    ("keyword", "river", ["The River flows.", "A river, wide.", "by the river"], ["Rivers flow.", "a riverbank", "no water here"]),
+    ("no_commas", None, ["Cats purr. Dogs bark.", "One; two: three"], ["Cats, dogs.", "Cats，dogs", "   "]),
+    ("quotes", None, ['"Cats purr softly."', "“Dogs bark.”", '  "Hi"  '], ['Cats "purr" softly.', '"Cats purr', '""', '" "']),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("family, param, passing, failing", CASES, ids=[c[0] for c in CASES])
+def test_checker_on_hand_written_texts(family, param, passing, failing):
+    checker = FAMILIES[family][1]
+    for text in passing:
+        assert checker(text, param), (family, text)
+    for text in failing:
+        assert not checker(text, param), (family, text)
+
+
+def test_every_family_has_hand_written_cases():
+    assert {c[0] for c in CASES} == set(FAMILIES)
+
+
+def test_check_reads_the_prompts_family_and_parameter():
+    prompt = {"family": "end_word", "param": "home"}
+    assert check(prompt, "Let's go home.") and not check(prompt, "Let's go now.")
+    assert check({"family": "max_words", "param": 2}, "Two words") and not check({"family": "max_words", "param": 1}, "Two words")
+
+
+def _topic_of(prompt: dict) -> str:
+    questions = text_task.YES_NO_QUESTIONS if prompt["family"] == "yes_no" else text_task.QUESTIONS
+    for template in questions:
+        head, tail = template.split("{topic}")
+        if prompt["question"].startswith(head) and prompt["question"].endswith(tail):
+            return prompt["question"][len(head) : len(prompt["question"]) - len(tail)]
+    raise AssertionError(prompt["question"])
+
+
+def test_splits_are_disjoint_in_text_and_topic():
+    held_out, dev, train = make_prompts(516, 96, 288, seed=7)
+    assert (len(held_out), len(dev), len(train)) == (516, 96, 288)
+    texts = [{p["text"] for p in split} for split in (held_out, dev, train)]
+    assert all(len(t) == n for t, n in zip(texts, (516, 96, 288)))  # distinct within a split
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    topics = [{_topic_of(p) for p in split} for split in (held_out, dev, train)]
+    assert not (topics[0] & topics[1] or topics[0] & topics[2] or topics[1] & topics[2])
+
+
+def test_families_alternate_and_prompts_carry_their_instruction():
+    held_out, _, _ = make_prompts(12, 6, 6, seed=0, families=["keyword", "max_words"])
+    assert [p["family"] for p in held_out] == ["keyword", "max_words"] * 6
+    for p in held_out:
+        assert p["text"] == f"{p['question']} {p['instruction']}"
+        assert str(p["param"]) in p["instruction"]
+
+
+def test_same_seed_same_prompts_other_seed_other_prompts():
+    assert make_prompts(30, 6, 12, seed=3) == make_prompts(30, 6, 12, seed=3)
+    assert make_prompts(30, 6, 12, seed=3)[0] != make_prompts(30, 6, 12, seed=4)[0]
+
+
+def test_unknown_family_and_too_many_prompts_raise():
+    with pytest.raises(ValueError, match="Unknown families"):
+        make_prompts(6, 0, 6, families=["shouting"])
+    with pytest.raises(ValueError, match="distinct prompts"):
+        make_prompts(2000, 0, 10, families=["no_commas"])
+
+
+def fake_sampler(prompts: list[dict]) -> list[list[str]]:
+    """No model: per prompt, samples that pass or fail its constraint by construction (all pass, all fail, or mixed)."""
+    out = []
+    for i, p in enumerate(prompts):
+        assert p["family"] == "end_word"
+        good, bad = [f"We go {p['param']}.", f"Back {p['param']}!"], ["We stay.", "Not yet."]
+        out.append([good, bad, good[:1] + bad[:1] + good[1:]][i % 3])
+    return out
+
+
+def test_pairs_from_a_fake_sampler():
+    _, _, train = make_prompts(6, 3, 30, seed=1, families=["end_word"])
+    samples = fake_sampler(train)
+    pairs, counts = pairs_from_samples(train, samples, seed=0)
+    assert counts == {"prompts": 30, "pairs": 10, "all_pass": 10, "all_fail": 10, "by_family": {"end_word": 10}}
+    for pair in pairs:
+        prompt = next(p for p in train if p["text"] == pair["text"])
+        assert pair["prompt"][-1] == {"role": "user", "content": prompt["text"]}
+        chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+        assert check(prompt, chosen) and not check(prompt, rejected)
+        assert chosen in samples[train.index(prompt)] and rejected in samples[train.index(prompt)]
+        assert pair["pass_rate"] == pytest.approx(2 / 3)
+
+
+def test_pairs_are_seeded_and_need_one_sample_list_per_prompt():
+    _, _, train = make_prompts(6, 3, 9, seed=1, families=["end_word"])
+    samples = fake_sampler(train)
+    assert pairs_from_samples(train, samples, seed=5) == pairs_from_samples(train, samples, seed=5)
+    with pytest.raises(ValueError, match="one list per prompt"):
+        pairs_from_samples(train, samples[:-1])
