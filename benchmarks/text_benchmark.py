@@ -157,7 +157,7 @@ def select(records: list[dict], name: str, grid_seeds: list[int], grid: list[flo
     scores = bench_report.dev_scores(records, name, grid_seeds)
     if with_dev and scores:
         return bench_stats.select_learning_rate(scores, sorted(set(grid) & set(scores)))
-    rates = sorted({r["learning_rate"] for r in records if r["variant"] == name})
+    rates = sorted({r["learning_rate"] for r in records if r["variant"] == name} or set(grid[:1] if len(grid) == 1 else []))
     if len(rates) != 1:
         raise SystemExit(f"{name} ran at {rates} without dev results: cannot choose a learning rate.")
     return {"learning_rate": rates[0], "edge": None, "beyond": None}
