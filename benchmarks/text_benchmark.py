@@ -41,7 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_report  # noqa: E402
 import bench_stats  # noqa: E402
 from smollm2_train import build_trainer, slug  # noqa: E402
-from text_task import FAMILIES, SYSTEM_PROMPT, evaluate, generate, make_prompts, pairs_from_samples  # noqa: E402
+from text_task import (  # noqa: E402
+    FAMILIES, SYSTEM_PROMPT, evaluate, generate, likelihood_margins, make_prompts, pairs_from_samples,
+)  # fmt: skip
 from variants import VARIANTS  # noqa: E402
 
 from trl_tidpo.tools.demo.smollm2 import load_smollm2  # noqa: E402
@@ -98,6 +100,7 @@ def prepare(model, tokenizer, args, work: Path) -> dict:
         lambda: {"eval": evaluate(model, tokenizer, held_out, lik_pairs, args),
                  "dev": evaluate(model, tokenizer, dev, [], args) if dev else None},
     )  # fmt: skip
+    start["eval"]["gold_logp"] = likelihood_margins(model, tokenizer, lik_pairs)  # cheap; always the current pairs
     cost = {"seconds": time.perf_counter() - t0, "cpu_seconds": cpu_seconds() - c0}
     per_family = {f: statistics.fmean(c for c, p in zip(start["eval"]["correct"], held_out) if p["family"] == f)
                   for f in args.families}  # fmt: skip

@@ -167,7 +167,7 @@ def pairs_from_samples(prompts: list[dict], samples: list[list[str]], seed: int 
     """
     On-policy preference pairs: for each prompt, chosen = a sampled completion that passes its constraint and rejected
     = one that fails it, each picked at random (seeded) among the distinct passing / failing samples. A prompt whose
-    samples all pass, or all fail, gives no pair; both are counted.
+    samples all pass, or all fail, gives no pair; both are counted. Empty samples are dropped first (counted).
 
     Args:
         prompts: as `make_prompts` returns them.
@@ -175,13 +175,17 @@ def pairs_from_samples(prompts: list[dict], samples: list[list[str]], seed: int 
 
     Returns:
         `(pairs, counts)`: pairs as `{**prompt, "prompt", "chosen", "rejected", "pass_rate"}` (conversational, for
-        TRL), and `{"prompts", "pairs", "all_pass", "all_fail", "by_family"}`.
+        TRL), and `{"prompts", "pairs", "all_pass", "all_fail", "empty_samples", "by_family"}`.
     """
     if len(prompts) != len(samples):
         raise ValueError(f"{len(prompts)} prompts but {len(samples)} sample lists: give one list per prompt.")
     rng = random.Random(seed)
-    pairs, counts = [], {"prompts": len(prompts), "pairs": 0, "all_pass": 0, "all_fail": 0, "by_family": {}}
+    pairs, counts = [], {"prompts": len(prompts), "pairs": 0, "all_pass": 0, "all_fail": 0, "empty_samples": 0,
+                         "by_family": {}}  # fmt: skip
     for prompt, texts in zip(prompts, samples):
+        # An empty completion fails every constraint but trains on its EOS alone (TIDPOTrainer refuses it): dropped
+        counts["empty_samples"] += sum(not t.strip() for t in texts)
+        texts = [t for t in texts if t.strip()]
         verdicts = [check(prompt, t) for t in texts]
         passing = sorted({t for t, ok in zip(texts, verdicts) if ok})
         failing = sorted({t for t, ok in zip(texts, verdicts) if not ok})
@@ -296,7 +300,12 @@ def evaluate(model, tokenizer, prompts: list[dict], likelihood_pairs: list[dict]
         "malformed": [int(not o[0][1]) for o in outputs],
         "text": texts,
     }
-    rows = [(p["prompt"], p[side][0]["content"]) for p in likelihood_pairs for side in ("chosen", "rejected")]
-    logps = completion_logps(model, tokenizer, rows) if rows else []
-    result["gold_logp"] = [logps[2 * i] - logps[2 * i + 1] for i in range(len(likelihood_pairs))]
+    result["gold_logp"] = likelihood_margins(model, tokenizer, likelihood_pairs)
     return result
+
+
+def likelihood_margins(model, tokenizer, pairs: list[dict]) -> list[float]:
+    """Per pair, `log π(chosen | prompt) − log π(rejected | prompt)` (summed over each completion's tokens)."""
+    rows = [(p["prompt"], p[side][0]["content"]) for p in pairs for side in ("chosen", "rejected")]
+    logps = completion_logps(model, tokenizer, rows) if rows else []
+    return [logps[2 * i] - logps[2 * i + 1] for i in range(len(pairs))]

@@ -92,7 +92,8 @@ def test_pairs_from_a_fake_sampler():
     _, _, train = make_prompts(6, 3, 30, seed=1, families=["end_word"])
     samples = fake_sampler(train)
     pairs, counts = pairs_from_samples(train, samples, seed=0)
-    assert counts == {"prompts": 30, "pairs": 10, "all_pass": 10, "all_fail": 10, "by_family": {"end_word": 10}}
+    assert counts == {"prompts": 30, "pairs": 10, "all_pass": 10, "all_fail": 10, "empty_samples": 0,
+                      "by_family": {"end_word": 10}}  # fmt: skip
     for pair in pairs:
         prompt = next(p for p in train if p["text"] == pair["text"])
         assert pair["prompt"][-1] == {"role": "user", "content": prompt["text"]}
@@ -108,3 +109,60 @@ def test_pairs_are_seeded_and_need_one_sample_list_per_prompt():
     assert pairs_from_samples(train, samples, seed=5) == pairs_from_samples(train, samples, seed=5)
     with pytest.raises(ValueError, match="one list per prompt"):
         pairs_from_samples(train, samples[:-1])
+
+
+# ---------------------------------------------------------------------------------------------------- the runner
+
+
+def _tiny_runner(monkeypatch):
+    """`text_benchmark` with SmolLM2 replaced by a tiny random Llama over a few words (its samples pass and fail)."""
+    import text_benchmark
+
+    from trl_tidpo.tools.demo.tiny_models import build_tiny_llama, build_word_tokenizer
+
+    tokenizer = build_word_tokenizer([",", ".", "yes", "No", "cats", "Dogs", "purr"])  # prompt words are <unk>
+    monkeypatch.setattr(text_benchmark, "load_smollm2", lambda: (build_tiny_llama(len(tokenizer), seed=0), tokenizer))
+    return text_benchmark
+
+
+SMALL = ["--eval-prompts", "8", "--dev-prompts", "4", "--train-prompts", "16", "--likelihood-prompts", "4",
+         "--samples", "4", "--steps", "2", "--batch-size", "2", "--max-new-tokens", "6", "--anchor-max-new-tokens", "4",
+         "--families", "no_commas", "yes_no", "--lora-r", "2", "--bootstrap", "50"]  # fmt: skip
+
+
+def test_runner_end_to_end_on_a_tiny_model(monkeypatch, tmp_path):
+    bench = _tiny_runner(monkeypatch)
+    args = bench.parse_args(SMALL + ["--seeds", "0", "1", "--lr-grid", "1e-3", "--work-dir", str(tmp_path),
+                                     "--output", str(tmp_path / "out.json")])  # fmt: skip
+    summary = bench.run(args)
+    records = summary["records"]
+    assert [(r["variant"], r["seed"]) for r in records] == [("DPO", 0), ("DPO", 1), ("TI-DPO", 0), ("TI-DPO", 1)]
+    for r in records:
+        assert len(r["eval"]["correct"]) == 8 and set(r["eval"]["correct"]) <= {0, 1}
+        assert len(r["eval"]["gold_logp"]) == summary["data"]["likelihood_counts"]["pairs"]
+        assert r["cpu_seconds_per_step"] > 0 and r["train_pairs"] == 4
+    assert set(summary["report"]["variants"]) == {"DPO", "TI-DPO"}
+    assert set(summary["cpu_seconds"]) == {"DPO", "TI-DPO"}
+    pool = summary["data"]["pool"]
+    assert bench.seed_pairs(pool, 0, 4) != bench.seed_pairs(pool, 1, 4)  # each seed its own draw and order
+
+
+def test_grid_points_in_separate_processes_merge(monkeypatch, tmp_path):
+    bench = _tiny_runner(monkeypatch)
+    outputs = []
+    for lr in ("1e-3", "1e-4"):
+        out = str(tmp_path / f"{lr}.json")
+        bench.run(bench.parse_args(SMALL + ["--variants", "DPO", "--seeds", "0", "--lr-grid", lr, "--grid-point",
+                                            "--work-dir", str(tmp_path), "--output", out]))  # fmt: skip
+        outputs.append(out)
+    merged = bench.merge(outputs, str(tmp_path / "merged.json"))
+    assert {r["learning_rate"] for r in merged["records"]} == {1e-3, 1e-4}
+    assert merged["selected_lr"]["DPO"] in (1e-3, 1e-4) and "dev" in merged["records"][0]
+    assert set(merged["merged_from"]) == set(outputs)
+
+
+def test_empty_samples_never_become_rejected_completions():
+    prompt = {"family": "end_word", "param": "today", "text": "Go? End with today.", "question": "Go?", "instruction": ""}
+    pairs, counts = pairs_from_samples([prompt, prompt], [["", " ", "We go today."], ["", "Go today.", "Stay."]])
+    assert counts["empty_samples"] == 3 and counts["all_pass"] == 1 and counts["pairs"] == 1
+    assert pairs[0]["rejected"][0]["content"] == "Stay." and pairs[0]["pass_rate"] == pytest.approx(1 / 2)
