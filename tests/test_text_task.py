@@ -7,17 +7,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import text_task  # noqa: E402
 from text_task import FAMILIES, check, make_prompts, pairs_from_samples  # noqa: E402
 
-
 # (family, parameter, passing texts, failing texts), written by hand
 CASES = [
-    ("lowercase", None, ["cats are soft, and they purr.", "yes! 42 times."], ["Cats are soft.", "cats like NASA", "123 ..."]),
-    ("end_word", "today", ["We should go today.", 'Let us start "today"', "TODAY"], ["Today we go.", "today is the day", "todays", ""]),
-    ("yes_no", None, ["Yes, they are.", "No.", '"Yes" - always', "no way"], ["Yesterday it rained.", "I think yes.", "Nope.", ""]),
-    ("max_words", 5, ["One two three four five.", "Short.", "It's a cat's toy."], ["One two three four five six.", "", "..."]),
-    ("keyword", "river", ["The River flows.", "A river, wide.", "by the river"], ["Rivers flow.", "a riverbank", "no water here"]),
+    (
+        "lowercase",
+        None,
+        ["cats are soft, and they purr.", "yes! 42 times."],
+        ["Cats are soft.", "cats like NASA", "123 ..."],
+    ),
+    (
+        "end_word",
+        "today",
+        ["We should go today.", 'Let us start "today"', "TODAY"],
+        ["Today we go.", "today is the day", "todays", ""],
+    ),
+    (
+        "yes_no",
+        None,
+        ["Yes, they are.", "No.", '"Yes" - always', "no way"],
+        ["Yesterday it rained.", "I think yes.", "Nope.", ""],
+    ),
+    (
+        "max_words",
+        5,
+        ["One two three four five.", "Short.", "It's a cat's toy."],
+        ["One two three four five six.", "", "..."],
+    ),
+    (
+        "keyword",
+        "river",
+        ["The River flows.", "A river, wide.", "by the river"],
+        ["Rivers flow.", "a riverbank", "no water here"],
+    ),
     ("no_commas", None, ["Cats purr. Dogs bark.", "One; two: three"], ["Cats, dogs.", "Cats，dogs", "   "]),
-    ("quotes", None, ['"Cats purr softly."', "“Dogs bark.”", '  "Hi"  '], ['Cats "purr" softly.', '"Cats purr', '""', '" "']),
-]  # fmt: skip
+    (
+        "quotes",
+        None,
+        ['"Cats purr softly."', "“Dogs bark.”", '  "Hi"  '],
+        ['Cats "purr" softly.', '"Cats purr', '""', '" "'],
+    ),
+]
 
 
 @pytest.mark.parametrize("family, param, passing, failing", CASES, ids=[c[0] for c in CASES])
@@ -36,7 +65,9 @@ def test_every_family_has_hand_written_cases():
 def test_check_reads_the_prompts_family_and_parameter():
     prompt = {"family": "end_word", "param": "home"}
     assert check(prompt, "Let's go home.") and not check(prompt, "Let's go now.")
-    assert check({"family": "max_words", "param": 2}, "Two words") and not check({"family": "max_words", "param": 1}, "Two words")
+    assert check({"family": "max_words", "param": 2}, "Two words") and not check(
+        {"family": "max_words", "param": 1}, "Two words"
+    )
 
 
 def _topic_of(prompt: dict) -> str:
@@ -79,7 +110,7 @@ def test_unknown_family_and_too_many_prompts_raise():
 
 
 def fake_sampler(prompts: list[dict]) -> list[list[str]]:
-    """No model: per prompt, samples that pass or fail its constraint by construction (all pass, all fail, or mixed)."""
+    """No model: per prompt, samples that pass or fail by construction (all pass, all fail, or mixed)."""
     out = []
     for i, p in enumerate(prompts):
         assert p["family"] == "end_word"
@@ -92,8 +123,14 @@ def test_pairs_from_a_fake_sampler():
     _, _, train = make_prompts(6, 3, 30, seed=1, families=["end_word"])
     samples = fake_sampler(train)
     pairs, counts = pairs_from_samples(train, samples, seed=0)
-    assert counts == {"prompts": 30, "pairs": 10, "all_pass": 10, "all_fail": 10, "empty_samples": 0,
-                      "by_family": {"end_word": 10}}  # fmt: skip
+    assert counts == {
+        "prompts": 30,
+        "pairs": 10,
+        "all_pass": 10,
+        "all_fail": 10,
+        "empty_samples": 0,
+        "by_family": {"end_word": 10},
+    }
     for pair in pairs:
         prompt = next(p for p in train if p["text"] == pair["text"])
         assert pair["prompt"][-1] == {"role": "user", "content": prompt["text"]}
@@ -125,15 +162,51 @@ def _tiny_runner(monkeypatch):
     return text_benchmark
 
 
-SMALL = ["--eval-prompts", "8", "--dev-prompts", "4", "--train-prompts", "16", "--likelihood-prompts", "4",
-         "--samples", "4", "--steps", "2", "--batch-size", "2", "--max-new-tokens", "6", "--anchor-max-new-tokens", "4",
-         "--families", "no_commas", "yes_no", "--lora-r", "2", "--bootstrap", "50"]  # fmt: skip
+SMALL = [
+    "--eval-prompts",
+    "8",
+    "--dev-prompts",
+    "4",
+    "--train-prompts",
+    "16",
+    "--likelihood-prompts",
+    "4",
+    "--samples",
+    "4",
+    "--steps",
+    "2",
+    "--batch-size",
+    "2",
+    "--max-new-tokens",
+    "6",
+    "--anchor-max-new-tokens",
+    "4",
+    "--families",
+    "no_commas",
+    "yes_no",
+    "--lora-r",
+    "2",
+    "--bootstrap",
+    "50",
+]
 
 
 def test_runner_end_to_end_on_a_tiny_model(monkeypatch, tmp_path):
     bench = _tiny_runner(monkeypatch)
-    args = bench.parse_args(SMALL + ["--seeds", "0", "1", "--lr-grid", "1e-3", "--work-dir", str(tmp_path),
-                                     "--output", str(tmp_path / "out.json")])  # fmt: skip
+    args = bench.parse_args(
+        SMALL
+        + [
+            "--seeds",
+            "0",
+            "1",
+            "--lr-grid",
+            "1e-3",
+            "--work-dir",
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "out.json"),
+        ]
+    )
     summary = bench.run(args)
     records = summary["records"]
     assert [(r["variant"], r["seed"]) for r in records] == [("DPO", 0), ("DPO", 1), ("TI-DPO", 0), ("TI-DPO", 1)]
@@ -144,7 +217,9 @@ def test_runner_end_to_end_on_a_tiny_model(monkeypatch, tmp_path):
     assert set(summary["report"]["variants"]) == {"DPO", "TI-DPO"}
     assert set(summary["cpu_seconds"]) == {"DPO", "TI-DPO"}
     pool = summary["data"]["pool"]
-    assert bench.seed_pairs(pool, 0, 4) != bench.seed_pairs(pool, 1, 4)  # each seed its own draw and order
+    from text_train import seed_pairs
+
+    assert seed_pairs(pool, 0, 4) != seed_pairs(pool, 1, 4)  # each seed its own draw and order
 
 
 def test_grid_points_in_separate_processes_merge(monkeypatch, tmp_path):
@@ -152,8 +227,24 @@ def test_grid_points_in_separate_processes_merge(monkeypatch, tmp_path):
     outputs = []
     for lr in ("1e-3", "1e-4"):
         out = str(tmp_path / f"{lr}.json")
-        bench.run(bench.parse_args(SMALL + ["--variants", "DPO", "--seeds", "0", "--lr-grid", lr, "--grid-point",
-                                            "--work-dir", str(tmp_path), "--output", out]))  # fmt: skip
+        bench.run(
+            bench.parse_args(
+                SMALL
+                + [
+                    "--variants",
+                    "DPO",
+                    "--seeds",
+                    "0",
+                    "--lr-grid",
+                    lr,
+                    "--grid-point",
+                    "--work-dir",
+                    str(tmp_path),
+                    "--output",
+                    out,
+                ]
+            )
+        )
         outputs.append(out)
     merged = bench.merge(outputs, str(tmp_path / "merged.json"))
     assert {r["learning_rate"] for r in merged["records"]} == {1e-3, 1e-4}
@@ -162,7 +253,13 @@ def test_grid_points_in_separate_processes_merge(monkeypatch, tmp_path):
 
 
 def test_empty_samples_never_become_rejected_completions():
-    prompt = {"family": "end_word", "param": "today", "text": "Go? End with today.", "question": "Go?", "instruction": ""}
+    prompt = {
+        "family": "end_word",
+        "param": "today",
+        "text": "Go? End with today.",
+        "question": "Go?",
+        "instruction": "",
+    }
     pairs, counts = pairs_from_samples([prompt, prompt], [["", " ", "We go today."], ["", "Go today.", "Stay."]])
     assert counts["empty_samples"] == 3 and counts["all_pass"] == 1 and counts["pairs"] == 1
     assert pairs[0]["rejected"][0]["content"] == "Stay." and pairs[0]["pass_rate"] == pytest.approx(1 / 2)
