@@ -1,7 +1,7 @@
 """
 Training for the text benchmark (`benchmarks/text_benchmark.py`): each seed's own draw of pairs from the on-policy
-pool, and one (variant, learning rate, seed) run on a fresh seeded LoRA adapter (`smollm2_train.build_trainer`, the SmolLM2
-benchmark's settings) with its held-out (and dev) evaluation and its CPU cost.
+pool, and one (variant, learning rate, seed) run on a fresh seeded LoRA adapter (`smollm2_train.build_trainer`, the
+SmolLM2 benchmark's settings) with its held-out (and dev) evaluation and its CPU cost.
 """
 
 import random
