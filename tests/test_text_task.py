@@ -263,3 +263,15 @@ def test_empty_samples_never_become_rejected_completions():
     pairs, counts = pairs_from_samples([prompt, prompt], [["", " ", "We go today."], ["", "Go today.", "Stay."]])
     assert counts["empty_samples"] == 3 and counts["all_pass"] == 1 and counts["pairs"] == 1
     assert pairs[0]["rejected"][0]["content"] == "Stay." and pairs[0]["pass_rate"] == pytest.approx(1 / 2)
+
+
+def test_seeds_outside_the_grid_run_at_the_given_rate_and_merge(monkeypatch, tmp_path):
+    bench = _tiny_runner(monkeypatch)
+    common = SMALL + ["--variants", "DPO", "--lr-grid", "1e-3", "--work-dir", str(tmp_path)]
+    grid, rest = str(tmp_path / "grid.json"), str(tmp_path / "rest.json")
+    bench.run(bench.parse_args(common + ["--seeds", "0", "--grid-point", "--output", grid]))
+    summary = bench.run(bench.parse_args(common + ["--seeds", "1", "2", "--grid-seeds", "--output", rest]))
+    assert [r["seed"] for r in summary["records"]] == [1, 2] and summary["selected_lr"]["DPO"] == 1e-3
+    merged = bench.merge([grid, rest], str(tmp_path / "merged.json"))
+    assert sorted(r["seed"] for r in merged["records"]) == [0, 1, 2]
+    assert merged["report"]["variants"]["DPO"]["seeds"] == [0, 1, 2]
