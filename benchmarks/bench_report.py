@@ -186,7 +186,7 @@ def markdown(report: dict) -> str:
         "prompt-level] | gold log-prob | Δ gold log-prob vs DPO [seed-level] | malformed | "
         + "".join(f"{f} | " for f in families)
         + "gained / lost vs start | CPU-s / step | decisive-token gradient share |",
-        "|---" * (12 + len(families)) + "|",
+        "|---" * (11 + len(families)) + "|",
     ]
     for name in names:
         e = rep["variants"][name]

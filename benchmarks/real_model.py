@@ -217,7 +217,8 @@ def select(records: list[dict], name: str, grid_seeds: list[int], grid: list[flo
     scores = bench_report.dev_scores(records, name, grid_seeds)
     if with_dev and scores:
         return bench_stats.select_learning_rate(scores, sorted(set(grid) & set(scores)))
-    rates = sorted({r["learning_rate"] for r in records if r["variant"] == name})
+    rates = sorted({r["learning_rate"] for r in records if r["variant"] == name and r["seed"] in grid_seeds})
+    rates = rates or sorted(set(grid))  # no grid seed (`--grid-seeds` empty): the one rate given
     if len(rates) != 1:
         raise SystemExit(f"{name} ran at {rates} without dev results: cannot choose a learning rate.")
     return {"learning_rate": rates[0], "edge": None, "beyond": None}
@@ -314,7 +315,7 @@ def reselect_learning_rates(summary: dict) -> None:
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--quick", action="store_true", help="one seed, rate 1e-4, DPO and TI-DPO, 128/256 prompts, no shares")
+    add("--quick", action="store_true", help="one seed, rate 1e-4, DPO and TI-DPO, 96/256 prompts, no shares")
     add("--prepare", action="store_true", help="only sample and cache the pairs and the start's evals")
     add("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     add("--grid-seeds", type=int, nargs="*", default=[0], help="seeds that run the grid (none: --seeds at one rate)")
@@ -352,7 +353,7 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.quick:
         quick = {
-            "seeds": [0], "grid_seeds": [0], "lr_grid": [1e-4], "train_prompts": 128, "dev_prompts": 0,
+            "seeds": [0], "grid_seeds": [0], "lr_grid": [1e-4], "train_prompts": 96, "dev_prompts": 0,
             "eval_prompts": 256, "variants": ["DPO", "TI-DPO"], "skip_gradient_shares": True,
         }  # fmt: skip
         for key, value in quick.items():

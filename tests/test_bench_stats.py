@@ -172,3 +172,34 @@ def test_summary_rows_pair_seeds_with_dpo():
     half = 4.3027 * (0.0577350 / math.sqrt(3))
     assert x["ci"] == pytest.approx([1 / 6 - half, 1 / 6 + half], abs=1e-5)
     assert x["prompt_ci"] == [0.0, 0.3] and x["cpu_ratio_vs_dpo"] == pytest.approx(2.0) and x["seeds"] == 3
+
+
+def test_report_pairs_by_seed_and_its_tables_are_well_formed():
+    import bench_report
+
+    def record(variant, seed, correct, dev=None):
+        r = {"variant": variant, "learning_rate": 1e-4, "seed": seed, "cpu_seconds_per_step": 2.0 if variant == "X" else 1.0,
+             "eval": {"correct": correct, "gold_logp": [-1.0] * 4, "malformed": [0] * 4}}  # fmt: skip
+        if dev is not None:
+            r["dev"] = {"accuracy": dev, "gold_logp": -1.0}
+        return r
+
+    records = [record("DPO", 0, [1, 1, 0, 0], 0.5), record("DPO", 1, [1, 1, 1, 0]),
+               record("X", 0, [1, 0, 0, 0], 0.4), record("X", 1, [1, 1, 0, 0])]  # fmt: skip
+    start = {s: {"correct": [1, 0, 0, 0], "gold_logp": [-2.0] * 4, "malformed": [0] * 4} for s in (0, 1)}
+    selection = {v: {"learning_rate": 1e-4, "edge": None, "beyond": None} for v in ("DPO", "X")}
+    report = bench_report.build_report(records, start, selection, grid_seeds=[0], families=["a", "a", "b", "b"], reps=50)
+    x = report["variants"]["X"]
+    assert x["vs_dpo_correct"]["per_seed"] == pytest.approx([-0.25, -0.25])  # seed by seed: 0.25 − 0.5, 0.5 − 0.75
+    assert x["vs_dpo_correct/b"]["mean"] == pytest.approx(-0.25)  # family b: (0 − 0, 0 − 0.5) / 2
+    assert (x["gained_per_seed"], x["lost_per_seed"]) == ([0, 1], [0, 0])
+    assert report["variants"]["DPO"]["vs_start"]["per_seed"] == pytest.approx([0.25, 0.5])
+    lines = bench_report.markdown(report).splitlines()
+    header, tables = 0, 0
+    for previous, line in zip([""] + lines, lines):  # every row of a table has its header's column count
+        if line.startswith("|") and not previous.startswith("|"):
+            header, tables = line.count("|"), tables + 1
+        if line.startswith("|"):
+            assert line.count("|") == header, line
+    assert tables == 3  # main, per family, grid
+    assert bench_report.headline(report, benchmark="t", title="T", doc="d")["variants"]["X"]["cpu_s_per_step"] == 2.0

@@ -147,3 +147,33 @@ def test_merge_reselects_each_rate_from_every_runs_dev_results():
     summary["records"].append(record("TI-DPO", 4e-4, 2))  # a seed run at a rate the grid did not select
     with pytest.raises(SystemExit, match="seeds outside the grid ran at"):
         real_model.reselect_learning_rates(summary)
+
+
+def test_merge_keeps_every_runs_args_and_refuses_other_pairs_for_a_seed(tmp_path):
+    problems = [{"question": "What is 2 * 3?", "answer": 6, "family": "multiplication"},
+                {"question": "What is 12 + 30?", "answer": 42, "family": "addition"}]  # fmt: skip
+    evaluation = {"correct": [0, 1], "gold_logp": [-2.0, -1.0], "malformed": [0, 0], "text": [" 5.", " 42."]}
+    pairs = {"0": {"stats": {}, "pairs": [{"question": "What is 3 + 4?"}]}}
+
+    def run_json(variant, seed, correct, output):
+        args = vars(real_model.parse_args(["--variants", variant, "--seeds", str(seed), "--lr-grid", "1e-4",
+                                           "--grid-seeds", "--output", output]))  # fmt: skip
+        record = {"variant": variant, "learning_rate": 1e-4, "seed": seed, "cpu_seconds_per_step": 1.0,
+                  "eval": {**evaluation, "correct": correct}}  # fmt: skip
+        summary = {"args": args, "data": {"eval_problems": problems, "pairs_by_seed": pairs}, "start": {"eval": evaluation},
+                   "variants": [variant], "records": [record], "selected_lr": {variant: 1e-4}, "gradient_share": {},
+                   "total_seconds": 2.0, "total_cpu_seconds": 1.5}  # fmt: skip
+        path = tmp_path / output
+        path.write_text(json.dumps(summary))
+        return str(path)
+
+    paths = [run_json("DPO", 0, [1, 1], "dpo.json"), run_json("TI-DPO", 0, [0, 1], "tidpo.json")]
+    merged = real_model.merge(paths, str(tmp_path / "merged.json"), "")
+    assert set(merged["merged_from"]) == set(paths)
+    assert merged["merged_from"][paths[1]]["args"]["variants"] == ["TI-DPO"]  # every merged file's args
+    assert merged["report"]["variants"]["TI-DPO"]["vs_dpo_correct"]["mean"] == pytest.approx(-0.5)
+    other = json.loads(Path(paths[1]).read_text())
+    other["data"]["pairs_by_seed"]["0"]["pairs"] = [{"question": "What is 5 + 6?"}]
+    Path(paths[1]).write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="seed 0 trained on other pairs"):
+        real_model.merge(paths, str(tmp_path / "merged2.json"), "")
