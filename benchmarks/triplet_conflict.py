@@ -1,12 +1,13 @@
 """
-The triplet term against the DPO term on the SmolLM2 arithmetic pairs (issue 21 §1; SPEC §4): the shares of anchors
+The triplet term against the DPO term on a SmolLM2 benchmark's pairs (issue 21 §1; SPEC §4): the shares of anchors
 that copy the chosen / rejected completion, and the norm ratio and cosine of the γ-scaled triplet gradient to the DPO
 gradient over a short training (`triplet_probe.probed`). No evaluation: this measures the mechanism, not the outcome.
 
-    python benchmarks/triplet_conflict.py --quick --work-dir real-model-runs --conflict-steps 10 \\
-        --conflict-variants TI-DPO "TI-DPO skip copies" "TI-DPO anchor gradient" --output triplet_conflict.json
+    python benchmarks/triplet_conflict.py --benchmark smollm2 --quick --work-dir real-model-runs \\
+        --conflict-steps 10 --conflict-variants TI-DPO "TI-DPO skip copies" --output triplet_conflict.json
+    python benchmarks/triplet_conflict.py --benchmark text --work-dir text-runs --output triplet_conflict_text.json
 
-Every other option is `benchmarks/real_model.py`'s, so its cached pairs (same settings) are reused.
+Every other option is the benchmark's own (`real_model.py` or `text_benchmark.py`), so its cached pairs are reused.
 """
 
 import argparse
@@ -19,6 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_model  # noqa: E402
 import smollm2_train  # noqa: E402
+import text_benchmark  # noqa: E402
+import text_train  # noqa: E402
 from triplet_probe import probed  # noqa: E402
 from variants import VARIANTS, Variant  # noqa: E402
 
@@ -60,17 +63,22 @@ def summary_row(record: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
+    parser.add_argument("--benchmark", choices=["smollm2", "text"], default="smollm2")
     parser.add_argument("--conflict-variants", nargs="+", default=["TI-DPO", "TI-DPO skip copies"], choices=list(VARIANTS))
     parser.add_argument("--conflict-steps", type=int, default=10)
     parser.add_argument("--conflict-lr", type=float, default=1e-4)
     parser.add_argument("--probe-every", type=int, default=2)
     own, rest = parser.parse_known_args(argv)
-    args = real_model.parse_args(rest)
-    args.steps, args.conflict_lr, args.probe_every = own.conflict_steps, own.conflict_lr, own.probe_every
+    benchmark = real_model if own.benchmark == "smollm2" else text_benchmark
+    args = benchmark.parse_args(rest)
     work = Path(args.work_dir)
     model, tokenizer = load_smollm2()
-    data = real_model.prepare(model, tokenizer, args, work)
-    pairs = real_model.pairs_for_seed(model, tokenizer, data, args, work, args.seeds[0])["train_pairs"]
+    data = benchmark.prepare(model, tokenizer, args, work)
+    if own.benchmark == "smollm2":
+        pairs = real_model.pairs_for_seed(model, tokenizer, data, args, work, args.seeds[0])["train_pairs"]
+    else:  # the seed's own draw from the on-policy pool, as `text_train` trains on
+        pairs = text_train.seed_pairs(data["pool"], args.seeds[0], args.steps * args.batch_size)
+    args.steps, args.conflict_lr, args.probe_every = own.conflict_steps, own.conflict_lr, own.probe_every
     records = []
     for name in own.conflict_variants:
         record, model = probe_variant(name, model, tokenizer, pairs, args, work)
