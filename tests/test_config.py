@@ -287,3 +287,19 @@ def test_anchor_generation_kwargs_are_the_anchor_fields(tmp_path):
     assert config.anchor_generation_kwargs() == {
         "do_sample": True, "max_new_tokens": 7, "temperature": 0.5, "top_k": 0, "top_p": 0.9,
     }  # fmt: skip
+
+
+def test_checkpointing_default_is_on_without_a_future_warning(tmp_path):
+    """TRL's default (checkpointing on) under transformers' current name: no `gradient_checkpointing` FutureWarning at
+    construction. A `gradient_checkpointing` the user passes is still honoured (transformers translates it)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = TIDPOConfig(output_dir=str(tmp_path), use_cpu=True)
+    assert config.gradient_checkpointing is True
+    assert not [w for w in caught if issubclass(w.category, FutureWarning) and "checkpointing" in str(w.message)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        off = TIDPOConfig(output_dir=str(tmp_path), use_cpu=True, gradient_checkpointing=False)
+    assert off.gradient_checkpointing is False

@@ -134,6 +134,22 @@ def test_explain_reads_a_malformed_file_without_torch_or_trl(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and "line 3, column 56" in result.stderr
 
 
+def test_train_in_its_own_process_prints_one_line(tmp_path, model_dir):
+    """As a user runs it: `trl-tidpo train` with a malformed file prints exactly one line on stderr (no notice from
+    the imports of peft / bitsandbytes / kernels, no FutureWarning from TRL's checkpointing default) and exits 2."""
+    path = _write(tmp_path, "json-trailing-comma")
+    argv = ["train", "--model_name_or_path", model_dir, "--dataset_name", path, "--output_dir", str(tmp_path / "out"),
+            "--use_cpu", "--report_to", "none"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}  # Python's own filters, as a user has them
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "trl_tidpo.tools.cli", *argv], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "line 3, column 56" in lines[0], result.stderr
+
+
 @pytest.mark.parametrize(
     "name, content",
     [

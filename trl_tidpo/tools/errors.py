@@ -3,6 +3,7 @@ How the command line reports errors: a user error (a bad flag, file or row) is o
 bug keeps its traceback. Standard library only, and nothing of its sibling modules, so that every tool can import it.
 """
 
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -52,6 +53,18 @@ def debug_requested(argv: list[str]) -> tuple[list[str], bool]:
     return argv, os.environ.get(DEBUG_ENV, "0") not in ("", "0")
 
 
+# Loggers that print at `import peft` on a machine without a GPU or without the hub, about kernels no CPU run uses:
+# offline, the `kernels` package skips a trust check, and bitsandbytes finds no CPU 4-bit kernel in its cache. A
+# user's one-line error would otherwise come after them. `--debug` keeps them.
+IMPORT_NOTICE_LOGGERS = ("kernels", "bitsandbytes.backends.cpu")
+
+
+def quiet_import_notices() -> None:
+    """Raise the import-time notice loggers (`IMPORT_NOTICE_LOGGERS`) to ERROR."""
+    for name in IMPORT_NOTICE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def run_script(prog: str, main: Callable[[list[str]], int | None], argv: list[str]) -> int:
     """
     Run `main(argv)` with user errors as one line on stderr (`<prog>: error: <message>`) and exit code 2; `--debug`
@@ -61,6 +74,8 @@ def run_script(prog: str, main: Callable[[list[str]], int | None], argv: list[st
         `int`: `main`'s exit status (0 when it returns None); 2 on a user error, 130 on Ctrl-C.
     """
     argv, debug = debug_requested(argv)
+    if not debug:
+        quiet_import_notices()
     try:
         result = main(argv)
     except KeyboardInterrupt:

@@ -149,6 +149,13 @@ class TIDPOConfig(DPOConfig):
     `loss_weights` finite, >= 0 and not all 0, and `f_divergence_type` / `truncation_mode` among their values.
     """
 
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated alias of `activation_checkpointing` in transformers ≥ 5.23. Checkpointing is on by "
+            "default, as in TRL's DPOConfig: trades compute for memory, about 20% slower training."
+        },
+    )
     token_weighting: str = field(
         default=DEFAULTS["token_weighting"],
         metadata={
@@ -309,6 +316,20 @@ class TIDPOConfig(DPOConfig):
         },
     )
 
+    def _default_checkpointing(self) -> None:
+        """
+        TRL's default (checkpointing on) under the name the installed transformers reads. TRL's `DPOConfig` gives
+        `gradient_checkpointing=True`, which transformers ≥ 5.23 warns about at every construction (a deprecated alias
+        of `activation_checkpointing`); here the alias defaults to None, so only a value the user passes is translated
+        (and warned about) by transformers.
+        """
+        if self.gradient_checkpointing is not None:
+            return
+        if "activation_checkpointing" not in self.__dataclass_fields__:  # transformers < 5.23: the old name is the field
+            self.gradient_checkpointing = True
+        elif self.activation_checkpointing is None:
+            self.activation_checkpointing = True
+
     def weight_options(self) -> dict:
         """The four options of TI-DPO's hybrid weights, by name, as `token_weights` and `completion_token_weights`
         take them."""
@@ -325,6 +346,7 @@ class TIDPOConfig(DPOConfig):
         }
 
     def __post_init__(self):
+        self._default_checkpointing()
         validate_tidpo_fields(self)
         validate_dpo_numbers(self)
         refuse_unsupported_dpo_options(self)
