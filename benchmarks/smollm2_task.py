@@ -15,7 +15,7 @@ import statistics
 import sys
 
 import torch
-import torch.nn.functional as F
+from bench_runner import summed_logps
 from tqdm.auto import tqdm
 
 SYSTEM_PROMPT = "Answer with one number."
@@ -238,32 +238,14 @@ def greedy_answers(model, tokenizer, problems: list[dict], args, desc: str) -> d
     }
 
 
-@torch.no_grad()
 def gold_logps(model, tokenizer, problems: list[dict], batch_size: int = 32) -> list[float]:
     """Per problem, `log π("The answer is N." + closing tokens | prompt)` of the gold answer N, summed over tokens."""
-    device = next(model.parameters()).device
     rows = []
     for p in problems:
         completion = [{"role": "assistant", "content": f"{ANSWER_PREFIX} {p['answer']}."}]
         prompt_ids, comp_ids = completion_ids(tokenizer, chat_prompt(p["question"]), completion)
         rows.append((prompt_ids + comp_ids, len(prompt_ids)))
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        length = max(len(ids) for ids, _ in chunk)
-        pad = tokenizer.pad_token_id
-        ids = torch.tensor([row + [pad] * (length - len(row)) for row, _ in chunk], device=device)
-        attention = torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row, _ in chunk], device=device)
-        scored = torch.tensor(
-            [[0] * start + [1] * (len(row) - start) + [0] * (length - len(row)) for row, start in chunk], device=device
-        )
-        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1].float()
-        logps = torch.gather(F.log_softmax(logits, dim=-1), 2, ids[:, 1:, None]).squeeze(-1)
-        out += (logps * scored[:, 1:]).sum(-1).tolist()
-    model.train(was_training)
-    return out
+    return summed_logps(model, tokenizer.pad_token_id, rows, batch_size)
 
 
 def evaluate(model, tokenizer, problems: list[dict], args, desc: str) -> dict[str, list]:

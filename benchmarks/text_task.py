@@ -281,10 +281,8 @@ def completion_logps(model, tokenizer, rows: list[tuple[list[dict], str]], batch
     `log π(completion | prompt)` summed over the completion's tokens (its closing `<|im_end|>` included), each row
     `(chat prompt, completion text)` tokenised as TRL's DPOTrainer tokenises conversational data.
     """
-    import torch
-    import torch.nn.functional as F
+    from bench_runner import summed_logps
 
-    device = next(model.parameters()).device
     encoded = []
     for prompt, completion in rows:
         prompt_ids = tokenizer.apply_chat_template(
@@ -297,24 +295,7 @@ def completion_logps(model, tokenizer, rows: list[tuple[list[dict], str]], batch
         while start < min(len(prompt_ids), len(full)) and prompt_ids[start] == full[start]:
             start += 1
         encoded.append((full, start))
-    was_training = model.training
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(encoded), batch_size):
-            chunk = encoded[i : i + batch_size]
-            length = max(len(ids) for ids, _ in chunk)
-            pad = tokenizer.pad_token_id
-            ids = torch.tensor([r + [pad] * (length - len(r)) for r, _ in chunk], device=device)
-            attention = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r, _ in chunk], device=device)
-            scored = torch.tensor(
-                [[0] * s + [1] * (len(r) - s) + [0] * (length - len(r)) for r, s in chunk], device=device
-            )[:, 1:]
-            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1].float()
-            logps = torch.gather(F.log_softmax(logits, dim=-1), 2, ids[:, 1:, None]).squeeze(-1)  # [B, L-1]
-            out += (logps * scored).sum(-1).tolist()
-    model.train(was_training)
-    return out
+    return summed_logps(model, tokenizer.pad_token_id, encoded, batch_size)
 
 
 def evaluate(model, tokenizer, prompts: list[dict], likelihood_pairs: list[dict], args) -> dict[str, list]:

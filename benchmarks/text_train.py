@@ -5,20 +5,14 @@ SmolLM2 benchmark's settings) with its held-out (and dev) evaluation and its CPU
 """
 
 import random
-import resource
 import statistics
 import time
 from pathlib import Path
 
+from bench_runner import cpu_seconds, print_run
 from smollm2_train import build_trainer, slug
 from text_task import evaluate
 from variants import VARIANTS
-
-
-def cpu_seconds() -> float:
-    """User + system CPU of this process and its finished children (`resource.getrusage`)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def seed_pairs(pool: list[dict], seed: int, count: int) -> list[dict]:
@@ -65,11 +59,10 @@ def train_and_evaluate(
         record["dev"] = {"accuracy": statistics.fmean(dev["correct"]), "gold_logp": 0.0}  # ties: the first best rate
     record["eval_cpu_seconds"] = cpu_seconds() - c1
     margin = statistics.fmean(record["eval"]["gold_logp"]) if record["eval"]["gold_logp"] else float("nan")
-    print(
-        f"{name}, lr {lr:g}, seed {seed}: held-out pass rate {statistics.fmean(record['eval']['correct']):.3f}, "
-        f"log-prob margin {margin:.2f}"
-        + (f"; dev {record['dev']['accuracy']:.3f}" if with_dev else "")
-        + f"; {record['cpu_seconds_per_step']:.2f} CPU-s/step, eval {record['eval_cpu_seconds']:.0f} CPU-s",
-        flush=True,
-    )
+    print_run(
+        name, lr, seed,
+        f"held-out pass rate {statistics.fmean(record['eval']['correct']):.3f}, log-prob margin {margin:.2f}",
+        f"dev {record['dev']['accuracy']:.3f}" if with_dev else None,
+        f"{record['cpu_seconds_per_step']:.2f} CPU-s/step, eval {record['eval_cpu_seconds']:.0f} CPU-s",
+    )  # fmt: skip
     return record, trainer.model.unload()
