@@ -225,24 +225,17 @@ def compute_cdpo_weight_columns(
     `only_negative=False`); the logits are built in chunks of positions, never as `[rows, T, vocab]`.
 
     Args:
-        dataset (`Dataset`): a preference dataset (`prompt`/`chosen`/`rejected`, plain text or conversational, or the
-            implicit-prompt format), or one already tokenised by the trainer (`prompt_ids`, `chosen_ids`,
-            `rejected_ids`).
+        dataset, tokenizer, system_prompts, max_length, truncation_mode, batch_size: as in
+            [`compute_tis_dpo_weight_columns`].
         positive_model (`nn.Module`): π+ (e.g. SFT on the chosen responses), a loaded causal LM.
         negative_model (`nn.Module` or `None`): π− (e.g. SFT on the rejected responses); `None` with `system_prompts`
             uses `positive_model` for both. It must share π+'s vocabulary.
-        tokenizer: the tokenizer the trainer will use (its pad, EOS and chat template).
-        system_prompts (`Sequence[str]`, *optional*): `(positive, negative)` system prompts: π+ sees the first before
-            each prompt, π− the second. Conversational data only.
         beta (`float`): β_ce ≥ 0 of `softmax((1 + β_ce)·z⁺ − β_ce·z⁻)`, default 1 (the paper's).
         only_negative (`bool`): chosen tokens weigh 1 (default, the authors' `only_neg=True`); `False`: they weigh
             `p_t`.
-        max_length (`int`, *optional*), truncation_mode (`str`): the trainer's; with `keep_start` only the tokens
-            training keeps are scored (the others weigh 0). `None` scores every token.
-        batch_size (`int`): rows per forward.
 
     Returns:
-        `Dataset`: `dataset` with the two weight columns added.
+        `Dataset`: `dataset` with the two weight columns (cDPO's) added.
     """
     scoring = ContrastiveScoring(system_prompts, max_length, truncation_mode, batch_size)
     return add_weight_columns(

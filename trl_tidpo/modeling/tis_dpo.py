@@ -21,7 +21,8 @@ from datasets import Dataset
 from torch import nn
 from trl.trainer.utils import create_model_from_path
 
-from .contrastive_scoring import (  # noqa: F401 (`tokenize_preference_dataset`, `columns_fingerprint`: public here too)
+# `columns_fingerprint` and `tokenize_preference_dataset` stay importable from here
+from .contrastive_scoring import (  # noqa: F401
     ContrastiveScoring,
     add_weight_columns,
     columns_fingerprint,
