@@ -238,9 +238,8 @@ def compute_cdpo_weight_columns(
         `Dataset`: `dataset` with the two weight columns (cDPO's) added.
     """
     scoring = ContrastiveScoring(system_prompts, max_length, truncation_mode, batch_size)
-    return add_weight_columns(
-        dataset,
-        tokenizer,
-        "cDPO",
-        lambda rows: cdpo_weight_lists(rows, positive_model, negative_model, tokenizer, scoring, beta, only_negative),
-    )
+
+    def weight_lists(rows: Dataset) -> dict[str, list[list[float]]]:
+        return cdpo_weight_lists(rows, positive_model, negative_model, tokenizer, scoring, beta, only_negative)
+
+    return add_weight_columns(dataset, tokenizer, "cDPO", weight_lists)

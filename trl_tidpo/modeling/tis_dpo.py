@@ -224,12 +224,11 @@ def compute_tis_dpo_weight_columns(
         `Dataset`: `dataset` with the two weight columns added.
     """
     scoring = ContrastiveScoring(system_prompts, max_length, truncation_mode, batch_size)
-    return add_weight_columns(
-        dataset,
-        tokenizer,
-        "TIS-DPO",
-        lambda rows: tis_dpo_weight_lists(rows, positive_model, negative_model, tokenizer, scoring, clamp, transform),
-    )
+
+    def weight_lists(rows: Dataset) -> dict[str, list[list[float]]]:
+        return tis_dpo_weight_lists(rows, positive_model, negative_model, tokenizer, scoring, clamp, transform)
+
+    return add_weight_columns(dataset, tokenizer, "TIS-DPO", weight_lists)
 
 
 # ---------------------------------------------------------------------------------------------------- trainer set-up
