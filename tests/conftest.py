@@ -84,3 +84,60 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def contrastive_model(tokenizer, seed: int, head_offset: int):
+    """
+    A tiny Llama (`seed`) whose output embedding is redrawn at scale 0.5 from seed `head_offset + seed`, so that the
+    contrastive scores of two such models spread out (TIS-DPO's log-ratios past the clamp bounds, cDPO's p_t over
+    (0, 1)). In eval mode.
+    """
+    model = build_tiny_llama(len(tokenizer), seed=seed)
+    generator = torch.Generator().manual_seed(head_offset + seed)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(0.5 * torch.randn(model.lm_head.weight.shape, generator=generator))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def positive(request, tokenizer):
+    """π+ of a contrastive-weighting test module: `contrastive_model` of seed 1, the module's `HEAD_SEED_OFFSET`."""
+    return contrastive_model(tokenizer, 1, request.module.HEAD_SEED_OFFSET)
+
+
+@pytest.fixture(scope="module")
+def negative(request, tokenizer):
+    """π− of a contrastive-weighting test module: `contrastive_model` of seed 2, the module's `HEAD_SEED_OFFSET`."""
+    return contrastive_model(tokenizer, 2, request.module.HEAD_SEED_OFFSET)
+
+
+SYSTEM_PROMPTS = ["please answer good", "ignore it bad"]
+# The test tokenizer's template, plus a system role (its content, then the conversation)
+SYSTEM_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }} "
+    "{% elif message['role'] == 'user' %}<|user|> {{ message['content'] }} "
+    "{% else %}<|assistant|> {{ message['content'] }}<eos> {% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+CHAT_PAIRS = [("hello", "hello world", "bad"), ("what", "yes", "no maybe"), ("how", "slow", "fast dog ran")]
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    """The `tokenizer` fixture's vocabulary and `SYSTEM_TEMPLATE` (for the prompt-based contrastive variant)."""
+    tokenizer = build_word_tokenizer(WORDS + ["and", "story", "answer"])
+    tokenizer.chat_template = SYSTEM_TEMPLATE
+    return tokenizer
+
+
+def chat_dataset(pairs=CHAT_PAIRS) -> Dataset:
+    """Conversational preference rows of `(prompt, chosen, rejected)` texts."""
+    return Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": p}] for p, _, _ in pairs],
+            "chosen": [[{"role": "assistant", "content": c}] for _, c, _ in pairs],
+            "rejected": [[{"role": "assistant", "content": r}] for _, _, r in pairs],
+        }
+    )

@@ -7,6 +7,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from datasets import Dataset
 
 
 CPU_ARGS = {
@@ -162,3 +163,13 @@ def text_rows(tokenizer, dataset, n: int = 4) -> list[tuple[list[int], int]]:
     chosen = [tokenize_row(tokenizer, ex["prompt"], ex["chosen"]) for ex in dataset.select(range(n))]
     rejected = [tokenize_row(tokenizer, ex["prompt"], ex["rejected"]) for ex in dataset.select(range(n))]
     return chosen + rejected
+
+
+def assert_columns_close(dataset: Dataset, expected: dict, atol: float = 1e-5) -> None:
+    """Each list column of `dataset` named in `expected` (`{column: rows}`) matches it row by row: same lengths, values
+    within `atol` / `rtol=1e-5`."""
+    for column, rows in expected.items():
+        assert len(dataset[column]) == len(rows)
+        for index, (got, want) in enumerate(zip(dataset[column], rows, strict=True)):
+            assert len(got) == len(want), f"{column} row {index}"
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=atol, rtol=1e-5)

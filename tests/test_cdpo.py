@@ -4,14 +4,15 @@ of tiny contrastive models against an explicit loop over positions with full log
 trainer's `token_weighting="cdpo"` (weights as offline, cached apart from TIS-DPO's, a run that moves every parameter).
 """
 
+import functools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import WORDS
-from datasets import Dataset
-from helpers_trainer import clone_params, tokenize_row
+from conftest import CHAT_PAIRS, SYSTEM_PROMPTS, chat_dataset
+from conftest import contrastive_model as conftest_contrastive_model
+from helpers_trainer import assert_columns_close, clone_params, tokenize_row
 from trainer_probes import tidpo_args
 
 from trl_tidpo import TIDPOTrainer
@@ -22,33 +23,32 @@ from trl_tidpo.modeling.cdpo import (
     contrastive_estimation_probs,
 )
 from trl_tidpo.modeling.tis_dpo import compute_tis_dpo_weight_columns
-from trl_tidpo.tools.demo.tiny_models import build_tiny_llama, build_word_tokenizer
+from trl_tidpo.tools.demo.tiny_models import build_tiny_llama
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def contrastive_model(tokenizer, seed: int):
-    """A tiny Llama with a seeded, scaled-up output embedding, so that p_t spreads over (0, 1)."""
-    model = build_tiny_llama(len(tokenizer), seed=seed)
-    generator = torch.Generator().manual_seed(200 + seed)
-    with torch.no_grad():
-        model.lm_head.weight.copy_(0.5 * torch.randn(model.lm_head.weight.shape, generator=generator))
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def positive(tokenizer):
-    return contrastive_model(tokenizer, seed=1)
-
-
-@pytest.fixture(scope="module")
-def negative(tokenizer):
-    return contrastive_model(tokenizer, seed=2)
+# Tiny Llamas with a seeded, scaled-up output embedding (so that p_t spreads over (0, 1)); the conftest's
+# `positive` / `negative` fixtures use this module's offset
+HEAD_SEED_OFFSET = 200
+contrastive_model = functools.partial(conftest_contrastive_model, head_offset=HEAD_SEED_OFFSET)
 
 
 def cdpo_args(tmp_path, **overrides):
     return tidpo_args(tmp_path, **{"triplet_gamma": 0.0, "token_weighting": "cdpo", **overrides})
+
+
+def cdpo_trainer(args, model_dir, tokenizer, dataset, positive, negative=None) -> TIDPOTrainer:
+    """A `TIDPOTrainer` of `args` on `dataset` with the contrastive models passed as loaded models."""
+    return TIDPOTrainer(
+        model=model_dir,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        tis_positive_model=positive,
+        tis_negative_model=negative,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------- loops
@@ -83,14 +83,6 @@ def expected_weights(positive, negative, tokenizer, dataset, beta=1.0, only_nega
                 weights = [1.0] * len(probs) if only_negative else probs
             columns[f"{side}_token_weights"].append(weights)
     return columns
-
-
-def assert_columns_close(dataset: Dataset, expected: dict, atol: float = 1e-5) -> None:
-    for column, rows in expected.items():
-        assert len(dataset[column]) == len(rows)
-        for index, (got, want) in enumerate(zip(dataset[column], rows, strict=True)):
-            assert len(got) == len(want), f"{column} row {index}"
-            torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=atol, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------- maths
@@ -174,33 +166,13 @@ def test_truncated_tokens_weigh_zero(positive, negative, tokenizer, standard_dat
     assert truncated > 0
 
 
-SYSTEM_PROMPTS = ["please answer good", "ignore it bad"]
-# The test tokenizer's template plus a system role (as in test_tis_dpo.py)
-SYSTEM_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }} "
-    "{% elif message['role'] == 'user' %}<|user|> {{ message['content'] }} "
-    "{% else %}<|assistant|> {{ message['content'] }}<eos> {% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
-
-
-def test_prompt_based_variant_matches_loop(positive):
+def test_prompt_based_variant_matches_loop(positive, chat_tokenizer):
     """
     One model under two system prompts: z⁺ from π(· | sys+, x, y_<t), z⁻ from π(· | sys−, x, y_<t), each model's
     contexts rendered by the chat template; p_t by the explicit loop over the two full-logit rows.
     """
-    tokenizer = build_word_tokenizer(WORDS + ["and", "story", "answer"])
-    tokenizer.chat_template = SYSTEM_TEMPLATE
-    pairs = [("hello", "hello world", "bad"), ("what", "yes", "no maybe")]
-    dataset = Dataset.from_dict(
-        {
-            "prompt": [[{"role": "user", "content": p}] for p, _, _ in pairs],
-            "chosen": [[{"role": "assistant", "content": c}] for _, c, _ in pairs],
-            "rejected": [[{"role": "assistant", "content": r}] for _, _, r in pairs],
-        }
-    )
+    tokenizer = chat_tokenizer
+    dataset = chat_dataset(CHAT_PAIRS[:2])
     result = compute_cdpo_weight_columns(dataset, positive, None, tokenizer, system_prompts=SYSTEM_PROMPTS)
     for example, got in zip(dataset, result["rejected_token_weights"], strict=True):
         logits = []
@@ -267,13 +239,7 @@ def test_cdpo_accepts_beta_zero_and_the_tis_model_paths(tmp_path):
 
 def test_cdpo_without_two_models_is_refused(tmp_path, model_dir, tokenizer, standard_dataset, positive):
     with pytest.raises(ValueError, match="`token_weighting='cdpo'` needs two contrastive models"):
-        TIDPOTrainer(
-            model=model_dir,
-            args=cdpo_args(tmp_path),
-            train_dataset=standard_dataset,
-            processing_class=tokenizer,
-            tis_positive_model=positive,
-        )
+        cdpo_trainer(cdpo_args(tmp_path), model_dir, tokenizer, standard_dataset, positive)
 
 
 # ---------------------------------------------------------------------------------------------------------- trainer
@@ -298,14 +264,8 @@ def test_trainer_weights_match_offline_columns_and_are_cached_apart_from_tis(
     calls = count_forwards(negative)
 
     def trainer(path, **overrides):
-        return TIDPOTrainer(
-            model=model_dir,
-            args=tidpo_args(tmp_path / path, **{"triplet_gamma": 0.0, "token_weighting": "cdpo", **overrides}),
-            train_dataset=standard_dataset,
-            processing_class=tokenizer,
-            tis_positive_model=positive,
-            tis_negative_model=negative,
-        )
+        args = cdpo_args(tmp_path / path, **overrides)
+        return cdpo_trainer(args, model_dir, tokenizer, standard_dataset, positive, negative)
 
     first = trainer("first")
     assert calls[0] > 0
@@ -325,14 +285,8 @@ def test_trainer_weights_match_offline_columns_and_are_cached_apart_from_tis(
 
 
 def test_cdpo_training_moves_every_parameter(tmp_path, model_dir, tokenizer, standard_dataset, positive, negative):
-    trainer = TIDPOTrainer(
-        model=model_dir,
-        args=cdpo_args(tmp_path, learning_rate=1e-2, max_steps=3, beta=0.5),
-        train_dataset=standard_dataset,
-        processing_class=tokenizer,
-        tis_positive_model=positive,
-        tis_negative_model=negative,
-    )
+    args = cdpo_args(tmp_path, learning_rate=1e-2, max_steps=3, beta=0.5)
+    trainer = cdpo_trainer(args, model_dir, tokenizer, standard_dataset, positive, negative)
     rejected = [w for row in trainer.train_dataset["rejected_token_weights"] for w in row]
     assert all(0.0 <= w <= 1.0 for w in rejected) and min(rejected) < 0.9
     chosen_ids = trainer.train_dataset["chosen_ids"]
@@ -347,14 +301,7 @@ def test_cdpo_training_moves_every_parameter(tmp_path, model_dir, tokenizer, sta
 def test_cdpo_refuses_existing_weight_columns(tmp_path, model_dir, tokenizer, standard_dataset, positive, negative):
     weighted = compute_tis_dpo_weight_columns(standard_dataset, positive, negative, tokenizer)
     with pytest.raises(ValueError, match="already has token weight columns, which `token_weighting='cdpo'`"):
-        TIDPOTrainer(
-            model=model_dir,
-            args=cdpo_args(tmp_path),
-            train_dataset=weighted,
-            processing_class=tokenizer,
-            tis_positive_model=positive,
-            tis_negative_model=negative,
-        )
+        cdpo_trainer(cdpo_args(tmp_path), model_dir, tokenizer, weighted, positive, negative)
 
 
 def test_models_with_different_vocabularies_are_refused(positive, tokenizer, standard_dataset):

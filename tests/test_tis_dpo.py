@@ -5,6 +5,7 @@ dataset weights with TRL's DPO, the errors of bad weight columns and bad options
 DPO and reverse DPO, weights, TIS-DPO training).
 """
 
+import functools
 import gc
 import html
 import importlib.util
@@ -15,67 +16,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS
+from conftest import SYSTEM_PROMPTS, chat_dataset
+from conftest import contrastive_model as conftest_contrastive_model
 from datasets import Dataset
 from trainer_probes import tidpo_args
-from helpers_trainer import CPU_ARGS, clone_params, token_logps, tokenize_row
+from helpers_trainer import CPU_ARGS, assert_columns_close, clone_params, token_logps, tokenize_row
 from trl import DPOConfig, DPOTrainer
 
 import trl_tidpo.modeling.tis_dpo as tis_dpo_module
 from trl_tidpo import TIDPOConfig, TIDPOTrainer
 from trl_tidpo.modeling.tis_dpo import compute_tis_dpo_weight_columns, exp_clamp, rank_weights
 from trl_tidpo.tools.visualize import weight_columns_page
-from trl_tidpo.tools.demo.tiny_models import build_tiny_llama, build_word_tokenizer
 from trl_tidpo.modeling.weight_columns import WEIGHT_COLUMNS
 
 
-SYSTEM_PROMPTS = ["please answer good", "ignore it bad"]
-# The test tokenizer's template, plus a system role (its content, then the conversation)
-SYSTEM_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }} "
-    "{% elif message['role'] == 'user' %}<|user|> {{ message['content'] }} "
-    "{% else %}<|assistant|> {{ message['content'] }}<eos> {% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
-CHAT_PAIRS = [("hello", "hello world", "bad"), ("what", "yes", "no maybe"), ("how", "slow", "fast dog ran")]
-
-
-def contrastive_model(tokenizer, seed: int):
-    """A tiny Llama whose output embedding is scaled up (seeded), so log-ratios reach well past the clamp bounds."""
-    model = build_tiny_llama(len(tokenizer), seed=seed)
-    generator = torch.Generator().manual_seed(100 + seed)
-    with torch.no_grad():
-        model.lm_head.weight.copy_(0.5 * torch.randn(model.lm_head.weight.shape, generator=generator))
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def positive(tokenizer):
-    return contrastive_model(tokenizer, seed=1)
-
-
-@pytest.fixture(scope="module")
-def negative(tokenizer):
-    return contrastive_model(tokenizer, seed=2)
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer():
-    tokenizer = build_word_tokenizer(WORDS + ["and", "story", "answer"])  # the `tokenizer` fixture's vocabulary
-    tokenizer.chat_template = SYSTEM_TEMPLATE
-    return tokenizer
-
-
-def chat_dataset() -> Dataset:
-    return Dataset.from_dict(
-        {
-            "prompt": [[{"role": "user", "content": p}] for p, _, _ in CHAT_PAIRS],
-            "chosen": [[{"role": "assistant", "content": c}] for _, c, _ in CHAT_PAIRS],
-            "rejected": [[{"role": "assistant", "content": r}] for _, _, r in CHAT_PAIRS],
-        }
-    )
+# Tiny Llamas with a seeded, scaled-up output embedding (so log-ratios reach well past the clamp bounds); the
+# conftest's `positive` / `negative` fixtures use this module's offset
+HEAD_SEED_OFFSET = 100
+contrastive_model = functools.partial(conftest_contrastive_model, head_offset=HEAD_SEED_OFFSET)
 
 
 def tis_args(tmp_path, **overrides) -> TIDPOConfig:
@@ -142,14 +100,6 @@ def expected_text_weights(positive, negative, tokenizer, dataset, transform="exp
                 weights = rank_loop(ratios, mu, last_token_unranked(len(ids)))
             columns[f"{side}_token_weights"].append(weights)
     return columns
-
-
-def assert_columns_close(dataset: Dataset, expected: dict, atol: float = 1e-5) -> None:
-    for column, rows in expected.items():
-        assert len(dataset[column]) == len(rows)
-        for index, (got, want) in enumerate(zip(dataset[column], rows, strict=True)):
-            assert len(got) == len(want), f"{column} row {index}"
-            torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=atol, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------- transforms

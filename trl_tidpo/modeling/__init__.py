@@ -6,7 +6,8 @@ Model-facing code: everything that runs a model or shapes its batches, below the
 - `anchors`: policy-sampled and dataset anchors; `collator`: `DataCollatorForTIDPO`.
 - `tokenization`: TRL-compatible tokenisation of completions and anchors.
 - `weight_columns`, `weight_cache`: per-token weight columns and their content-keyed Arrow cache.
-- `contrastive_scoring`: running π+ and π− over a dataset's completions (shared by the two weightings below).
+- `contrastive_scoring`: running π+ and π− over a dataset's completions, and the weight columns' shared plumbing
+  (the trainer's tokenisation, the content hash, `ContrastiveScoring`, `add_weight_columns`), for the two below.
 - `tis_dpo`: TIS-DPO's contrastive-model weights; `cdpo`: cDPO's contrastive-estimation weights.
 - `contrastive_models`: π+ and π− trained from the training pairs (SFT or DPO / reverse DPO recipes), and the weight
   columns they give.

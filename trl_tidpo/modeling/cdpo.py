@@ -17,19 +17,18 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset
 from torch import nn
 
 from .attribution import causal_lm_of, project_to_logits
 from .contrastive_scoring import (
+    ContrastiveScoring,
+    add_weight_columns,
     contrastive_negative,
-    contrastive_rows,
     eval_mode,
     scatter_scored,
     scored_completion_states,
 )
-from .tis_dpo import tokenize_preference_dataset
-from .weight_columns import WEIGHT_COLUMNS
 
 
 DEFAULT_CDPO_BETA = 1.0  # β_ce of the paper and the authors' code
@@ -163,37 +162,34 @@ def cdpo_weight_lists(
     positive_model: nn.Module,
     negative_model: nn.Module | None,
     tokenizer,
-    system_prompts: Sequence[str] | None = None,
+    scoring: ContrastiveScoring,
     beta: float = DEFAULT_CDPO_BETA,
     only_negative: bool = True,
-    max_length: int | None = None,
-    truncation_mode: str = "keep_start",
-    batch_size: int = 8,
 ) -> dict[str, list[list[float]]]:
     """
     cDPO weights of a tokenised preference dataset (`prompt_ids`, `chosen_ids`, `rejected_ids`), one list per row and
-    side, as long as the row's `chosen_ids` / `rejected_ids`. Tokens beyond `max_length` (never trained on) weigh 0; a
-    token that cannot be scored (the first of a completion with an empty prompt) weighs 1. With `only_negative` the
-    chosen side needs no model pass.
+    side, as long as the row's `chosen_ids` / `rejected_ids`. Tokens beyond `scoring.max_length` (never trained on)
+    weigh 0; a token that cannot be scored (the first of a completion with an empty prompt) weighs 1. With
+    `only_negative` the chosen side needs no model pass.
 
-    Args: see [`compute_cdpo_weight_columns`].
+    Args: see [`compute_cdpo_weight_columns`]; `scoring` holds its system prompts, truncation and batch size.
 
     Returns:
         `dict[str, list[list[float]]]`: `{"chosen_token_weights": ..., "rejected_token_weights": ...}`.
     """
     if not beta >= 0:
         raise ValueError(f"`beta` (cDPO's β_ce) must be >= 0, got {beta!r}.")
-    negative_model = contrastive_negative(dataset, positive_model, negative_model, system_prompts, "cDPO")
+    negative_model = contrastive_negative(dataset, positive_model, negative_model, scoring.system_prompts, "cDPO")
     columns = {}
     for side in ("chosen", "rejected"):
         chosen = side == "chosen"
-        rows = contrastive_rows(dataset, tokenizer, side, system_prompts, max_length, truncation_mode)
+        rows = scoring.rows(dataset, tokenizer, side)
         if chosen and only_negative:
             probs = [torch.full((len(kept),), float("nan")) for kept in rows.completions]  # every weight 1
         else:
             probs = contrastive_estimation_probs(
                 positive_model, negative_model, *rows.contexts, rows.completions, tokenizer.pad_token_id, beta,
-                batch_size,
+                scoring.batch_size,
             )  # fmt: skip
         weights = []
         for p, ids, kept in zip(probs, rows.ids, rows.completions, strict=True):
@@ -229,40 +225,21 @@ def compute_cdpo_weight_columns(
     `only_negative=False`); the logits are built in chunks of positions, never as `[rows, T, vocab]`.
 
     Args:
-        dataset (`Dataset`): a preference dataset (`prompt`/`chosen`/`rejected`, plain text or conversational, or the
-            implicit-prompt format), or one already tokenised by the trainer (`prompt_ids`, `chosen_ids`,
-            `rejected_ids`).
+        dataset, tokenizer, system_prompts, max_length, truncation_mode, batch_size: as in
+            [`compute_tis_dpo_weight_columns`].
         positive_model (`nn.Module`): π+ (e.g. SFT on the chosen responses), a loaded causal LM.
         negative_model (`nn.Module` or `None`): π− (e.g. SFT on the rejected responses); `None` with `system_prompts`
             uses `positive_model` for both. It must share π+'s vocabulary.
-        tokenizer: the tokenizer the trainer will use (its pad, EOS and chat template).
-        system_prompts (`Sequence[str]`, *optional*): `(positive, negative)` system prompts: π+ sees the first before
-            each prompt, π− the second. Conversational data only.
         beta (`float`): β_ce ≥ 0 of `softmax((1 + β_ce)·z⁺ − β_ce·z⁻)`, default 1 (the paper's).
         only_negative (`bool`): chosen tokens weigh 1 (default, the authors' `only_neg=True`); `False`: they weigh
             `p_t`.
-        max_length (`int`, *optional*), truncation_mode (`str`): the trainer's; with `keep_start` only the tokens
-            training keeps are scored (the others weigh 0). `None` scores every token.
-        batch_size (`int`): rows per forward.
 
     Returns:
-        `Dataset`: `dataset` with the two weight columns added.
+        `Dataset`: `dataset` with the two weight columns (cDPO's) added.
     """
-    present = [column for column in WEIGHT_COLUMNS if column in dataset.column_names]
-    if present:
-        raise ValueError(f"The dataset already has {present}; remove them (`dataset.remove_columns`) to recompute.")
-    tokenised = {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names)
-    prepared = dataset if tokenised else tokenize_preference_dataset(dataset, tokenizer, "cDPO")
-    columns = cdpo_weight_lists(
-        prepared,
-        positive_model,
-        negative_model,
-        tokenizer,
-        system_prompts=system_prompts,
-        beta=beta,
-        only_negative=only_negative,
-        max_length=max_length,
-        truncation_mode=truncation_mode,
-        batch_size=batch_size,
-    )
-    return concatenate_datasets([dataset, Dataset.from_dict(columns)], axis=1)
+    scoring = ContrastiveScoring(system_prompts, max_length, truncation_mode, batch_size)
+
+    def weight_lists(rows: Dataset) -> dict[str, list[list[float]]]:
+        return cdpo_weight_lists(rows, positive_model, negative_model, tokenizer, scoring, beta, only_negative)
+
+    return add_weight_columns(dataset, tokenizer, "cDPO", weight_lists)

@@ -46,19 +46,11 @@ def _fresh_copy(model: str | nn.Module) -> nn.Module:
 
 
 def _train_one(
-    model: str | nn.Module,
-    tokenizer,
-    dataset: Dataset,
-    recipe: str,
-    output_dir: str,
-    max_steps: int,
-    learning_rate: float,
-    peft_config,
-    training_args: dict,
+    model: str | nn.Module, tokenizer, dataset: Dataset, recipe: str, output_dir: str, peft_config, settings: dict
 ) -> str:
-    """One contrastive model: `recipe` on `dataset` from a fresh copy of `model`; saved (LoRA merged) and freed."""
-    common = {"output_dir": output_dir, "max_steps": max_steps, "learning_rate": learning_rate, "report_to": []}
-    common.update({"save_strategy": "no", **training_args})
+    """One contrastive model: `recipe` on `dataset` from a fresh copy of `model`, with the `SFTConfig` / `DPOConfig`
+    arguments `settings` (all but `output_dir`); saved (LoRA merged) and freed."""
+    common = {"output_dir": output_dir, **settings}
     if recipe == "sft":
         trainer = SFTTrainer(
             model=_fresh_copy(model),
@@ -138,11 +130,10 @@ def train_contrastive_models(
         }
     else:
         data = {"positive": pairs, "negative": pairs.rename_columns({"chosen": "rejected", "rejected": "chosen"})}
+    settings = {"max_steps": max_steps, "learning_rate": learning_rate, "report_to": [], "save_strategy": "no"}
+    settings.update(training_args or {})
     paths = {
-        name: _train_one(
-            model, tokenizer, rows, recipe, os.path.join(output_dir, name), max_steps, learning_rate, peft_config,
-            dict(training_args or {}),
-        )  # fmt: skip
+        name: _train_one(model, tokenizer, rows, recipe, os.path.join(output_dir, name), peft_config, settings)
         for name, rows in data.items()
     }
     return ContrastiveModels(paths["positive"], paths["negative"])

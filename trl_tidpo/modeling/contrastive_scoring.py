@@ -3,21 +3,28 @@ Running TIS-DPO's and cDPO's two contrastive models π+ and π− over the compl
 once, before training: which tokens are scored (the ones training keeps), in which contexts (the prompt, or the prompt
 under a positive and a negative system prompt), and the final hidden states that predict them, batch by batch, so
 that each weighting (`tis_dpo.py`: per-token log-ratios; `cdpo.py`: contrastive-estimation probabilities) projects them
-through the output embeddings in chunks of positions and never builds a `[rows, T, vocab]` tensor.
+through the output embeddings in chunks of positions and never builds a `[rows, T, vocab]` tensor. Also what both
+weightings share around that: the trainer's tokenisation of a raw dataset, the content hash that keys cached weights,
+the scoring options (`ContrastiveScoring`) and the addition of the two weight columns (`add_weight_columns`).
 """
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
+import xxhash
+from datasets import Dataset, concatenate_datasets
 from torch import nn
+from trl import DPOTrainer
 from trl.data_utils import is_conversational
 
 from .attribution import causal_lm_of, project_to_logits
 from .tokenization import tokenize_completion
+from .weight_columns import WEIGHT_COLUMNS
 
 
 @contextlib.contextmanager
@@ -211,3 +218,76 @@ def contrastive_rows(
     else:
         contexts = tuple(_system_contexts(dataset, text, tokenizer, side, ids) for text in system_prompts)
     return ContrastiveRows(ids, completions, contexts)
+
+
+@dataclass(frozen=True)
+class ContrastiveScoring:
+    """
+    How π+ and π− score a dataset's completions, the same for TIS-DPO and cDPO.
+
+    Attributes:
+        system_prompts (`Sequence[str]` or `None`): `(positive, negative)` system prompts of the prompt-based variant.
+        max_length (`int` or `None`), truncation_mode (`str`): the trainer's; with `keep_start` only the tokens
+            training keeps are scored.
+        batch_size (`int`): rows per forward.
+    """
+
+    system_prompts: Sequence[str] | None = None
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+    batch_size: int = 8
+
+    def rows(self, dataset: Dataset, tokenizer, side: str) -> ContrastiveRows:
+        """`contrastive_rows` of one side under these options."""
+        return contrastive_rows(dataset, tokenizer, side, self.system_prompts, self.max_length, self.truncation_mode)
+
+
+def tokenize_preference_dataset(dataset: Dataset, tokenizer, name: str = "TIS-DPO") -> Dataset:
+    """
+    `prompt_ids`, `chosen_ids` and `rejected_ids` exactly as `TIDPOTrainer` (TRL's `DPOTrainer._prepare_dataset`)
+    tokenises them: implicit prompts extracted, EOS appended to plain-text completions, chat templates applied. Rows
+    are never dropped (no `max_length` here).
+
+    Returns:
+        `Dataset`: `dataset` with `prompt`, `chosen`, `rejected` as TRL rewrites them and the three id columns.
+    """
+    # TRL's own method, not a copy, so the ids cannot drift from the trainer's; it reads only `_tokenizer` from self
+    trainer_view = SimpleNamespace(_tokenizer=tokenizer)
+    args = SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
+    return DPOTrainer._prepare_dataset(trainer_view, dataset, tokenizer, args, name)  # `name` labels TRL's progress
+
+
+def columns_fingerprint(dataset: Dataset, columns: Sequence[str]) -> str:
+    """
+    A hash of the contents of `columns`, to key cached weights. Not `dataset._fingerprint`: after TRL's preparation
+    that hashes the dataset's history, which includes the whole training config (TRL's `max_length` filter closes over
+    it), so a new `output_dir` or learning rate would miss the cache.
+
+    Returns:
+        `str`: a hex digest.
+    """
+    hasher = xxhash.xxh64()
+    for table in dataset.select_columns(list(columns)).with_format("arrow").iter(batch_size=10_000):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:  # IPC writes only the rows of a sliced table
+            writer.write_table(table)
+        hasher.update(sink.getvalue().to_pybytes())
+    return hasher.hexdigest()
+
+
+def add_weight_columns(
+    dataset: Dataset, tokenizer, method: str, weight_lists: Callable[[Dataset], dict[str, list[list[float]]]]
+) -> Dataset:
+    """
+    `dataset` with the two weight columns that `weight_lists` computes from its tokenised rows (`prompt_ids`,
+    `chosen_ids`, `rejected_ids`: the dataset's own, or TRL's tokenisation of it, labelled `method`).
+
+    Raises:
+        ValueError: when the dataset already has a weight column.
+    """
+    present = [column for column in WEIGHT_COLUMNS if column in dataset.column_names]
+    if present:
+        raise ValueError(f"The dataset already has {present}; remove them (`dataset.remove_columns`) to recompute.")
+    tokenised = {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names)
+    prepared = dataset if tokenised else tokenize_preference_dataset(dataset, tokenizer, method)
+    return concatenate_datasets([dataset, Dataset.from_dict(weight_lists(prepared))], axis=1)

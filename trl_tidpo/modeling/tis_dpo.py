@@ -15,18 +15,22 @@ system prompts (the prompt-based variant, conversational data only). The weights
 
 import math
 from collections.abc import Sequence
-from types import SimpleNamespace
 
-import pyarrow as pa
 import torch
-import xxhash
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset
 from torch import nn
-from trl import DPOTrainer
 from trl.trainer.utils import create_model_from_path
 
-from .contrastive_scoring import contrastive_negative, contrastive_rows, eval_mode, per_token_completion_logps
-from .weight_columns import WEIGHT_COLUMNS
+# `columns_fingerprint` and `tokenize_preference_dataset` stay importable from here
+from .contrastive_scoring import (  # noqa: F401
+    ContrastiveScoring,
+    add_weight_columns,
+    columns_fingerprint,
+    contrastive_negative,
+    eval_mode,
+    per_token_completion_logps,
+    tokenize_preference_dataset,
+)
 
 
 TIS_TRANSFORMS = ("exp_clamp", "rank")
@@ -133,70 +137,35 @@ def contrastive_log_ratios(
 # ---------------------------------------------------------------------------------------------------- datasets
 
 
-def tokenize_preference_dataset(dataset: Dataset, tokenizer, name: str = "TIS-DPO") -> Dataset:
-    """
-    `prompt_ids`, `chosen_ids` and `rejected_ids` exactly as `TIDPOTrainer` (TRL's `DPOTrainer._prepare_dataset`)
-    tokenises them: implicit prompts extracted, EOS appended to plain-text completions, chat templates applied. Rows
-    are never dropped (no `max_length` here).
-
-    Returns:
-        `Dataset`: `dataset` with `prompt`, `chosen`, `rejected` as TRL rewrites them and the three id columns.
-    """
-    # TRL's own method, not a copy, so the ids cannot drift from the trainer's; it reads only `_tokenizer` from self
-    trainer_view = SimpleNamespace(_tokenizer=tokenizer)
-    args = SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
-    return DPOTrainer._prepare_dataset(trainer_view, dataset, tokenizer, args, name)  # `name` labels TRL's progress
-
-
-def columns_fingerprint(dataset: Dataset, columns: Sequence[str]) -> str:
-    """
-    A hash of the contents of `columns`, to key cached weights. Not `dataset._fingerprint`: after TRL's preparation
-    that hashes the dataset's history, which includes the whole training config (TRL's `max_length` filter closes over
-    it), so a new `output_dir` or learning rate would miss the cache.
-
-    Returns:
-        `str`: a hex digest.
-    """
-    hasher = xxhash.xxh64()
-    for table in dataset.select_columns(list(columns)).with_format("arrow").iter(batch_size=10_000):
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, table.schema) as writer:  # IPC writes only the rows of a sliced table
-            writer.write_table(table)
-        hasher.update(sink.getvalue().to_pybytes())
-    return hasher.hexdigest()
-
-
 def tis_dpo_weight_lists(
     dataset: Dataset,
     positive_model: nn.Module,
     negative_model: nn.Module | None,
     tokenizer,
-    system_prompts: Sequence[str] | None = None,
+    scoring: ContrastiveScoring,
     clamp: Sequence[float] = DEFAULT_CLAMP,
     transform: str = "exp_clamp",
-    max_length: int | None = None,
-    truncation_mode: str = "keep_start",
-    batch_size: int = 8,
 ) -> dict[str, list[list[float]]]:
     """
     TIS-DPO weights of a tokenised preference dataset (`prompt_ids`, `chosen_ids`, `rejected_ids`), one list per row
-    and side, as long as the row's `chosen_ids` / `rejected_ids`. Tokens beyond `max_length` (never trained on) weigh
-    0.
+    and side, as long as the row's `chosen_ids` / `rejected_ids`. Tokens beyond `scoring.max_length` (never trained
+    on) weigh 0.
 
-    Args: see [`compute_tis_dpo_weight_columns`].
+    Args: see [`compute_tis_dpo_weight_columns`]; `scoring` holds its system prompts, truncation and batch size.
 
     Returns:
         `dict[str, list[list[float]]]`: `{"chosen_token_weights": ..., "rejected_token_weights": ...}`.
     """
     if transform not in TIS_TRANSFORMS:
         raise ValueError(f"`transform` must be one of {TIS_TRANSFORMS}, got {transform!r}.")
-    negative_model = contrastive_negative(dataset, positive_model, negative_model, system_prompts, "TIS-DPO")
+    negative_model = contrastive_negative(dataset, positive_model, negative_model, scoring.system_prompts, "TIS-DPO")
     columns = {}
     for side, sign in (("chosen", 1.0), ("rejected", -1.0)):  # μ of Eq. 19
-        rows = contrastive_rows(dataset, tokenizer, side, system_prompts, max_length, truncation_mode)
+        rows = scoring.rows(dataset, tokenizer, side)
         ratios = contrastive_log_ratios(
-            positive_model, negative_model, *rows.contexts, rows.completions, tokenizer.pad_token_id, batch_size
-        )
+            positive_model, negative_model, *rows.contexts, rows.completions, tokenizer.pad_token_id,
+            scoring.batch_size,
+        )  # fmt: skip
         columns[f"{side}_token_weights"] = [
             _transform_row(ratio, sign, clamp, transform) + [0.0] * (len(c) - len(kept))
             for ratio, c, kept in zip(ratios, rows.ids, rows.completions)
@@ -254,24 +223,12 @@ def compute_tis_dpo_weight_columns(
     Returns:
         `Dataset`: `dataset` with the two weight columns added.
     """
-    present = [column for column in WEIGHT_COLUMNS if column in dataset.column_names]
-    if present:
-        raise ValueError(f"The dataset already has {present}; remove them (`dataset.remove_columns`) to recompute.")
-    tokenised = {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names)
-    prepared = dataset if tokenised else tokenize_preference_dataset(dataset, tokenizer)
-    columns = tis_dpo_weight_lists(
-        prepared,
-        positive_model,
-        negative_model,
-        tokenizer,
-        system_prompts=system_prompts,
-        clamp=clamp,
-        transform=transform,
-        max_length=max_length,
-        truncation_mode=truncation_mode,
-        batch_size=batch_size,
-    )
-    return concatenate_datasets([dataset, Dataset.from_dict(columns)], axis=1)
+    scoring = ContrastiveScoring(system_prompts, max_length, truncation_mode, batch_size)
+
+    def weight_lists(rows: Dataset) -> dict[str, list[list[float]]]:
+        return tis_dpo_weight_lists(rows, positive_model, negative_model, tokenizer, scoring, clamp, transform)
+
+    return add_weight_columns(dataset, tokenizer, "TIS-DPO", weight_lists)
 
 
 # ---------------------------------------------------------------------------------------------------- trainer set-up

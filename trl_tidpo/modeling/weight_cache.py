@@ -22,8 +22,8 @@ from trl.trainer.utils import hash_module
 
 from ..ops.importance import HybridWeights
 from .collator import DataCollatorForTIDPO
+from .contrastive_scoring import columns_fingerprint
 from .forwards import AnchorBatch, PairBatch
-from .tis_dpo import columns_fingerprint
 from .weight_columns import weights_to_lists
 
 

@@ -22,7 +22,8 @@ from ..modeling.forwards import (
     reference_pair_forward,
 )
 from ..modeling.cdpo import cdpo_weight_lists
-from ..modeling.tis_dpo import columns_fingerprint, load_contrastive_model, tis_dpo_weight_lists
+from ..modeling.contrastive_scoring import ContrastiveScoring, columns_fingerprint
+from ..modeling.tis_dpo import load_contrastive_model, tis_dpo_weight_lists
 from ..modeling.weight_cache import (
     TOKENIZED_COLUMNS,
     cached_columns,
@@ -153,6 +154,7 @@ class PrecomputeMixin:
         cdpo = args.token_weighting == "cdpo"
         method = "cDPO" if cdpo else "TIS-DPO"
         options = (args.cdpo_beta, args.cdpo_only_negative) if cdpo else (list(args.tis_clamp), args.tis_transform)
+        weight_lists = cdpo_weight_lists if cdpo else tis_dpo_weight_lists
         settings = (
             args.tis_system_prompts, *options, args.max_length, args.truncation_mode, self._tokenizer.eos_token_id,
             self._tokenizer.chat_template,
@@ -171,31 +173,8 @@ class PrecomputeMixin:
             key = (columns_fingerprint(dataset, columns), model_hash, settings, tag)
 
             def weigh(rows: Dataset) -> dict:
-                if cdpo:
-                    return cdpo_weight_lists(
-                        rows,
-                        models["positive"],
-                        models["negative"],
-                        self._tokenizer,
-                        system_prompts=args.tis_system_prompts,
-                        beta=args.cdpo_beta,
-                        only_negative=args.cdpo_only_negative,
-                        max_length=args.max_length,
-                        truncation_mode=args.truncation_mode,
-                        batch_size=len(rows),
-                    )
-                return tis_dpo_weight_lists(
-                    rows,
-                    models["positive"],
-                    models["negative"],
-                    self._tokenizer,
-                    system_prompts=args.tis_system_prompts,
-                    clamp=args.tis_clamp,
-                    transform=args.tis_transform,
-                    max_length=args.max_length,
-                    truncation_mode=args.truncation_mode,
-                    batch_size=len(rows),
-                )
+                scoring = ContrastiveScoring(args.tis_system_prompts, args.max_length, args.truncation_mode, len(rows))
+                return weight_lists(rows, models["positive"], models["negative"], self._tokenizer, scoring, *options)
 
             def compute() -> dict:
                 with context():
