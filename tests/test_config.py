@@ -303,3 +303,19 @@ def test_checkpointing_default_is_on_without_a_future_warning(tmp_path):
         warnings.simplefilter("ignore", FutureWarning)
         off = TIDPOConfig(output_dir=str(tmp_path), use_cpu=True, gradient_checkpointing=False)
     assert off.gradient_checkpointing is False
+
+
+@pytest.mark.parametrize("argv, expected", [([], True), (["--gradient_checkpointing"], True),
+                                            (["--gradient_checkpointing", "False"], False)])  # fmt: skip
+def test_gradient_checkpointing_flag_parses_as_before(tmp_path, argv, expected):
+    """On the command line the re-declared field still reads as TRL's bool did: bare means True."""
+    import warnings
+
+    from transformers import HfArgumentParser
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        (config,) = HfArgumentParser(TIDPOConfig).parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--use_cpu", "True", *argv]
+        )
+    assert config.gradient_checkpointing is expected

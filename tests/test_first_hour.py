@@ -140,7 +140,8 @@ def test_train_in_its_own_process_prints_one_line(tmp_path, model_dir):
     path = _write(tmp_path, "json-trailing-comma")
     argv = ["train", "--model_name_or_path", model_dir, "--dataset_name", path, "--output_dir", str(tmp_path / "out"),
             "--use_cpu", "--report_to", "none"]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}  # Python's own filters, as a user has them
+    # Python's own warning filters, as a user has them, and no `--debug` left in the environment by another test
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "TRL_TIDPO_DEBUG")}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     result = subprocess.run(
         [sys.executable, "-m", "trl_tidpo.tools.cli", *argv], capture_output=True, text=True, timeout=300, env=env

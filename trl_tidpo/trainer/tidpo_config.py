@@ -149,13 +149,6 @@ class TIDPOConfig(DPOConfig):
     `loss_weights` finite, >= 0 and not all 0, and `f_divergence_type` / `truncation_mode` among their values.
     """
 
-    gradient_checkpointing: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Deprecated alias of `activation_checkpointing` in transformers ≥ 5.23. Checkpointing is on by "
-            "default, as in TRL's DPOConfig: trades compute for memory, about 20% slower training."
-        },
-    )
     token_weighting: str = field(
         default=DEFAULTS["token_weighting"],
         metadata={
@@ -313,6 +306,17 @@ class TIDPOConfig(DPOConfig):
             "is then not kept in memory, unless policy anchors or `importance_model='reference'` with "
             "`precompute_token_weights=False` still run it at every step (a warning says so). Dataset anchors are "
             "precomputed too. Not with `tdpo_alpha > 0`, whose KL needs the reference's full distributions."
+        },
+    )
+
+    # TRL's field re-declared (last, so that TI-DPO's own options open `train --help`): see `_default_checkpointing`
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated alias of `activation_checkpointing` in transformers ≥ 5.23. Checkpointing is on by "
+            "default, as in TRL's DPOConfig: trades compute for memory, about 20%% slower training.",
+            "nargs": "?",  # a bare `--gradient_checkpointing` means True, as TRL's bool field did
+            "const": True,
         },
     )
 
