@@ -83,3 +83,31 @@ def test_one_seed_process_end_to_end(tmp_path, monkeypatch):
     )
     assert runs["DPO"]["gradient_conflict"] == [] and runs["DPO"]["triplet_metrics"] == []
     assert data["args"]["contrastive_cpu_seconds"]["sft"] > 0
+
+
+def test_gradient_conflict_matches_separate_backward_passes():
+    """`triplet_probe.gradient_conflict` against two ordinary backward passes, each into fresh `.grad`s: the norm ratio
+    and the cosine of the flattened parameter gradients (a frozen parameter is left out)."""
+    import torch
+    from triplet_probe import gradient_conflict
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    model[0].bias.requires_grad_(False)
+    x = torch.randn(5, 3)
+
+    def terms():
+        out = model(x)
+        return out[:, 0].pow(2).mean(), 0.3 * out[:, 1].sin().sum()
+
+    expected = []
+    for index in (0, 1):
+        model.zero_grad(set_to_none=True)
+        terms()[index].backward()
+        expected.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad]))
+    model.zero_grad(set_to_none=True)
+    measured = gradient_conflict(model, *terms())
+    assert measured["norm_ratio"] == pytest.approx((expected[1].norm() / expected[0].norm()).item(), rel=1e-5)
+    cosine = torch.nn.functional.cosine_similarity(expected[0], expected[1], dim=0).item()
+    assert measured["cosine"] == pytest.approx(cosine, rel=1e-5)
+    assert all(p.grad is None for p in model.parameters())  # the probe leaves the step's own gradients alone
