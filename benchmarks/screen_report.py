@@ -36,10 +36,10 @@ def dev_scores_of(grid_files: list[dict]) -> dict[str, dict[float, list[tuple[fl
     return scores
 
 
-def choose_rates(grid_files: list[dict]) -> dict[str, dict]:
+def choose_rates(dev_scores: dict[str, dict[float, list[tuple[float, float]]]]) -> dict[str, dict]:
     """Per variant, `bench_stats.select_learning_rate` over the rates its grid seeds ran (best mean dev accuracy;
     ties: the best dev gold log-prob), with the grid-edge flag."""
-    return {name: select_learning_rate(by_rate, sorted(by_rate)) for name, by_rate in dev_scores_of(grid_files).items()}
+    return {name: select_learning_rate(by_rate, sorted(by_rate)) for name, by_rate in dev_scores.items()}
 
 
 def final_runs(files: list[dict], chosen: dict[str, float]) -> dict[str, list[dict]]:
@@ -74,7 +74,7 @@ def report(files: list[dict], grid_seeds: list[int]) -> dict:
     grid_files = [f for f in files if f["seed"] in grid_seeds and "-grid" in f.get("kind", "-grid")]
     dev_scores = dev_scores_of(grid_files)
     rates = sorted({r["learning_rate"] for f in grid_files for r in f["runs"]})
-    selection = choose_rates(grid_files)
+    selection = choose_rates(dev_scores)
     chosen = {name: sel["learning_rate"] for name, sel in selection.items()}
     runs = final_runs(files, chosen)
     runs = dict(sorted(runs.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else len(ORDER)))
@@ -182,7 +182,7 @@ def main(argv=None) -> None:
         print(summary["gate"]["message"])
         print(markdown(summary))
         return
-    selection = choose_rates(load_runs(args.files))
+    selection = choose_rates(dev_scores_of(load_runs(args.files)))
     for name, sel in selection.items():
         edge = f" (at the grid's {sel['edge']} edge: try {sel['beyond']:g})" if sel["edge"] else ""
         print(f"{name}: {sel['learning_rate']:g}{edge}")

@@ -34,21 +34,20 @@ def probed(cls: type[TIDPOTrainer], every: int = 10) -> type[TIDPOTrainer]:
     """A subclass of `cls` that records `gradient_conflict` at steps 0, `every`, 2·`every`, … in `self.conflicts`."""
 
     class Probed(cls):
-        conflicts: list[dict]
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.conflicts: list[dict] = []
 
         def _loss_parts(self, model, batch):
             policy, parts = super()._loss_parts(model, batch)
             step = self.state.global_step
-            seen = getattr(self, "conflicts", None)
-            if seen is None:
-                self.conflicts = seen = []
             probe_now = model.training and parts.triplet is not None and step % every == 0
-            if probe_now and not any(c["step"] == step for c in seen):
+            if probe_now and not any(c["step"] == step for c in self.conflicts):  # once per step (grad accumulation)
                 # the benchmarks' pairs carry no `pair_weight` column, so the triplet term is γ · mean_b L_trip
                 conflict = gradient_conflict(
                     model, parts.dpo_losses.mean(), self.args.triplet_gamma * parts.triplet.loss.mean()
                 )
-                seen.append({"step": step, **conflict})
+                self.conflicts.append({"step": step, **conflict})
             return policy, parts
 
     Probed.__name__ = Probed.__qualname__ = f"Probed{cls.__name__}"

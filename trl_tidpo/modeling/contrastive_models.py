@@ -25,11 +25,11 @@ from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from .cdpo import DEFAULT_CDPO_BETA, compute_cdpo_weight_columns
-from .tis_dpo import DEFAULT_CLAMP, compute_tis_dpo_weight_columns
+from .tis_dpo import CONTRASTIVE_WEIGHTINGS, DEFAULT_CLAMP, compute_tis_dpo_weight_columns
 
 
 RECIPES = ("sft", "dpo")
-WEIGHTINGS = ("tis_dpo", "cdpo")
+WEIGHTINGS = CONTRASTIVE_WEIGHTINGS
 
 
 @dataclass

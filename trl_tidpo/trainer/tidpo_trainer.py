@@ -32,7 +32,7 @@ from ..modeling.forwards import (
     split_anchor_rows,
     stack_anchor_rows,
 )
-from ..modeling.tis_dpo import check_tis_sources
+from ..modeling.tis_dpo import CONTRASTIVE_WEIGHTINGS, check_tis_sources
 from ..modeling.weight_cache import REF_LOGP_COLUMNS
 from ..modeling.weight_columns import PAIR_WEIGHT_COLUMN
 from ..ops.importance import HybridWeights, completion_token_weights
@@ -142,7 +142,7 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         tis_positive = tis_positive_model if tis_positive_model is not None else args.tis_positive_model
         tis_negative = tis_negative_model if tis_negative_model is not None else args.tis_negative_model
         check_tis_sources(args.token_weighting, tis_positive, tis_negative, args.tis_system_prompts)
-        if args.token_weighting in ("tis_dpo", "cdpo") and tis_positive is None and args.sync_ref_model:
+        if args.token_weighting in CONTRASTIVE_WEIGHTINGS and tis_positive is None and args.sync_ref_model:
             # Checked here, not in the config: only now is it known that no π+ model stands in for the reference
             raise ValueError(
                 "The prompt-based TIS-DPO variant (`tis_system_prompts` without `tis_positive_model`) computes the "
@@ -185,7 +185,7 @@ class TIDPOTrainer(PrecomputeMixin, DPOTrainer):
         self._precompute_engines = []  # DeepSpeed inference engines built for the passes below
         if self._precomputes_reference_weights:
             self._add_reference_weight_columns()
-        if args.token_weighting in ("tis_dpo", "cdpo"):
+        if args.token_weighting in CONTRASTIVE_WEIGHTINGS:
             self._add_tis_dpo_weight_columns(tis_positive, tis_negative)
         self._release_precompute_engines()
 

@@ -5,6 +5,7 @@ configuration needs, and the column rule of the token weights (which `token_weig
 
 from datasets import Dataset
 
+from ...modeling.tis_dpo import CONTRASTIVE_WEIGHTINGS
 from ...modeling.weight_cache import TOKENIZED_COLUMNS
 from ...modeling.weight_columns import WEIGHT_COLUMNS
 from ...modeling.weight_spans import SPAN_COLUMNS, check_one_weight_source, span_columns_of
@@ -57,7 +58,7 @@ def check_token_weight_columns(token_weighting: str, columns, where: str) -> lis
                 f"{where} has the span column(s) {spans}, which only `token_weighting='dataset'` reads, but "
                 f"`token_weighting` is {token_weighting!r}. Set `token_weighting='dataset'` or remove the columns."
             )
-        if lists and token_weighting in ("tis_dpo", "cdpo"):
+        if lists and token_weighting in CONTRASTIVE_WEIGHTINGS:
             raise ValueError(
                 f"{where} already has token weight columns, which `token_weighting={token_weighting!r}` computes "
                 "itself. "
