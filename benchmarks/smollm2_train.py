@@ -15,6 +15,7 @@ from datasets import Dataset
 from variants import VARIANTS, Variant, decisive_gradient_share
 
 from bench_runner import print_run
+from contrastive_runs import WEIGHT_COLUMNS, weighted_pairs
 from smollm2_task import evaluate, summarize_evaluation
 from trl_tidpo import TIDPOTrainer
 
@@ -47,7 +48,8 @@ def build_trainer(variant: Variant, base_model, tokenizer, pairs, run_dir, learn
     """The variant's trainer on a fresh LoRA adapter (seeded: every variant of a seed starts from the same one)."""
     from peft import LoraConfig
 
-    dataset = Dataset.from_dict({key: [pair[key] for pair in pairs] for key in ("prompt", "chosen", "rejected")})
+    columns = [key for key in ("prompt", "chosen", "rejected", *WEIGHT_COLUMNS) if key in pairs[0]]
+    dataset = Dataset.from_dict({key: [pair[key] for pair in pairs] for key in columns})
     torch.manual_seed(seed)
     return variant.trainer_cls(
         model=base_model,
@@ -83,9 +85,9 @@ def train_and_evaluate(name, base_model, tokenizer, data, learning_rate, seed, a
     """Train one (variant, learning rate, seed), evaluate it on the held-out (and dev) prompts; returns the record
     and the base model with the adapter removed."""
     run_dir = work / "runs" / f"{slug(name)}-lr{learning_rate:g}-seed{seed}"
-    trainer = build_trainer(
-        VARIANTS[name], base_model, tokenizer, data["train_pairs"], run_dir, learning_rate, seed, args
-    )
+    variant = VARIANTS[name]
+    pairs, contrastive_cpu = contrastive_pairs(variant, base_model, tokenizer, data["train_pairs"], seed, args, work)
+    trainer = build_trainer(variant, base_model, tokenizer, pairs, run_dir, learning_rate, seed, args)
     print(f"\n== {name}, learning rate {learning_rate:g}, seed {seed}: {args.steps} steps ==", flush=True)
     t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
@@ -100,6 +102,7 @@ def train_and_evaluate(name, base_model, tokenizer, data, learning_rate, seed, a
         "cpu_seconds_per_step": cpu_seconds / args.steps,
         "loss_curve": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
         "rejected_logps_change": _logps_change(trainer.state.log_history, "logps/rejected"),
+        "contrastive_cpu_seconds": contrastive_cpu,
         "chosen_logps_change": _logps_change(trainer.state.log_history, "logps/chosen"),
     }
     record["eval"] = evaluate(model, tokenizer, data["eval_problems"], args, f"held-out, {name}")
@@ -117,6 +120,14 @@ def train_and_evaluate(name, base_model, tokenizer, data, learning_rate, seed, a
         f"{record['cpu_seconds_per_step']:.2f} CPU-s/step",
     )  # fmt: skip
     return record, trainer.model.unload()
+
+
+def contrastive_pairs(variant: Variant, base_model, tokenizer, pairs, seed: int, args, work: Path):
+    """The pairs a variant trains on (with its π± weight columns if it is a contrastive variant), and the CPU seconds
+    its π± cost in this call (0.0 when cached or not contrastive)."""
+    if not variant.contrastive:
+        return pairs, 0.0
+    return weighted_pairs(variant, base_model, tokenizer, pairs, seed, args, work)
 
 
 def _logps_change(history: list[dict], key: str) -> float | None:

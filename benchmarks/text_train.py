@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from bench_runner import cpu_seconds, print_run
-from smollm2_train import build_trainer, slug
+from smollm2_train import build_trainer, contrastive_pairs, slug
 from text_task import evaluate
 from variants import VARIANTS
 
@@ -30,6 +30,7 @@ def train_and_evaluate(
     """Train one (variant, rate, seed) on the seed's pairs, evaluate it; returns the record and the bare base model."""
     pairs = seed_pairs(data["pool"], seed, args.steps * args.batch_size)
     run_dir = work / "runs" / f"{slug(name)}-lr{lr:g}-seed{seed}"
+    pairs, contrastive_cpu = contrastive_pairs(VARIANTS[name], model, tokenizer, pairs, seed, args, work)
     trainer = build_trainer(VARIANTS[name], model, tokenizer, pairs, run_dir, lr, seed, args)
     print(f"\n== {name}, learning rate {lr:g}, seed {seed}: {args.steps} steps ==", flush=True)
     t0, c0 = time.perf_counter(), cpu_seconds()
@@ -42,6 +43,7 @@ def train_and_evaluate(
         "seed": seed,
         "train_pairs": len(pairs),
         "train_cpu_seconds": cpu,
+        "contrastive_cpu_seconds": contrastive_cpu,
         "cpu_seconds_per_step": cpu / args.steps,
         "seconds_per_step": seconds / args.steps,
         "loss_curve": [e["loss"] for e in history if "loss" in e],

@@ -275,3 +275,38 @@ def test_seeds_outside_the_grid_run_at_the_given_rate_and_merge(monkeypatch, tmp
     merged = bench.merge([grid, rest], str(tmp_path / "merged.json"))
     assert sorted(r["seed"] for r in merged["records"]) == [0, 1, 2]
     assert merged["report"]["variants"]["DPO"]["seeds"] == [0, 1, 2]
+
+
+def test_a_contrastive_variant_trains_on_its_seeds_weight_columns_built_once(monkeypatch, tmp_path):
+    """`TIS-DPO (SFT π±)` on the text runner: π± are trained once per seed's pairs (cached), the weights are
+    positive with one per completion token, and a second grid point reads the cache instead of training π± again."""
+    import contrastive_runs
+    import text_train
+    from variants import VARIANTS
+
+    bench = _tiny_runner(monkeypatch)
+    monkeypatch.setitem(contrastive_runs.TRAINING, "sft", {"max_steps": 2, "learning_rate": 1e-3})
+    seen = []
+    build = text_train.build_trainer
+    monkeypatch.setattr(
+        text_train, "build_trainer", lambda v, m, t, pairs, *a: seen.append(pairs) or build(v, m, t, pairs, *a)
+    )
+    name = "TIS-DPO (SFT π±)"
+    common = SMALL + ["--variants", name, "--seeds", "0", "--grid-point", "--work-dir", str(tmp_path)]
+    first = bench.run(bench.parse_args(common + ["--lr-grid", "1e-3", "--output", str(tmp_path / "a.json")]))
+    second = bench.run(bench.parse_args(common + ["--lr-grid", "1e-4", "--output", str(tmp_path / "b.json")]))
+    assert first["records"][0]["contrastive_cpu_seconds"] > 0
+    assert second["records"][0]["contrastive_cpu_seconds"] == 0.0  # read from the cache
+    assert len(list((tmp_path / "contrastive").glob("sft-tis_dpo-seed0-*.json"))) == 1
+    assert seen[0] == seen[1]  # the same weights at both rates
+    tokenizer = bench.load_smollm2()[1]
+    low, high = 0.5 * 2.718281828**-1.5, 2.0 * 2.718281828**1.5  # generous bounds around exp(±clamp), any k
+    for pair in seen[0]:
+        for side in ("chosen", "rejected"):
+            weights = pair[f"{side}_token_weights"]
+            prompt = tokenizer.apply_chat_template(pair["prompt"], tokenize=True, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(pair["prompt"] + pair[side], tokenize=True)
+            prompt, full = (x if isinstance(x, list) else x["input_ids"] for x in (prompt, full))
+            assert len(weights) == len(full) - len(prompt)  # one weight per completion token
+            assert all(low < w < high for w in weights)
+    assert VARIANTS[name].config_overrides["token_weighting"] == "dataset"
