@@ -139,6 +139,13 @@ def close_with_gate(summary: dict) -> dict:
     return summary
 
 
+def logged_means(history: list[dict]) -> dict[str, float]:
+    """The mean over training of each logged `triplet/`, `rewards/` and `token_weights/` metric (e.g. the share of rows
+    whose anchor copies the chosen or rejected completion, `triplet/anchor_equals_*`)."""
+    keys = sorted({k for entry in history for k in entry if k.startswith(("triplet/", "rewards/", "token_weights/"))})
+    return {k: sum(e[k] for e in history if k in e) / sum(k in e for e in history) for k in keys}
+
+
 def print_run(name: str, lr: float, seed: int, result: str, dev: str | None, cost: str) -> None:
     """One trained run's progress line: `name, lr, seed: result[; dev]; cost`."""
     print(f"{name}, lr {lr:g}, seed {seed}: {result}" + (f"; {dev}" if dev else "") + f"; {cost}", flush=True)

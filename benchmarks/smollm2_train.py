@@ -14,7 +14,7 @@ import torch
 from datasets import Dataset
 from variants import VARIANTS, Variant, decisive_gradient_share
 
-from bench_runner import print_run
+from bench_runner import logged_means, print_run
 from contrastive_runs import WEIGHT_COLUMNS, weighted_pairs
 from smollm2_task import evaluate, summarize_evaluation
 from trl_tidpo import TIDPOTrainer
@@ -103,6 +103,7 @@ def train_and_evaluate(name, base_model, tokenizer, data, learning_rate, seed, a
         "loss_curve": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
         "rejected_logps_change": _logps_change(trainer.state.log_history, "logps/rejected"),
         "contrastive_cpu_seconds": contrastive_cpu,
+        "metrics_mean": logged_means(trainer.state.log_history),
         "chosen_logps_change": _logps_change(trainer.state.log_history, "logps/chosen"),
     }
     record["eval"] = evaluate(model, tokenizer, data["eval_problems"], args, f"held-out, {name}")

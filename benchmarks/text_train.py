@@ -9,7 +9,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench_runner import cpu_seconds, print_run
+from bench_runner import cpu_seconds, logged_means, print_run
 from smollm2_train import build_trainer, contrastive_pairs, slug
 from text_task import evaluate
 from variants import VARIANTS
@@ -47,11 +47,7 @@ def train_and_evaluate(
         "cpu_seconds_per_step": cpu / args.steps,
         "seconds_per_step": seconds / args.steps,
         "loss_curve": [e["loss"] for e in history if "loss" in e],
-        "metrics_mean": {
-            k: statistics.fmean(e[k] for e in history if k in e)
-            for k in sorted({k for e in history for k in e})
-            if k.startswith(("triplet/", "rewards/", "token_weights/"))
-        },
+        "metrics_mean": logged_means(history),
     }
     c1 = cpu_seconds()
     trained = trainer.model.eval()

@@ -203,3 +203,15 @@ def test_report_pairs_by_seed_and_its_tables_are_well_formed():
             assert line.count("|") == header, line
     assert tables == 3  # main, per family, grid
     assert bench_report.headline(report, benchmark="t", title="T", doc="d")["variants"]["X"]["cpu_s_per_step"] == 2.0
+
+
+def test_logged_means_average_each_metric_over_the_entries_that_log_it():
+    import bench_runner
+
+    history = [
+        {"loss": 0.7, "triplet/anchor_equals_rejected": 0.5, "rewards/margins": 0.1},
+        {"loss": 0.6, "triplet/anchor_equals_rejected": 0.0},
+        {"train_loss": 0.65},  # the closing entry logs none of them
+    ]
+    means = bench_runner.logged_means(history)
+    assert means == {"rewards/margins": 0.1, "triplet/anchor_equals_rejected": 0.25}  # (0.5 + 0.0) / 2, loss left out

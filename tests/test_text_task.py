@@ -214,6 +214,8 @@ def test_runner_end_to_end_on_a_tiny_model(monkeypatch, tmp_path):
         assert len(r["eval"]["correct"]) == 8 and set(r["eval"]["correct"]) <= {0, 1}
         assert len(r["eval"]["gold_logp"]) == summary["data"]["likelihood_counts"]["pairs"]
         assert r["cpu_seconds_per_step"] > 0 and r["train_pairs"] == 4
+        if r["variant"] == "TI-DPO":  # the anchor-copy shares over training, kept in every triplet run's record
+            assert 0.0 <= r["metrics_mean"]["triplet/anchor_equals_rejected"] <= 1.0
     assert set(summary["report"]["variants"]) == {"DPO", "TI-DPO"}
     assert set(summary["cpu_seconds"]) == {"DPO", "TI-DPO"}
     pool = summary["data"]["pool"]
