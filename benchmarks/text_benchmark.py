@@ -279,8 +279,8 @@ def merge(paths: list[str], output: str) -> dict:
 def parse_args(argv):
     parser, add = runner_parser(
         __doc__,
-        quick_help="≤ 10 min of CPU from an empty --work-dir: DPO and TI-DPO, one seed, rate 8e-4, 8 steps, 96 train "
-        "prompts × 4 samples, 192 held-out prompts, no dev split",
+        quick_help="≤ 10 min of CPU from an empty --work-dir: DPO and TI-DPO, one seed, rate 8e-4, 8 steps, 96 "
+        "train prompts × 4 samples, 192 held-out prompts, no dev split",
         prepare_help="only sample and cache the pairs and the start's evaluations",
     )
     add("--lr-grid", type=float, nargs="+", default=[1e-4, 2e-4, 4e-4])
