@@ -152,7 +152,8 @@ def test_gpu_check_smoke_on_cpu_runs_and_judges_the_qlora_check(tmp_path):
 
 
 def test_gpu_check_reads_step_cost_ratios(tmp_path):
-    """`judge_step_cost` on the layout `step_cost.py --json` writes (keys as in its `run_timing` / `run_memory`)."""
+    """`judge_step_cost` on the layout `step_cost.py --json` writes (keys as in `step_cost_measures.run_timing` /
+    `run_memory`)."""
     import gpu_check
 
     modes = ["dpo", *gpu_check.STEP_COST_MODES]
