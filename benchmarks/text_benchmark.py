@@ -50,7 +50,8 @@ from text_task import (  # noqa: E402
     make_prompts,
     pairs_from_samples,
 )
-from text_train import train_and_evaluate  # noqa: E402
+from smollm2_train import gradient_shares  # noqa: E402
+from text_train import seed_pairs, train_and_evaluate  # noqa: E402
 from variants import VARIANTS  # noqa: E402
 
 from trl_tidpo.tools.demo.smollm2 import load_smollm2  # noqa: E402
@@ -158,6 +159,25 @@ def prepare(model, tokenizer, args, work: Path) -> dict:
     }
 
 
+def decisive_shares(summary: dict, model, tokenizer, data: dict, args, work: Path) -> dict:
+    """
+    Each variant's share of the loss gradient on a pair's first divergent token, at the start model, on seed 0's
+    first 32 train pairs (`smollm2_train.gradient_shares`): where each weighting puts DPO's push, no training.
+    """
+    contrastive = [name for name in args.variants if VARIANTS[name].contrastive]
+    if contrastive:
+        raise SystemExit(f"--gradient-shares-only measures weightings computed in the trainer, not {contrastive}.")
+    c0, pairs = cpu_seconds(), seed_pairs(data["pool"], 0, 32)
+    summary["gradient_share"] = {}
+    for name in args.variants:
+        shares, model = gradient_shares(name, model, tokenizer, pairs, args, work, num_pairs=32)
+        summary["gradient_share"][name] = shares
+        print(f"{name}: decisive-token gradient share {statistics.fmean(shares):.3f} ({len(shares)} pairs)")
+    summary["gradient_share_cpu_seconds"] = cpu_seconds() - c0
+    write_summary(summary, args.output)
+    return summary
+
+
 def select(records: list[dict], name: str, grid_seeds: list[int], grid: list[float], with_dev: bool) -> dict:
     """The variant's dev-selected rate (`bench_stats.select_learning_rate`), or the only rate run without dev."""
     scores = bench_report.dev_scores(records, name, grid_seeds)
@@ -200,6 +220,8 @@ def run(args) -> dict:
         summary["total_cpu_seconds"] = cpu_seconds() - c_start
         write_summary(summary, args.output)
         return summary
+    if args.gradient_shares_only:
+        return decisive_shares(summary, model, tokenizer, data, args, work)
     with_dev = len(args.lr_grid) > 1 or args.grid_point
     for name in args.variants:
         for lr in args.lr_grid:
@@ -311,6 +333,8 @@ def parse_args(argv):
         help="one grid point of a grid split across processes: evaluate dev, "
         "select nothing; `--merge` selects each variant's rate from every run's dev results",
     )
+    add("--gradient-shares-only", action="store_true",
+        help="only measure each variant's decisive-token gradient share at the start on 32 train pairs")  # fmt: skip
     add("--merge", nargs="+", default=None, metavar="JSON", help="combine runs into --output")
     args = parser.parse_args(argv)
     quick = {
@@ -328,7 +352,7 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     summary = merge(args.merge, args.output) if args.merge else run(args)
-    if args.prepare or "report" not in summary:
+    if args.prepare or args.gradient_shares_only or "report" not in summary:
         return summary
     return close_with_gate(summary)
 

@@ -312,3 +312,17 @@ def test_a_contrastive_variant_trains_on_its_seeds_weight_columns_built_once(mon
             assert len(weights) == len(full) - len(prompt)  # one weight per completion token
             assert all(low < w < high for w in weights)
     assert VARIANTS[name].config_overrides["token_weighting"] == "dataset"
+
+
+def test_gradient_shares_only_measures_each_variant_without_training(monkeypatch, tmp_path):
+    bench = _tiny_runner(monkeypatch)
+    variants = ["--variants", "DPO", "weights λ=0 (prior only)"]
+    args = SMALL + ["--gradient-shares-only", *variants, "--work-dir", str(tmp_path)]
+    summary = bench.main(args + ["--output", str(tmp_path / "shares.json")])
+    assert summary["records"] == []  # nothing trained
+    for name in ("DPO", "weights λ=0 (prior only)"):
+        shares = summary["gradient_share"][name]
+        assert shares and all(0.0 <= s <= 1.0 for s in shares)
+    assert summary["gradient_share"]["DPO"] != summary["gradient_share"]["weights λ=0 (prior only)"]
+    with pytest.raises(SystemExit, match="TIS-DPO"):
+        bench.main(SMALL + ["--gradient-shares-only", "--variants", "TIS-DPO (SFT π±)", "--work-dir", str(tmp_path)])
