@@ -69,10 +69,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("benchmark_json", help="a text benchmark or SmolLM2 benchmark JSON")
     args = parser.parse_args(argv)
     data = json.loads(Path(args.benchmark_json).read_text())["data"]
-    if "pool" in data:
+    if "pool" in data:  # the text benchmark
         pairs = data["pool"]
-    else:
+    elif "pairs_by_seed" in data:  # the SmolLM2 benchmark, one pair sample per seed
         pairs = [p for seeded in data["pairs_by_seed"].values() for p in seeded["pairs"]]
+    else:  # the SmolLM2 benchmark's JSONs before it (one shared sample)
+        pairs = data["train_pairs"]
     from trl_tidpo.tools.demo.smollm2 import load_smollm2
 
     result = measure(load_smollm2()[1], pairs)
