@@ -305,7 +305,7 @@ def parse_args(argv):
         "train prompts × 4 samples, 192 held-out prompts, no dev split",
         prepare_help="only sample and cache the pairs and the start's evaluations",
     )
-    add("--lr-grid", type=float, nargs="+", default=[1e-4, 2e-4, 4e-4])
+    add("--lr-grid", type=float, nargs="+", default=[1e-4, 2e-4, 4e-4, 8e-4, 2e-3, 5e-3])
     add("--steps", type=int, default=16)
     add("--batch-size", type=int, default=4)
     add("--train-prompts", type=int, default=288, help="prompts sampled for the pair pool")
