@@ -129,7 +129,8 @@ def build_report(
 
 
 def headline(report: dict, *, benchmark: str, title: str, doc: str, metric: str = "held-out accuracy") -> dict:
-    """The block `benchmarks/summarize.py` reads: per variant, its per-seed held-out accuracy and CPU per step."""
+    """The block `benchmarks/summarize.py` reads: per variant, its per-seed held-out accuracy and CPU per step, and the
+    run's sanity gate (did DPO beat the start: can this benchmark rank variants at all)."""
     variants = {}
     for name, e in report["variants"].items():
         prompt = (e.get("vs_dpo_correct") or {}).get("prompt_level")
@@ -143,7 +144,7 @@ def headline(report: dict, *, benchmark: str, title: str, doc: str, metric: str 
         }
     return {
         "benchmark": benchmark, "title": title, "doc": doc, "metric": metric, "start": report["start"]["accuracy"],
-        "prompt_ci_kind": "bootstrap over prompts (seeds kept)", "variants": variants,
+        "prompt_ci_kind": "bootstrap over prompts (seeds kept)", "variants": variants, "gate": report.get("gate"),
     }  # fmt: skip
 
 

@@ -9,10 +9,12 @@ verdict and `docs/benchmarks.md`'s opening table are rendered from the file this
 Output (`--output`, default `docs/benchmarks_summary.json`):
 
     {"command": str, "date": "YYYY-MM-DD",
-     "benchmarks": {NAME: {"title", "doc", "metric", "seeds", "start", "dpo", "ci_kind"}},
+     "benchmarks": {NAME: {"title", "doc", "metric", "seeds", "start", "dpo", "ci_kind", "gate_passed", "gate"}},
      "rows": [{"variant", "benchmark", "delta", "ci": [lo, hi], "prompt_ci": [lo, hi] | null, "seeds",
                "cpu_s_per_step", "cpu_ratio_vs_dpo"}]}
 
+`gate_passed` is the benchmark's sanity gate (DPO beat its start by more than 2 SE), `None` for the JSONs written
+before the headline kept it; where it is `False` the benchmark ranks nothing and the rendered verdict says so.
 `delta` is the mean over the seeds both ran of (variant − DPO) per-seed held-out metric; `ci` is the Student
 t-interval over those per-seed differences (`bench_stats.seed_level_ci`; with one seed, the prompt-level interval and
 `ci_kind` says so); `prompt_ci` is the benchmark's bootstrap interval over prompts (and seeds, for the JSONs written
@@ -89,7 +91,7 @@ def read_headline(path: Path) -> dict:
     )
 
 
-def summarize_benchmark(head: dict) -> tuple[dict, list[dict]]:
+def summarize_benchmark(head: dict, gate: dict | None = None) -> tuple[dict, list[dict]]:
     """The benchmark's entry and its rows (one per variant, DPO first) from its headline block."""
     name = head["benchmark"]
     if "DPO" not in head["variants"]:
@@ -97,7 +99,10 @@ def summarize_benchmark(head: dict) -> tuple[dict, list[dict]]:
     dpo = head["variants"]["DPO"]
     dpo_by_seed = dict(zip(dpo["seeds"], dpo["per_seed"]))
     one_seed = len(dpo["seeds"]) < 2
+    gate = head.get("gate") or gate  # the tiny screen keeps its gate beside the headline
     entry = {
+        "gate_passed": None if gate is None else gate["passed"],
+        "gate": None if gate is None else gate["message"],
         "title": head["title"],
         "doc": head["doc"],
         "metric": head["metric"],
@@ -143,7 +148,7 @@ def summarize_benchmark(head: dict) -> tuple[dict, list[dict]]:
 def summarize(paths: list[Path], command: str) -> dict:
     out = {"command": command, "date": time.strftime("%Y-%m-%d", time.gmtime()), "benchmarks": {}, "rows": []}
     for path in paths:
-        entry, rows = summarize_benchmark(read_headline(path))
+        entry, rows = summarize_benchmark(read_headline(path), json.loads(path.read_text()).get("gate"))
         name = rows[0]["benchmark"]
         if name in out["benchmarks"]:
             raise SystemExit(f"{path}: benchmark {name!r} is already in the summary (two JSONs of one benchmark).")

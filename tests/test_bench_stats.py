@@ -172,6 +172,22 @@ def test_summary_rows_pair_seeds_with_dpo():
     half = 4.3027 * (0.0577350 / math.sqrt(3))
     assert x["ci"] == pytest.approx([1 / 6 - half, 1 / 6 + half], abs=1e-5)
     assert x["prompt_ci"] == [0.0, 0.3] and x["cpu_ratio_vs_dpo"] == pytest.approx(2.0) and x["seeds"] == 3
+    assert entry["gate_passed"] is None  # a headline without a gate (written before it was kept)
+
+
+def test_summary_carries_the_benchmarks_sanity_gate():
+    import summarize
+
+    head = {
+        "benchmark": "toy", "title": "Toy", "doc": "docs/toy.md", "metric": "held-out accuracy", "start": 0.2,
+        "variants": {"DPO": {"seeds": [0, 1], "per_seed": [0.3, 0.1], "cpu_s_per_step": 1.0, "prompt_ci": None}},
+        "gate": {"passed": False, "message": "DPO − start +0.0000: FAILED"},
+    }  # fmt: skip
+    entry, _ = summarize.summarize_benchmark(head)
+    assert entry["gate_passed"] is False and entry["gate"] == "DPO − start +0.0000: FAILED"
+    beside = {"passed": True, "message": "passed"}  # the tiny screen keeps its gate beside the headline
+    entry, _ = summarize.summarize_benchmark({**head, "gate": None}, beside)
+    assert entry["gate_passed"] is True
 
 
 def test_report_pairs_by_seed_and_its_tables_are_well_formed():

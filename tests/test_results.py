@@ -149,3 +149,16 @@ def test_results_sections_are_rendered_from_the_summary(page):
     text = (ROOT / page).read_text(encoding="utf-8")
     summary = load_summary(ROOT / "docs" / results.SUMMARY_NAME)
     assert render(text, summary, page) == text, f"run: python -m trl_tidpo.tools.results --write {' '.join(PAGES)}"
+
+
+def test_a_benchmark_that_failed_its_gate_ranks_nothing():
+    summary = _summary(_all("TI-DPO", -0.3, -0.35, -0.25) + [("prior", "tiny", 0.05, 0.01, 0.09)])
+    summary["benchmarks"]["smol"]["gate_passed"] = False
+    sentence = verdict(summary)
+    assert sentence.startswith("Against DPO on 2 benchmarks (tiny bench and text bench)")
+    assert "TI-DPO loses to it on two" in sentence  # not three: smol's interval does not count
+    assert "(smol bench failed its sanity gate: DPO did not beat the start by 2 standard errors there" in sentence
+    table = results_table(summary)
+    assert "smol bench (gate failed: ranks nothing): Δ accuracy vs DPO" in table
+    ti_dpo = next(line for line in table.splitlines() if line.startswith("| TI-DPO |")).split(" | ")
+    assert ti_dpo[1].startswith("**") and not ti_dpo[3].startswith("**")  # tiny bold, smol not

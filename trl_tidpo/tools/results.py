@@ -62,6 +62,12 @@ def _variant_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return [row for row in summary["rows"] if row["variant"] not in DPO_NAMES]
 
 
+def gate_failed(spec: dict[str, Any]) -> bool:
+    """Whether a benchmark failed its sanity gate (DPO did not beat its start by 2 SE): it then ranks nothing.
+    Summaries written before the gate was recorded count as passed."""
+    return spec.get("gate_passed") is False
+
+
 def _variants(summary: dict[str, Any]) -> list[str]:
     """Variant names in the order of their first row."""
     return list(dict.fromkeys(row["variant"] for row in _variant_rows(summary)))
@@ -78,11 +84,13 @@ def outcome(ci: list[float]) -> str:
 
 
 def outcomes(summary: dict[str, Any]) -> dict[str, dict[str, str]]:
-    """`{variant: {benchmark: "wins" | "loses" | "ties"}}` over the benchmarks each variant was measured on."""
+    """`{variant: {benchmark: "wins" | "loses" | "ties"}}` over the benchmarks each variant was measured on whose
+    sanity gate passed (a benchmark that failed it ranks nothing)."""
     out: dict[str, dict[str, str]] = {variant: {} for variant in _variants(summary)}
     for row in _variant_rows(summary):
-        out[row["variant"]][row["benchmark"]] = outcome(row["ci"])
-    return out
+        if not gate_failed(summary["benchmarks"][row["benchmark"]]):
+            out[row["variant"]][row["benchmark"]] = outcome(row["ci"])
+    return {variant: by_bench for variant, by_bench in out.items() if by_bench}
 
 
 def _names(items: list[str]) -> str:
@@ -128,11 +136,18 @@ def verdict(summary: dict[str, Any]) -> str:
     above 0 ("beats"), below 0 ("loses to it"), or hold 0 on every benchmark ("cannot be told apart"), on how many
     benchmarks, and which variants ran on only some of them.
     """
-    benchmarks = summary["benchmarks"]
+    failed = [short_title(spec["title"]) for spec in summary["benchmarks"].values() if gate_failed(spec)]
+    failed_note = (
+        f" ({_names(failed)} failed {'its' if len(failed) == 1 else 'their'} sanity gate: DPO did not beat the start "
+        "by 2 standard errors there, so it ranks nothing)"
+        if failed
+        else ""
+    )
+    benchmarks = {name: spec for name, spec in summary["benchmarks"].items() if not gate_failed(spec)}
     titles = {name: short_title(spec["title"]) for name, spec in benchmarks.items()}
     by_variant = outcomes(summary)
     if not by_variant:
-        return f"The benchmark summary of {summary['date']} holds no variant to compare with DPO."
+        return f"The benchmark summary of {summary['date']} holds no variant to compare with DPO{failed_note}."
     count = len(titles)
     head = (
         f"Against DPO on {count} benchmark{'s' if count > 1 else ''} ({_names(list(titles.values()))}), by "
@@ -150,7 +165,7 @@ def verdict(summary: dict[str, Any]) -> str:
         if len(by_bench) < count:
             partial.setdefault(tuple(b for b in benchmarks if b in by_bench), []).append(name)
     parts += [f"{_names(names)} ran on {_names([titles[b] for b in ran])} only" for ran, names in partial.items()]
-    return f"{head}: {'; '.join(parts)}."
+    return f"{head}: {'; '.join(parts)}{failed_note}."
 
 
 def signed(value: float, digits: int = 3) -> str:
@@ -159,12 +174,12 @@ def signed(value: float, digits: int = 3) -> str:
     return text.replace("-", "−")
 
 
-def _cell(row: dict[str, Any] | None) -> tuple[str, str]:
+def _cell(row: dict[str, Any] | None, ranks: bool = True) -> tuple[str, str]:
     if row is None:
         return "not run", "–"
     low, high = row["ci"]
     delta = f"{signed(row['delta'])} [{signed(low)}, {signed(high)}]"
-    if outcome(row["ci"]) != "ties":
+    if ranks and outcome(row["ci"]) != "ties":
         delta = f"**{delta}**"
     ratio = row.get("cpu_ratio_vs_dpo")
     return delta, "–" if ratio is None else f"{ratio:.2f}×"
@@ -173,12 +188,14 @@ def _cell(row: dict[str, Any] | None) -> tuple[str, str]:
 def results_table(summary: dict[str, Any]) -> str:
     """
     Markdown: one row per variant, two columns per benchmark (Δ vs DPO with its seed-level 95% CI, bold when the
-    interval excludes 0; CPU seconds per step over DPO's), and a first row with DPO's own score (start → after DPO).
+    interval excludes 0 and the benchmark passed its sanity gate; CPU seconds per step over DPO's), and a first row
+    with DPO's own score (start → after DPO).
     """
     benchmarks = summary["benchmarks"]
     header = ["variant"]
     for spec in benchmarks.values():
-        header += [f"{short_title(spec['title'])}: Δ {spec['metric']} vs DPO [95% CI]", "CPU/step vs DPO"]
+        failed = " (gate failed: ranks nothing)" if gate_failed(spec) else ""
+        header += [f"{short_title(spec['title'])}{failed}: Δ {spec['metric']} vs DPO [95% CI]", "CPU/step vs DPO"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     dpo = ["DPO (its own score: start → trained)"]
     for spec in benchmarks.values():
@@ -188,7 +205,7 @@ def results_table(summary: dict[str, Any]) -> str:
     for variant in _variants(summary):
         row = [variant]
         for name in benchmarks:
-            row += list(_cell(cells.get((variant, name))))
+            row += list(_cell(cells.get((variant, name)), ranks=not gate_failed(benchmarks[name])))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -220,7 +237,7 @@ def results_section(summary: dict[str, Any], page: str | os.PathLike) -> str:
             "",
             results_table(summary),
             "",
-            "Bold: the interval excludes 0. " + intervals + " Benchmarks: " + "; ".join(notes) + ".",
+            "Bold: the interval excludes 0 (on a benchmark that passed its sanity gate). " + intervals + " Benchmarks: " + "; ".join(notes) + ".",
             f"Rendered from [{SUMMARY_NAME}]({source}) ({summary['date']}; `{summary['command']}`) by "
             "`python -m trl_tidpo.tools.results --write README.md docs/benchmarks.md`.",
         ]
