@@ -3,8 +3,8 @@ One table of every behavioural benchmark: each variant's held-out metric minus D
 its CPU per step, read from the benchmarks' JSONs (never typed by hand). The README's results paragraph, the demo's
 verdict and `docs/benchmarks.md`'s opening table are rendered from the file this writes.
 
-    python benchmarks/summarize.py                                   # docs/tiny_benchmark.json, docs/real_model.json
-    python benchmarks/summarize.py docs/text_benchmark.json          # ... and any other benchmark JSON
+    python benchmarks/summarize.py               # docs/tiny_screen.json, real_model.json and text_benchmark.json
+    python benchmarks/summarize.py other.json         # ... and any other benchmark JSON
 
 Output (`--output`, default `docs/benchmarks_summary.json`):
 
@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_stats import seed_level_ci  # noqa: E402
 
-DEFAULT_INPUTS = ["docs/tiny_screen.json", "docs/real_model.json"]
+DEFAULT_INPUTS = ["docs/tiny_screen.json", "docs/real_model.json", "docs/text_benchmark.json"]
 LEGACY = {
     "tiny": {"title": "Tiny arithmetic (tiny Llama from scratch)", "doc": "docs/tiny_benchmark.md"},
     "smollm2": {"title": "SmolLM2-135M-Instruct arithmetic (LoRA)", "doc": "docs/real_model.md"},
