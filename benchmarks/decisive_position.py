@@ -67,6 +67,7 @@ def measure(tokenizer, pairs: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("benchmark_json", help="a text benchmark or SmolLM2 benchmark JSON")
+    parser.add_argument("--output", default=None, help="also write the result here (JSON, with the input's path)")
     args = parser.parse_args(argv)
     data = json.loads(Path(args.benchmark_json).read_text())["data"]
     if "pool" in data:  # the text benchmark
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = measure(load_smollm2()[1], pairs)
     print(json.dumps(result, indent=1))
+    if args.output:
+        Path(args.output).write_text(json.dumps({"input": args.benchmark_json, **result}, indent=1) + "\n")
     return result
 
 
