@@ -57,7 +57,7 @@ from variants import VARIANTS  # noqa: E402
 from trl_tidpo.tools.demo.smollm2 import load_smollm2  # noqa: E402
 
 DEFAULT_FAMILIES = ["lowercase", "end_word", "yes_no", "max_words", "keyword", "no_commas"]
-TITLE = "SmolLM2-135M-Instruct, verifiable instruction following (LoRA)"
+TITLE = "Text instruction following (SmolLM2-135M-Instruct, LoRA)"
 MERGE_KEYS = (
     "steps",
     "train_prompts",
