@@ -134,7 +134,8 @@ def verdict(summary: dict[str, Any]) -> str:
     """
     One sentence, in plain words, of what the summary measured against DPO: which variants' seed-level 95% CIs lie
     above 0 ("beats"), below 0 ("loses to it"), or hold 0 on every benchmark ("cannot be told apart"), on how many
-    benchmarks, and which variants ran on only some of them.
+    benchmarks, and which variants ran on only some of them. A benchmark that failed its sanity gate counts for
+    nothing and is named at the end.
     """
     failed = [short_title(spec["title"]) for spec in summary["benchmarks"].values() if gate_failed(spec)]
     failed_note = (
