@@ -164,9 +164,6 @@ def decisive_shares(summary: dict, model, tokenizer, data: dict, args, work: Pat
     Each variant's share of the loss gradient on a pair's first divergent token, at the start model, on seed 0's
     first 32 train pairs (`smollm2_train.gradient_shares`): where each weighting puts DPO's push, no training.
     """
-    contrastive = [name for name in args.variants if VARIANTS[name].contrastive]
-    if contrastive:
-        raise SystemExit(f"--gradient-shares-only measures weightings computed in the trainer, not {contrastive}.")
     c0, pairs = cpu_seconds(), seed_pairs(data["pool"], 0, 32)
     summary["gradient_share"] = {}
     for name in args.variants:
@@ -346,6 +343,9 @@ def parse_args(argv):
         parser.error("--lr-grid with several rates needs --dev-prompts > 0 to choose between them.")
     if not set(args.grid_seeds) <= set(args.seeds):
         parser.error(f"--grid-seeds {args.grid_seeds} must be among --seeds {args.seeds}.")
+    contrastive = [name for name in args.variants if VARIANTS[name].contrastive]
+    if args.gradient_shares_only and contrastive:
+        parser.error(f"--gradient-shares-only measures weightings computed in the trainer, not {contrastive}.")
     return args
 
 
