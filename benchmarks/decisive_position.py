@@ -19,19 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from smollm2_task import completion_ids
+
 from trl_tidpo.ops.prior import gaussian_prior
-
-
-def completion_ids(tokenizer, prompt: list[dict], completion: list[dict]) -> list[int]:
-    """The completion's token ids as the chat template writes them after the prompt."""
-    ids = [
-        x if isinstance(x, list) else x["input_ids"]
-        for x in (
-            tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True),
-            tokenizer.apply_chat_template(prompt + completion, tokenize=True),
-        )
-    ]
-    return ids[1][len(ids[0]) :]
 
 
 def first_difference(chosen: list[int], rejected: list[int]) -> int:
@@ -48,7 +38,8 @@ def prior_weight_at(length: int, position: int, sigma_ratio: float = 0.25) -> fl
 def measure(tokenizer, pairs: list[dict]) -> dict:
     positions, weights, lengths = [], [], []
     for pair in pairs:
-        chosen, rejected = (completion_ids(tokenizer, pair["prompt"], pair[side]) for side in ("chosen", "rejected"))
+        _, chosen = completion_ids(tokenizer, pair["prompt"], pair["chosen"])
+        _, rejected = completion_ids(tokenizer, pair["prompt"], pair["rejected"])
         k = first_difference(chosen, rejected)
         positions.append(k)
         for completion in (chosen, rejected):

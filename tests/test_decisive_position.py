@@ -37,7 +37,7 @@ def test_measure_reads_completions_after_the_chat_prompt():
          "rejected": [{"role": "assistant", "content": "cats purr no"}]},
     ]  # fmt: skip
     result = decisive_position.measure(tokenizer, pairs)
-    chosen = decisive_position.completion_ids(tokenizer, prompt, pairs[1]["chosen"])
+    _, chosen = decisive_position.completion_ids(tokenizer, prompt, pairs[1]["chosen"])  # smollm2_task's
     assert tokenizer.decode(chosen).split()[:3] == ["cats", "purr", "yes"]
     assert result["pairs"] == 2 and result["first_difference_at_0"] == 0.5
     assert result["first_difference_median"] == (0 + 2) / 2
