@@ -36,11 +36,14 @@ def weighted_pairs(
     variant: Variant, model, tokenizer, pairs: list[dict], seed: int, args, work: Path
 ) -> tuple[list[dict], float]:
     """
+    The pairs `variant` trains on: `pairs` themselves (and 0.0 CPU seconds) unless it is a contrastive variant, else
     `pairs` with the variant's two weight columns (one float per completion token kept by `max_length`), from π+/π−
     trained by `variant.contrastive`'s recipe from `model` (the bare start, left untouched) on `pairs`, cached under
     `work/contrastive/`; and the CPU seconds of that training and scoring when this call computed them (0.0 when it
     read the cache).
     """
+    if not variant.contrastive:
+        return pairs, 0.0
     recipe, weighting = variant.contrastive
     key = _cache_key(pairs, recipe, weighting, seed, args)
     path = Path(work) / "contrastive" / f"{recipe}-{weighting}-seed{seed}-{key}.json"

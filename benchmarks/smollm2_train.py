@@ -86,7 +86,7 @@ def train_and_evaluate(name, base_model, tokenizer, data, learning_rate, seed, a
     and the base model with the adapter removed."""
     run_dir = work / "runs" / f"{slug(name)}-lr{learning_rate:g}-seed{seed}"
     variant = VARIANTS[name]
-    pairs, contrastive_cpu = contrastive_pairs(variant, base_model, tokenizer, data["train_pairs"], seed, args, work)
+    pairs, contrastive_cpu = weighted_pairs(variant, base_model, tokenizer, data["train_pairs"], seed, args, work)
     trainer = build_trainer(variant, base_model, tokenizer, pairs, run_dir, learning_rate, seed, args)
     print(f"\n== {name}, learning rate {learning_rate:g}, seed {seed}: {args.steps} steps ==", flush=True)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -121,14 +121,6 @@ def train_and_evaluate(name, base_model, tokenizer, data, learning_rate, seed, a
         f"{record['cpu_seconds_per_step']:.2f} CPU-s/step",
     )  # fmt: skip
     return record, trainer.model.unload()
-
-
-def contrastive_pairs(variant: Variant, base_model, tokenizer, pairs, seed: int, args, work: Path):
-    """The pairs a variant trains on (with its π± weight columns if it is a contrastive variant), and the CPU seconds
-    its π± cost in this call (0.0 when cached or not contrastive)."""
-    if not variant.contrastive:
-        return pairs, 0.0
-    return weighted_pairs(variant, base_model, tokenizer, pairs, seed, args, work)
 
 
 def _logps_change(history: list[dict], key: str) -> float | None:

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from bench_runner import cpu_seconds, logged_means, print_run
-from smollm2_train import build_trainer, contrastive_pairs, slug
+from contrastive_runs import weighted_pairs
+from smollm2_train import build_trainer, slug
 from text_task import evaluate
 from variants import VARIANTS
 
@@ -30,7 +31,7 @@ def train_and_evaluate(
     """Train one (variant, rate, seed) on the seed's pairs, evaluate it; returns the record and the bare base model."""
     pairs = seed_pairs(data["pool"], seed, args.steps * args.batch_size)
     run_dir = work / "runs" / f"{slug(name)}-lr{lr:g}-seed{seed}"
-    pairs, contrastive_cpu = contrastive_pairs(VARIANTS[name], model, tokenizer, pairs, seed, args, work)
+    pairs, contrastive_cpu = weighted_pairs(VARIANTS[name], model, tokenizer, pairs, seed, args, work)
     trainer = build_trainer(VARIANTS[name], model, tokenizer, pairs, run_dir, lr, seed, args)
     print(f"\n== {name}, learning rate {lr:g}, seed {seed}: {args.steps} steps ==", flush=True)
     t0, c0 = time.perf_counter(), cpu_seconds()
