@@ -89,7 +89,7 @@ def merge_runs(paths: list[str], merge_keys: tuple[str, ...], absorb: Callable[[
     evaluation differs; `absorb(path, run, summary)` checks and folds the benchmark's own parts (it raises to refuse);
     records concatenated; variants, selected rates, seeds, grid seeds and grid united. Returns (summary, runs).
     """
-    runs = [json.loads(Path(path).read_text()) for path in paths]
+    runs = [with_canonical_rates(json.loads(Path(path).read_text())) for path in paths]
     summary = runs[0]
     for path, run_ in zip(paths[1:], runs[1:]):
         differing = [k for k in merge_keys if run_["args"].get(k) != summary["args"].get(k)]
@@ -103,6 +103,18 @@ def merge_runs(paths: list[str], merge_keys: tuple[str, ...], absorb: Callable[[
         for key in ("seeds", "grid_seeds", "lr_grid"):
             summary["args"][key] = sorted(set(summary["args"][key]) | set(run_["args"][key]))
     return summary, runs
+
+
+def with_canonical_rates(run: dict) -> dict:
+    """
+    `run` with every learning rate (records, selected rates, `--lr-grid`) as a `bench_stats.canonical_rate`: runs
+    written before `extend_grid` rounded its rates hold 0.004999999999999999 where a later run holds 5e-3.
+    """
+    for record in run["records"]:
+        record["learning_rate"] = bench_stats.canonical_rate(record["learning_rate"])
+    run["selected_lr"] = {name: bench_stats.canonical_rate(lr) for name, lr in run["selected_lr"].items()}
+    run["args"]["lr_grid"] = [bench_stats.canonical_rate(lr) for lr in run["args"]["lr_grid"]]
+    return run
 
 
 def reselect_learning_rates(summary: dict) -> None:

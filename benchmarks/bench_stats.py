@@ -197,15 +197,27 @@ def select_learning_rate(dev_scores: dict[float, list[tuple[float, ...]]], grid:
     return {"learning_rate": chosen, "edge": edge, "beyond": extend_grid(rates, edge) if edge else None}
 
 
+def canonical_rate(rate: float) -> float:
+    """
+    `rate` rounded to 6 significant digits: the one float a grid point is known by, so that a rate computed by
+    `extend_grid` (2e-3² / 8e-4 = 0.004999999999999999) and the same rate typed on a command line (5e-3) are one grid
+    point in a merge, a table column and the rate selection.
+    """
+    return float(f"{rate:.6g}")
+
+
 def extend_grid(grid: Sequence[float], edge: str) -> float:
-    """The rate one geometric step past the grid's `edge` ("low" or "high"), the step of its two outermost rates."""
+    """
+    The rate one geometric step past the grid's `edge` ("low" or "high"), the step of its two outermost rates, as a
+    `canonical_rate`.
+    """
     rates = sorted(grid)
     if len(rates) < 2:
         raise ValueError("A grid needs two rates to be extended.")
     if edge == "low":
-        return rates[0] * rates[0] / rates[1]
+        return canonical_rate(rates[0] * rates[0] / rates[1])
     if edge == "high":
-        return rates[-1] * rates[-1] / rates[-2]
+        return canonical_rate(rates[-1] * rates[-1] / rates[-2])
     raise ValueError(f"edge must be 'low' or 'high', got {edge!r}.")
 
 

@@ -131,6 +131,14 @@ def test_learning_rate_selection_ties_and_edges():
     assert inside["edge"] is None and inside["beyond"] is None
 
 
+def test_extended_rate_is_the_one_float_a_typed_rate_gives():
+    # 2e-3 * 2e-3 / 8e-4 is 0.004999999999999999 in binary floating point: a merge with a run typed as 5e-3 then shows
+    # two grid columns "lr 0.005" (it did, on the text benchmark)
+    assert 2e-3 * 2e-3 / 8e-4 != 5e-3
+    assert bench_stats.extend_grid([4e-4, 8e-4, 2e-3], "high") == 5e-3
+    assert bench_stats.extend_grid([2e-4, 6e-4], "low") == float("6.66667e-05")
+
+
 def test_extend_grid_steps_geometrically():
     assert bench_stats.extend_grid([1e-4, 2e-4, 4e-4], "low") == pytest.approx(5e-5)
     assert bench_stats.extend_grid([1e-4, 2e-4, 4e-4], "high") == pytest.approx(8e-4)

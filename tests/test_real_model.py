@@ -149,6 +149,31 @@ def test_merge_reselects_each_rate_from_every_runs_dev_results():
         real_model.reselect_learning_rates(summary)
 
 
+def test_merge_reads_a_rate_written_two_ways_as_one_grid_point(tmp_path):
+    evaluation = {"correct": [0, 1], "gold_logp": [-2.0, -1.0], "malformed": [0, 0], "text": [" 5.", " 42."]}
+
+    def run_json(variant, lr, dev_acc, output):
+        args = vars(real_model.parse_args(["--variants", variant, "--seeds", "0", "--lr-grid", "1e-4", "--grid-point",
+                                           "--output", output]))  # fmt: skip
+        args["lr_grid"] = [lr]
+        record = {"variant": variant, "learning_rate": lr, "seed": 0, "cpu_seconds_per_step": 1.0, "eval": evaluation,
+                  "dev": {"accuracy": dev_acc, "gold_logp": -1.0}}  # fmt: skip
+        summary = {"args": args, "data": {"eval_problems": [], "pairs_by_seed": {}}, "start": {"eval": evaluation},
+                   "variants": [variant], "records": [record], "selected_lr": {variant: lr}, "gradient_share": {},
+                   "total_seconds": 2.0, "total_cpu_seconds": 1.5}  # fmt: skip
+        (tmp_path / output).write_text(json.dumps(summary))
+        return str(tmp_path / output)
+
+    computed = 2e-3 * 2e-3 / 8e-4  # 0.004999999999999999, as an earlier extend_grid wrote it
+    paths = [run_json("DPO", computed, 0.5, "a.json"), run_json("DPO", 5e-3, 0.5, "b.json"),
+             run_json("TI-DPO", 2e-3, 0.4, "c.json")]  # fmt: skip
+    merged = real_model.merge(paths, str(tmp_path / "merged.json"), "")
+    assert {r["learning_rate"] for r in merged["records"] if r["variant"] == "DPO"} == {5e-3}
+    assert merged["selected_lr"]["DPO"] == 5e-3
+    assert merged["args"]["lr_grid"] == [2e-3, 5e-3]
+    assert bench_report.markdown(merged["report"]).count("lr 0.005") == 1
+
+
 def test_merge_keeps_every_runs_args_and_refuses_other_pairs_for_a_seed(tmp_path):
     problems = [{"question": "What is 2 * 3?", "answer": 6, "family": "multiplication"},
                 {"question": "What is 12 + 30?", "answer": 42, "family": "addition"}]  # fmt: skip
