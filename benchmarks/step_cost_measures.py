@@ -8,7 +8,6 @@ no compute (`run_overhead`) and the peak memory of each mode in a fresh subproce
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -191,8 +190,25 @@ def run_overhead(args: argparse.Namespace, setting: str, modes: list[str]) -> di
 
 
 def rss_bytes() -> int:
+    """This process's resident set now, in bytes (`/proc/self/statm`)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """
+    This process's resident-set high-water mark in bytes: `VmHWM` of `/proc/self/status`. Not `getrusage`'s
+    `ru_maxrss`: Linux keeps that across `execve`, so a memory subprocess of a parent that has held 2.5 GiB reports
+    2.5 GiB whatever it does (a default run, which times every mode before the memory pass, read every mode's peak
+    as the parent's).
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(
+        "/proc/self/status has no VmHWM line: the CPU memory measure needs Linux (or measure on --device cuda)."
+    )
 
 
 def memory_child(setup: Setup, setting: str, mode: str) -> dict:
@@ -212,8 +228,8 @@ def memory_child(setup: Setup, setting: str, mode: str) -> dict:
         peak = torch.cuda.max_memory_allocated()
         method = "torch.cuda.max_memory_allocated"
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        method = "ru_maxrss - RSS before models (MALLOC_MMAP_THRESHOLD_=65536)"
+        peak = peak_rss_bytes()
+        method = "VmHWM - RSS before models (MALLOC_MMAP_THRESHOLD_=65536)"
     precompute = getattr(trainer, "precompute_seconds", 0.0)
     batches_computed = getattr(trainer, "precompute_batches", 0)
     return {
