@@ -28,8 +28,9 @@ Method
   over from the parent across `execve`) minus the resident set measured just before the models are built; the
   subprocess runs with `MALLOC_MMAP_THRESHOLD_=65536`, which makes glibc serve every tensor larger than 64 KiB from
   its own mmap and return it on free, so the resident set follows the live tensors. Both include weights,
-  reference, gradients and activations (no optimizer state: no optimizer step is taken). The dataset is file-backed, so the reference mode runs twice: once computing the cached weights (peak
-  including that one-time pass) and once reading them (peak of the training steps).
+  reference, gradients and activations (no optimizer state: no optimizer step is taken). The dataset is
+  file-backed, so the reference mode runs twice: once computing the cached weights (peak including that one-time
+  pass) and once reading them (peak of the training steps).
 - Precompute: wall time of computing the reference token weights (`importance_model="reference"`) for the benchmark
   dataset, also per batch in DPO steps.
 - `--precompute-ref-log-probs`: every mode, DPO included, with `precompute_ref_log_probs=True`. In the `full` setting
