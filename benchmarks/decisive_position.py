@@ -5,13 +5,20 @@ prior's mean-1 weight there (`trl_tidpo.ops.prior.gaussian_prior` over the compl
 completion length as `weight_scale="mean"` does; DPO's weight is 1 everywhere). A reading aid for the text benchmark,
 where most pairs differ at their first token: no training, only the tokenizer.
 
+With `--weights-cache`, also the weight a contrastive weighting (TIS-DPO, cDPO) gave that token, read from the text
+benchmark's cached weight columns (`work/contrastive/<recipe>-<weighting>-seed<S>-<key>.json`, one per seed, the
+columns of the seed's own pairs in `text_train.seed_pairs` order), relative to its row's mean weight so that it
+compares with the prior's mean-1 weight and DPO's 1.
+
     python benchmarks/decisive_position.py docs/text_benchmark.json        # a text benchmark JSON: its pair pool
     python benchmarks/decisive_position.py docs/real_model.json            # a SmolLM2 JSON: every seed's pairs
+    python benchmarks/decisive_position.py docs/text_benchmark.json --weights-cache W/contrastive/sft-tis_dpo-seed*
 """
 
 import argparse
 import json
 import os
+import re
 import statistics
 from pathlib import Path
 
@@ -55,10 +62,55 @@ def measure(tokenizer, pairs: list[dict]) -> dict:
     }
 
 
+def relative_weight_at(weights: list[float], position: int) -> float | None:
+    """`weights[position]` over the mean of `weights` (a row's weights of the kept tokens); None past its end."""
+    if position >= len(weights) or not weights:
+        return None
+    return weights[position] / statistics.fmean(weights)
+
+
+def measure_weights(tokenizer, pairs: list[dict], columns: dict[str, list[list[float]]]) -> dict:
+    """
+    Per side, the median over pairs of `relative_weight_at` the pair's first differing token, from `columns`
+    (`chosen_token_weights` / `rejected_token_weights`, one row per pair, one weight per completion token kept).
+    """
+    result = {}
+    for side in ("chosen", "rejected"):
+        values, misaligned = [], 0
+        for pair, weights in zip(pairs, columns[f"{side}_token_weights"], strict=True):
+            _, chosen = completion_ids(tokenizer, pair["prompt"], pair["chosen"])
+            _, rejected = completion_ids(tokenizer, pair["prompt"], pair["rejected"])
+            misaligned += len(weights) != len(chosen if side == "chosen" else rejected)
+            value = relative_weight_at(weights, first_difference(chosen, rejected))
+            if value is not None:
+                values.append(value)
+        result[f"{side}_relative_weight_there_median"] = statistics.median(values)
+        result[f"{side}_relative_weight_there_mean"] = statistics.fmean(values)
+        result[f"{side}_rows"] = len(values)
+        result[f"{side}_rows_misaligned"] = misaligned  # weight rows not one per completion token: should be 0
+    return result
+
+
+def cached_seed_weights(path: str, pool: list[dict]) -> tuple[int, list[dict], dict]:
+    """A text benchmark contrastive cache file: its seed (from the name), the seed's pairs, and the weight columns."""
+    from text_train import seed_pairs  # here, not at the top: it imports the training stack
+
+    match = re.search(r"-seed(\d+)-", Path(path).name)
+    if not match:
+        raise SystemExit(f"{path}: not a contrastive weight cache (its name has no '-seed<N>-').")
+    columns = json.loads(Path(path).read_text())
+    seed = int(match.group(1))
+    return seed, seed_pairs(pool, seed, len(columns["chosen_token_weights"])), columns
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("benchmark_json", help="a text benchmark or SmolLM2 benchmark JSON")
     parser.add_argument("--output", default=None, help="also write the result here (JSON, with the input's path)")
+    parser.add_argument(
+        "--weights-cache", nargs="+", default=None, metavar="JSON",
+        help="text benchmark only: cached contrastive weight columns (one file per seed) to read there",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     data = json.loads(Path(args.benchmark_json).read_text())["data"]
     if "pool" in data:  # the text benchmark
@@ -69,7 +121,18 @@ def main(argv: list[str] | None = None) -> dict:
         pairs = data["train_pairs"]
     from trl_tidpo.tools.demo.smollm2 import load_smollm2
 
-    result = measure(load_smollm2()[1], pairs)
+    tokenizer = load_smollm2()[1]
+    result = measure(tokenizer, pairs)
+    if args.weights_cache:
+        if "pool" not in data:
+            raise SystemExit("--weights-cache reads the text benchmark's caches: give a text benchmark JSON.")
+        result["contrastive_weights"] = {}
+        for path in args.weights_cache:
+            seed, seed_pairs_, columns = cached_seed_weights(path, data["pool"])
+            result["contrastive_weights"][f"seed {seed}"] = {
+                "cache": Path(path).name, "prior": measure(tokenizer, seed_pairs_),
+                **measure_weights(tokenizer, seed_pairs_, columns),
+            }  # fmt: skip
     print(json.dumps(result, indent=1))
     if args.output:
         Path(args.output).write_text(json.dumps({"input": args.benchmark_json, **result}, indent=1) + "\n")

@@ -5,6 +5,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import decisive_position  # noqa: E402
 
@@ -41,3 +43,36 @@ def test_measure_reads_completions_after_the_chat_prompt():
     assert tokenizer.decode(chosen).split()[:3] == ["cats", "purr", "yes"]
     assert result["pairs"] == 2 and result["first_difference_at_0"] == 0.5
     assert result["first_difference_median"] == (0 + 2) / 2
+
+
+def test_contrastive_weight_at_the_first_difference_is_relative_to_its_row_mean():
+    tokenizer = build_word_tokenizer(["yes", "no", "cats", "purr"])
+    prompt = [{"role": "user", "content": "cats"}]
+    pair = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "yes cats purr"}],
+            "rejected": [{"role": "assistant", "content": "no cats purr"}]}  # fmt: skip
+    _, chosen = decisive_position.completion_ids(tokenizer, prompt, pair["chosen"])
+    n = len(chosen)  # the words, then the template's end-of-turn tokens
+    columns = {
+        "chosen_token_weights": [[3.0] + [1.0] * (n - 1)],  # the first (differing) token weighs 3, the rest 1
+        "rejected_token_weights": [[0.5] * (n + 1)],  # one weight too many: counted as misaligned
+    }
+    result = decisive_position.measure_weights(tokenizer, [pair], columns)
+    assert math.isclose(result["chosen_relative_weight_there_median"], 3.0 / ((3.0 + n - 1) / n))
+    assert result["rejected_relative_weight_there_median"] == 1.0
+    assert (result["chosen_rows_misaligned"], result["rejected_rows_misaligned"]) == (0, 1)
+
+
+def test_a_weight_cache_is_read_with_its_seeds_own_pairs(tmp_path):
+    import text_train
+
+    pool = [{"prompt": f"p{i}", "chosen": "c", "rejected": "r"} for i in range(10)]
+    path = tmp_path / "sft-tis_dpo-seed3-0123456789ab.json"
+    path.write_text('{"chosen_token_weights": [[1.0], [1.0], [1.0], [1.0]], "rejected_token_weights": [[1.0]]}')
+    seed, pairs, columns = decisive_position.cached_seed_weights(str(path), pool)
+    assert seed == 3 and len(columns["chosen_token_weights"]) == 4
+    assert pairs == text_train.seed_pairs(pool, 3, 4)  # the draw the training used, as many pairs as weight rows
+    assert pairs != text_train.seed_pairs(pool, 2, 4)
+    other = tmp_path / "weights.json"
+    other.write_text("{}")
+    with pytest.raises(SystemExit, match="no '-seed<N>-'"):
+        decisive_position.cached_seed_weights(str(other), pool)
