@@ -35,7 +35,8 @@ class ContrastiveModelsArguments:
     dataset_train_split: str = field(default="train", metadata={"help": "Split of the pairs to train and score."})
     recipe: str = field(
         default="dpo",
-        metadata={"help": "'sft' (cDPO's) or 'dpo' (TIS-DPO's best): how π+ and π− are trained.",
+        metadata={"help": "'sft' (cDPO's; with TIS-DPO's weights, the one that beat DPO on our benchmarks) or 'dpo' "
+                          "(TIS-DPO's best in its paper): how π+ and π− are trained.",
                   "choices": ["sft", "dpo"]},
     )
     max_steps: int = field(default=100, metadata={"help": "Training steps of each of π+ and π−."})
