@@ -42,18 +42,23 @@ def prior_weight_at(length: int, position: int, sigma_ratio: float = 0.25) -> fl
     return float(length * prior[min(position, length - 1)])
 
 
-def measure(tokenizer, pairs: list[dict]) -> dict:
+def tokenized(tokenizer, pairs: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """Each pair's (chosen, rejected) completion ids, tokenised as TRL does (`smollm2_task.completion_ids`)."""
+    sides = ("chosen", "rejected")
+    return [tuple(completion_ids(tokenizer, pair["prompt"], pair[side])[1] for side in sides) for pair in pairs]
+
+
+def measure(completions: list[tuple[list[int], list[int]]]) -> dict:
+    """Where each pair's completions (`tokenized`) first differ, and the prior's weight there."""
     positions, weights, lengths = [], [], []
-    for pair in pairs:
-        _, chosen = completion_ids(tokenizer, pair["prompt"], pair["chosen"])
-        _, rejected = completion_ids(tokenizer, pair["prompt"], pair["rejected"])
+    for chosen, rejected in completions:
         k = first_difference(chosen, rejected)
         positions.append(k)
         for completion in (chosen, rejected):
             lengths.append(len(completion))
             weights.append(prior_weight_at(len(completion), k))
     return {
-        "pairs": len(pairs),
+        "pairs": len(completions),
         "first_difference_median": statistics.median(positions),
         "first_difference_at_0": sum(k == 0 for k in positions) / len(positions),
         "completion_tokens_median": statistics.median(lengths),
@@ -69,19 +74,18 @@ def relative_weight_at(weights: list[float], position: int) -> float | None:
     return weights[position] / statistics.fmean(weights)
 
 
-def measure_weights(tokenizer, pairs: list[dict], columns: dict[str, list[list[float]]]) -> dict:
+def measure_weights(completions: list[tuple[list[int], list[int]]], columns: dict[str, list[list[float]]]) -> dict:
     """
-    Per side, the median over pairs of `relative_weight_at` the pair's first differing token, from `columns`
-    (`chosen_token_weights` / `rejected_token_weights`, one row per pair, one weight per completion token kept).
+    Per side, the median over pairs of `relative_weight_at` the pair's first differing token, from the pairs'
+    completions (`tokenized`) and `columns` (`chosen_token_weights` / `rejected_token_weights`, one row per pair, one
+    weight per completion token kept).
     """
     result = {}
-    for side in ("chosen", "rejected"):
+    for index, side in enumerate(("chosen", "rejected")):
         values, misaligned = [], 0
-        for pair, weights in zip(pairs, columns[f"{side}_token_weights"], strict=True):
-            _, chosen = completion_ids(tokenizer, pair["prompt"], pair["chosen"])
-            _, rejected = completion_ids(tokenizer, pair["prompt"], pair["rejected"])
-            misaligned += len(weights) != len(chosen if side == "chosen" else rejected)
-            value = relative_weight_at(weights, first_difference(chosen, rejected))
+        for pair, weights in zip(completions, columns[f"{side}_token_weights"], strict=True):
+            misaligned += len(weights) != len(pair[index])
+            value = relative_weight_at(weights, first_difference(*pair))
             if value is not None:
                 values.append(value)
         result[f"{side}_relative_weight_there_median"] = statistics.median(values)
@@ -122,16 +126,16 @@ def main(argv: list[str] | None = None) -> dict:
     from trl_tidpo.tools.demo.smollm2 import load_smollm2
 
     tokenizer = load_smollm2()[1]
-    result = measure(tokenizer, pairs)
+    result = measure(tokenized(tokenizer, pairs))
     if args.weights_cache:
         if "pool" not in data:
             raise SystemExit("--weights-cache reads the text benchmark's caches: give a text benchmark JSON.")
         result["contrastive_weights"] = {}
         for path in args.weights_cache:
             seed, seed_pairs_, columns = cached_seed_weights(path, data["pool"])
+            completions = tokenized(tokenizer, seed_pairs_)
             result["contrastive_weights"][f"seed {seed}"] = {
-                "cache": Path(path).name, "prior": measure(tokenizer, seed_pairs_),
-                **measure_weights(tokenizer, seed_pairs_, columns),
+                "cache": Path(path).name, "prior": measure(completions), **measure_weights(completions, columns),
             }  # fmt: skip
     print(json.dumps(result, indent=1))
     if args.output:

@@ -38,7 +38,7 @@ def test_measure_reads_completions_after_the_chat_prompt():
         {"prompt": prompt, "chosen": [{"role": "assistant", "content": "cats purr yes"}],
          "rejected": [{"role": "assistant", "content": "cats purr no"}]},
     ]  # fmt: skip
-    result = decisive_position.measure(tokenizer, pairs)
+    result = decisive_position.measure(decisive_position.tokenized(tokenizer, pairs))
     _, chosen = decisive_position.completion_ids(tokenizer, prompt, pairs[1]["chosen"])  # smollm2_task's
     assert tokenizer.decode(chosen).split()[:3] == ["cats", "purr", "yes"]
     assert result["pairs"] == 2 and result["first_difference_at_0"] == 0.5
@@ -56,7 +56,7 @@ def test_contrastive_weight_at_the_first_difference_is_relative_to_its_row_mean(
         "chosen_token_weights": [[3.0] + [1.0] * (n - 1)],  # the first (differing) token weighs 3, the rest 1
         "rejected_token_weights": [[0.5] * (n + 1)],  # one weight too many: counted as misaligned
     }
-    result = decisive_position.measure_weights(tokenizer, [pair], columns)
+    result = decisive_position.measure_weights(decisive_position.tokenized(tokenizer, [pair]), columns)
     assert math.isclose(result["chosen_relative_weight_there_median"], 3.0 / ((3.0 + n - 1) / n))
     assert result["rejected_relative_weight_there_median"] == 1.0
     assert (result["chosen_rows_misaligned"], result["rejected_rows_misaligned"]) == (0, 1)
