@@ -76,15 +76,18 @@ def _legacy_smollm2(data: dict) -> dict:
     }  # fmt: skip
 
 
-def read_headline(path: Path) -> dict:
-    """The benchmark's `headline` block, or one built from a JSON written before the block existed."""
+def read_headline(path: Path) -> tuple[dict, dict | None]:
+    """
+    The benchmark's `headline` block (or one built from a JSON written before the block existed), and the `gate` the
+    JSON keeps beside it, if any (the tiny screen's), from one read of the file.
+    """
     data = json.loads(path.read_text())
     if "headline" in data:
-        return data["headline"]
+        return data["headline"], data.get("gate")
     if "report" in data and "records" in data:
-        return _legacy_smollm2(data)
+        return _legacy_smollm2(data), data.get("gate")
     if isinstance(data.get("variants"), dict) and "sft" in data:
-        return _legacy_tiny(data)
+        return _legacy_tiny(data), data.get("gate")
     raise SystemExit(
         f"{path}: not a benchmark JSON this script can read (no `headline` block, and neither the tiny nor the SmolLM2 "
         "benchmark's layout). Rerun the benchmark, or pass only benchmark JSONs."
@@ -148,7 +151,7 @@ def summarize_benchmark(head: dict, gate: dict | None = None) -> tuple[dict, lis
 def summarize(paths: list[Path], command: str) -> dict:
     out = {"command": command, "date": time.strftime("%Y-%m-%d", time.gmtime()), "benchmarks": {}, "rows": []}
     for path in paths:
-        entry, rows = summarize_benchmark(read_headline(path), json.loads(path.read_text()).get("gate"))
+        entry, rows = summarize_benchmark(*read_headline(path))
         name = rows[0]["benchmark"]
         if name in out["benchmarks"]:
             raise SystemExit(f"{path}: benchmark {name!r} is already in the summary (two JSONs of one benchmark).")

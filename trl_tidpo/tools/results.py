@@ -238,7 +238,9 @@ def results_section(summary: dict[str, Any], page: str | os.PathLike) -> str:
             "",
             results_table(summary),
             "",
-            "Bold: the interval excludes 0 (on a benchmark that passed its sanity gate). " + intervals + " Benchmarks: " + "; ".join(notes) + ".",
+            f"Bold: the interval excludes 0 (on a benchmark that passed its sanity gate). {intervals} Benchmarks: "
+            + "; ".join(notes)
+            + ".",
             f"Rendered from [{SUMMARY_NAME}]({source}) ({summary['date']}; `{summary['command']}`) by "
             "`python -m trl_tidpo.tools.results --write README.md docs/benchmarks.md`.",
         ]
